@@ -1,0 +1,1 @@
+//! rlhf-data (in progress)

@@ -1,0 +1,206 @@
+//! Batched generation: left-padded prompts, KV cache, greedy / temperature / top-k / top-p,
+//! per-row EOS, seeded. Returns the new tokens and the log-probability of each sampled token
+//! under the sampling distribution's logits / temperature (what PPO's rollout needs).
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model::CausalLM;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1.0 means off.
+    pub top_p: f64,
+    pub seed: u64,
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+    /// Recompute the whole sequence each step instead of using the KV cache (for tests).
+    pub use_cache: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            eos_ids: vec![],
+            pad_id: 0,
+            use_cache: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens per row, up to and including the first EOS.
+    pub tokens: Vec<Vec<u32>>,
+    /// log p(token) per new token (logits / temperature; plain logits when greedy).
+    pub logprobs: Vec<Vec<f32>>,
+    /// Whether the row stopped at EOS (false: ran out of `max_new_tokens`).
+    pub finished: Vec<bool>,
+}
+
+/// Left-pad prompts: returns ids [b, t] and the 0/1 mask rows.
+pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<Vec<u8>>, usize) {
+    let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * t);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let n = t - p.len();
+        ids.extend(std::iter::repeat_n(pad, n));
+        ids.extend_from_slice(p);
+        let mut m = vec![0u8; n];
+        m.extend(std::iter::repeat_n(1u8, p.len()));
+        mask.push(m);
+    }
+    (ids, mask, t)
+}
+
+/// Sample one token from a row of logits. Returns (token, logprob under the processed
+/// distribution before top-k/top-p truncation, i.e. softmax(logits / T)).
+pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> (u32, f32) {
+    let t = if cfg.temperature > 0.0 {
+        cfg.temperature as f32
+    } else {
+        1.0
+    };
+    let scaled: Vec<f32> = logits.iter().map(|x| x / t).collect();
+    let m = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + scaled.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+    if cfg.temperature <= 0.0 {
+        let (i, _) = scaled
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
+            );
+        return (i as u32, scaled[i] - lse);
+    }
+    let mut idx: Vec<usize> = (0..scaled.len()).collect();
+    idx.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let mut probs: Vec<f32> = idx.iter().map(|&i| (scaled[i] - m).exp()).collect();
+    let z: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if cfg.top_p < 1.0 {
+        let mut c = 0.0;
+        let mut keep = probs.len();
+        for (j, p) in probs.iter().enumerate() {
+            c += p;
+            if c >= cfg.top_p as f32 {
+                keep = j + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let z: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+    }
+    let u: f32 = rng.random();
+    let mut c = 0.0;
+    let mut pick = idx[idx.len() - 1];
+    for (j, p) in probs.iter().enumerate() {
+        c += p;
+        if u < c {
+            pick = idx[j];
+            break;
+        }
+    }
+    (pick as u32, scaled[pick] - lse)
+}
+
+/// Generate continuations for a batch of tokenised prompts.
+pub fn generate(
+    model: &CausalLM,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Generation> {
+    if prompts.is_empty() {
+        return Ok(Generation {
+            tokens: vec![],
+            logprobs: vec![],
+            finished: vec![],
+        });
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+    }
+    let b = prompts.len();
+    let (ids, mut mask, t0) = left_pad(prompts, cfg.pad_id);
+    if let Some(maxp) = model.config.max_positions() {
+        if t0 + cfg.max_new_tokens > maxp && model.config.family() == crate::config::Family::Gpt2 {
+            bail!(
+                "prompt length {t0} + max_new_tokens {} exceeds the model's {maxp} positions",
+                cfg.max_new_tokens
+            )
+        }
+    }
+    // One RNG per row: a row's sample never depends on when other rows finish.
+    let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
+        .map(|r| {
+            rand::rngs::StdRng::seed_from_u64(
+                cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(r as u64),
+            )
+        })
+        .collect();
+    let mut all_ids: Vec<Vec<u32>> = (0..b).map(|r| ids[r * t0..(r + 1) * t0].to_vec()).collect();
+    let mut out = Generation {
+        tokens: vec![vec![]; b],
+        logprobs: vec![vec![]; b],
+        finished: vec![false; b],
+    };
+    let mut cache = model.new_cache();
+    let v = model.config.vocab_size();
+    let mut step_ids = Tensor::from_vec(ids, (b, t0), &Device::Cpu)?;
+    for step in 0..cfg.max_new_tokens {
+        let h = if cfg.use_cache {
+            model.hidden_cached(&step_ids, &mask, &mut cache)?
+        } else {
+            let t = all_ids[0].len();
+            let flat: Vec<u32> = all_ids.iter().flatten().copied().collect();
+            model.hidden(&Tensor::from_vec(flat, (b, t), &Device::Cpu)?, &mask)?
+        };
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let logits: Vec<f32> = model.lm_logits(&last)?.flatten_all()?.to_vec1()?;
+        let mut next = Vec::with_capacity(b);
+        for r in 0..b {
+            if out.finished[r] {
+                next.push(cfg.pad_id);
+                continue;
+            }
+            let (tok, lp) = sample_row(&logits[r * v..(r + 1) * v], cfg, &mut rngs[r]);
+            out.tokens[r].push(tok);
+            out.logprobs[r].push(lp);
+            if cfg.eos_ids.contains(&tok) {
+                out.finished[r] = true;
+            }
+            next.push(tok);
+        }
+        if out.finished.iter().all(|&f| f) {
+            break;
+        }
+        for (r, m) in mask.iter_mut().enumerate() {
+            // A finished row keeps attending to its (masked) pad tokens: its output is ignored.
+            m.push(u8::from(out.tokens[r].len() == step + 1));
+            all_ids[r].push(next[r]);
+        }
+        step_ids = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+    }
+    Ok(out)
+}

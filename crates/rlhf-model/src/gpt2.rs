@@ -1,0 +1,161 @@
+//! GPT-2 (`GPT2LMHeadModel`), after nanoGPT's `model.py`: learned positions, pre-LayerNorm,
+//! fused q/k/v projection (`c_attn`), tanh-GELU MLP, head tied to the token embedding.
+//! HF stores the projections as `Conv1D`, i.e. weights [in, out]: kept as is (`transposed`).
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use crate::backbone::{Backbone, Ctx, KvCache};
+use crate::config::Gpt2Config;
+use crate::linear::Linear;
+use crate::params::Param;
+use crate::weights::{Builder, Init};
+
+struct Norm {
+    w: Param,
+    b: Param,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(b: &mut Builder, name: &str, d: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            w: b.param(&format!("{name}.weight"), &[d], Init::Ones)?,
+            b: b.param(&format!("{name}.bias"), &[d], Init::Zeros)?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::fused::layer_norm(
+            x,
+            &self.w.t(),
+            &self.b.t(),
+            self.eps,
+        )?)
+    }
+}
+
+fn conv1d(b: &mut Builder, name: &str, din: usize, dout: usize, std: f64) -> Result<Linear> {
+    let w = b.param(&format!("{name}.weight"), &[din, dout], Init::Normal(std))?;
+    let bias = b.param(&format!("{name}.bias"), &[dout], Init::Zeros)?;
+    Ok(Linear::new(name, w, Some(bias), true))
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Param,
+    wpe: Param,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+}
+
+impl Gpt2 {
+    pub fn new(cfg: &Gpt2Config, b: &mut Builder) -> Result<Self> {
+        let d = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * d);
+        let std = 0.02;
+        // GPT-2 scales the residual projections' init by 1/sqrt(2·n_layer).
+        let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        let wte = b.param(
+            "transformer.wte.weight",
+            &[cfg.vocab_size, d],
+            Init::Normal(std),
+        )?;
+        let wpe = b.param(
+            "transformer.wpe.weight",
+            &[cfg.n_positions, d],
+            Init::Normal(0.01),
+        )?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            blocks.push(Block {
+                ln_1: Norm::new(b, &format!("{p}.ln_1"), d, cfg.layer_norm_epsilon)?,
+                c_attn: conv1d(b, &format!("{p}.attn.c_attn"), d, 3 * d, std)?,
+                c_proj: conv1d(b, &format!("{p}.attn.c_proj"), d, d, proj_std)?,
+                ln_2: Norm::new(b, &format!("{p}.ln_2"), d, cfg.layer_norm_epsilon)?,
+                c_fc: conv1d(b, &format!("{p}.mlp.c_fc"), d, inner, std)?,
+                mlp_proj: conv1d(b, &format!("{p}.mlp.c_proj"), inner, d, proj_std)?,
+            });
+        }
+        let ln_f = Norm::new(b, "transformer.ln_f", d, cfg.layer_norm_epsilon)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
+    }
+}
+
+impl Backbone for Gpt2 {
+    fn forward(&self, ids: &Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (bsz, t) = ids.dims2()?;
+        let d = self.cfg.n_embd;
+        let nh = self.cfg.n_head;
+        let hd = d / nh;
+        let pos: Vec<u32> = ctx.positions.iter().flatten().copied().collect();
+        if let Some(&m) = pos.iter().max() {
+            if m as usize >= self.cfg.n_positions {
+                anyhow::bail!(
+                    "sequence position {m} exceeds GPT-2's n_positions {}",
+                    self.cfg.n_positions
+                )
+            }
+        }
+        let pos = Tensor::from_vec(pos, (bsz * t,), ids.device())?;
+        let tok = self.wte.t().index_select(&ids.flatten_all()?, 0)?;
+        let pe = self.wpe.t().index_select(&pos, 0)?;
+        let mut x = (tok + pe)?.reshape((bsz, t, d))?;
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let h = blk.ln_1.forward(&x)?;
+            let qkv = blk.c_attn.forward(&h)?; // [b, t, 3d]
+            let split = |i: usize| -> Result<Tensor> {
+                Ok(qkv
+                    .narrow(D::Minus1, i * d, d)?
+                    .reshape((bsz, t, nh, hd))?
+                    .transpose(1, 2)?)
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, k.contiguous()?, v.contiguous()?)?,
+                None => (k, v),
+            };
+            let y = crate::fused::attention(&q, &k, &v, &ctx.bias)?;
+            let y = y.transpose(1, 2)?.reshape((bsz, t, d))?;
+            x = (x + blk.c_proj.forward(&y)?)?;
+            let h = blk.ln_2.forward(&x)?;
+            let h = crate::fused::gelu_tanh(&blk.c_fc.forward(&h)?)?;
+            x = (x + blk.mlp_proj.forward(&h)?)?;
+        }
+        self.ln_f.forward(&x)
+    }
+    fn embed(&self) -> &Param {
+        &self.wte
+    }
+    fn linears(&self) -> Vec<&Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj])
+            .collect()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj])
+            .collect()
+    }
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+}

@@ -1,0 +1,157 @@
+//! Linear layers (HF `nn.Linear` [out, in] or GPT-2 `Conv1D` [in, out]) with optional LoRA.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::params::{Param, ParamStore};
+
+/// LoRA settings (PEFT names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module name suffixes to adapt, e.g. `q_proj`, `v_proj`, `c_attn`.
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into(), "c_attn".into()],
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Param, // [r, in]
+    pub b: Param, // [out, r]
+    pub scale: f64,
+}
+
+/// A linear map. `transposed` means the weight is stored [in, out] (GPT-2 Conv1D).
+#[derive(Clone)]
+pub struct Linear {
+    pub name: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub transposed: bool,
+    pub lora: Option<Lora>,
+    /// Shared switch for every adapter of a model (`disable_adapters`).
+    pub adapters_on: Arc<AtomicBool>,
+}
+
+impl Linear {
+    pub fn new(name: &str, weight: Param, bias: Option<Param>, transposed: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            weight,
+            bias,
+            transposed,
+            lora: None,
+            adapters_on: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    pub fn in_out(&self) -> (usize, usize) {
+        let d = self.weight.var().dims();
+        if self.transposed {
+            (d[0], d[1])
+        } else {
+            (d[1], d[0])
+        }
+    }
+
+    /// The effective weight as [in, out] for `x @ W`.
+    fn w_in_out(&self) -> Result<Tensor> {
+        let w = self.weight.t();
+        Ok(if self.transposed { w } else { w.t()? })
+    }
+
+    /// y = x W (+ b) (+ scale · x Aᵀ Bᵀ). `x`: [..., in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (din, dout) = self.in_out();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, din))?;
+        let mut y = x2.matmul(&self.w_in_out()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.t())?;
+        }
+        if let Some(l) = &self.lora {
+            if self.adapters_on.load(Ordering::Relaxed) {
+                let h = x2.matmul(&l.a.t().t()?)?;
+                let d = (h.matmul(&l.b.t().t()?)? * l.scale)?;
+                y = (y + d)?;
+            }
+        }
+        let mut out = dims;
+        *out.last_mut().unwrap() = dout;
+        Ok(y.reshape(out)?)
+    }
+
+    /// Attach a LoRA adapter (A ~ Kaiming-uniform-like small random, B = 0, as PEFT) and register
+    /// its parameters under PEFT names `<name>.lora_A.weight` / `<name>.lora_B.weight`.
+    pub fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        store: &mut ParamStore,
+        switch: Arc<AtomicBool>,
+        seed: u64,
+    ) -> Result<()> {
+        let (din, dout) = self.in_out();
+        let bound = 1.0 / (din as f64).sqrt();
+        let a = seeded_uniform(seed, cfg.r * din, bound);
+        let a = Tensor::from_vec(a, (cfg.r, din), &Device::Cpu)?;
+        let b = Tensor::zeros((dout, cfg.r), DType::F32, &Device::Cpu)?;
+        let a = Param::new(&format!("{}.lora_A.weight", self.name), a, true)?;
+        let b = Param::new(&format!("{}.lora_B.weight", self.name), b, true)?;
+        store.insert(a.clone())?;
+        store.insert(b.clone())?;
+        self.lora = Some(Lora {
+            a,
+            b,
+            scale: cfg.alpha / cfg.r as f64,
+        });
+        self.adapters_on = switch;
+        Ok(())
+    }
+
+    /// W + scale·(B A) in the stored layout: the merged weight for export.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.var().as_tensor().detach();
+        let Some(l) = &self.lora else { return Ok(w) };
+        let ba = (l.b.var().as_tensor().matmul(l.a.var().as_tensor())? * l.scale)?; // [out, in]
+        Ok(if self.transposed {
+            (w + ba.t()?)?
+        } else {
+            (w + ba)?
+        })
+    }
+}
+
+/// A small deterministic uniform(-bound, bound) generator (splitmix64), so adapters are
+/// reproducible without threading an RNG through model construction.
+pub fn seeded_uniform(seed: u64, n: usize, bound: f64) -> Vec<f32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * u - 1.0) * bound) as f32
+        })
+        .collect()
+}

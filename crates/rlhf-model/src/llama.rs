@@ -1,0 +1,175 @@
+//! The Llama family (Llama, SmolLM2, Mistral-style GQA, Qwen2): RMSNorm, rotate-half RoPE with
+//! `rope_theta`, grouped-query attention, SwiGLU MLP, optional tied embeddings. Qwen2 differs
+//! only by a bias on q/k/v.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::backbone::{Backbone, Ctx, KvCache};
+use crate::config::{Family, LlamaConfig};
+use crate::linear::Linear;
+use crate::ops;
+use crate::params::Param;
+use crate::weights::{Builder, Init};
+
+fn linear(b: &mut Builder, name: &str, din: usize, dout: usize, bias: bool) -> Result<Linear> {
+    let w = b.param(&format!("{name}.weight"), &[dout, din], Init::Normal(0.02))?;
+    let bias = if bias {
+        Some(b.param(&format!("{name}.bias"), &[dout], Init::Zeros)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(name, w, bias, false))
+}
+
+struct Layer {
+    input_norm: Param,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Param,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Param,
+    layers: Vec<Layer>,
+    norm: Param,
+}
+
+impl Llama {
+    pub fn new(cfg: &LlamaConfig, family: Family, b: &mut Builder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let qkv_bias = family == Family::Qwen2 || cfg.attention_bias;
+        let o_bias = family != Family::Qwen2 && cfg.attention_bias;
+        let embed = b.param(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, d],
+            Init::Normal(0.02),
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: b.param(&format!("{p}.input_layernorm.weight"), &[d], Init::Ones)?,
+                q: linear(b, &format!("{p}.self_attn.q_proj"), d, nh * hd, qkv_bias)?,
+                k: linear(b, &format!("{p}.self_attn.k_proj"), d, nkv * hd, qkv_bias)?,
+                v: linear(b, &format!("{p}.self_attn.v_proj"), d, nkv * hd, qkv_bias)?,
+                o: linear(b, &format!("{p}.self_attn.o_proj"), nh * hd, d, o_bias)?,
+                post_norm: b.param(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                    Init::Ones,
+                )?,
+                gate: linear(
+                    b,
+                    &format!("{p}.mlp.gate_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+                up: linear(
+                    b,
+                    &format!("{p}.mlp.up_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+                down: linear(
+                    b,
+                    &format!("{p}.mlp.down_proj"),
+                    cfg.intermediate_size,
+                    d,
+                    false,
+                )?,
+            });
+        }
+        let norm = b.param("model.norm.weight", &[d], Init::Ones)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+        })
+    }
+}
+
+impl Backbone for Llama {
+    fn forward(&self, ids: &Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (bsz, t) = ids.dims2()?;
+        let d = self.cfg.hidden_size;
+        let hd = self.cfg.head_dim();
+        let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.kv_heads());
+        let eps = self.cfg.rms_norm_eps;
+        let (cos, sin) = ops::rope_tables(&ctx.positions, hd, self.cfg.rope_theta, ids.device())?;
+        let mut x = self
+            .embed
+            .t()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((bsz, t, d))?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = crate::fused::rms_norm(&x, &l.input_norm.t(), eps)?;
+            let q =
+                l.q.forward(&h)?
+                    .reshape((bsz, t, nh, hd))?
+                    .transpose(1, 2)?;
+            let k =
+                l.k.forward(&h)?
+                    .reshape((bsz, t, nkv, hd))?
+                    .transpose(1, 2)?;
+            let v =
+                l.v.forward(&h)?
+                    .reshape((bsz, t, nkv, hd))?
+                    .transpose(1, 2)?;
+            let q = crate::fused::rope(&q.contiguous()?, &cos, &sin)?;
+            let k = crate::fused::rope(&k.contiguous()?, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, k, v.contiguous()?)?,
+                None => (k, v),
+            };
+            let k = ops::repeat_kv(&k, nh / nkv)?;
+            let v = ops::repeat_kv(&v, nh / nkv)?;
+            let y = crate::fused::attention(&q, &k, &v, &ctx.bias)?;
+            let y = y.transpose(1, 2)?.reshape((bsz, t, nh * hd))?;
+            x = (x + l.o.forward(&y)?)?;
+            let h = crate::fused::rms_norm(&x, &l.post_norm.t(), eps)?;
+            let g = crate::fused::swiglu(&l.gate.forward(&h)?, &l.up.forward(&h)?)?;
+            x = (x + l.down.forward(&g)?)?;
+        }
+        Ok(crate::fused::rms_norm(&x, &self.norm.t(), eps)?)
+    }
+    fn embed(&self) -> &Param {
+        &self.embed
+    }
+    fn linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .collect()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .collect()
+    }
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}

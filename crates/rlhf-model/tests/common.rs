@@ -1,0 +1,31 @@
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use rlhf_model::{CausalLM, Tensor};
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn load(name: &str) -> CausalLM {
+    CausalLM::from_dir(&fixture(name)).unwrap()
+}
+
+pub fn mask_rows(mask: &Tensor) -> Vec<Vec<u8>> {
+    mask.to_dtype(rlhf_model::DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x as u8).collect())
+        .collect()
+}
+
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlhf-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,0 +1,183 @@
+//! Gradients: every op on the training path against central finite differences, and every
+//! parameter of every architecture receives a gradient.
+
+mod common;
+use common::*;
+use rlhf_model::{ops, DType, Device, Tensor, Var};
+
+/// Check d(sum(f(x) * probe))/dx from backward against central differences for every element.
+fn fd_check(name: &str, x0: &[f32], shape: &[usize], f: impl Fn(&Tensor) -> Tensor) {
+    let dev = Device::Cpu;
+    let x = Var::from_vec(x0.to_vec(), shape, &dev).unwrap();
+    let y = f(x.as_tensor());
+    let n = y.elem_count();
+    // A fixed, non-uniform probe so every output element matters differently.
+    let probe: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+    let probe = Tensor::from_vec(probe, y.shape(), &dev).unwrap();
+    let loss = (y * &probe).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g: Vec<f32> = grads
+        .get(x.as_tensor())
+        .expect("no gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let eval = |v: Vec<f64>| -> f64 {
+        let t = Tensor::from_vec(v, shape, &dev).unwrap();
+        let y = f(&t.to_dtype(DType::F64).unwrap());
+        (y * probe.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-5;
+    let base: Vec<f64> = x0.iter().map(|&a| a as f64).collect();
+    for i in 0..x0.len() {
+        let mut p = base.clone();
+        p[i] += eps;
+        let mut m = base.clone();
+        m[i] -= eps;
+        let fd = (eval(p) - eval(m)) / (2.0 * eps);
+        let err = (fd - g[i] as f64).abs();
+        assert!(
+            err < 2e-3 * (1.0 + fd.abs()),
+            "{name}: element {i}: backward {} vs finite difference {fd}",
+            g[i]
+        );
+    }
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    rlhf_model::linear::seeded_uniform(seed, n, 1.5)
+}
+
+#[test]
+fn softmax_and_log_softmax_gradients() {
+    fd_check("softmax", &data(12, 1), &[3, 4], |x| {
+        ops::softmax_last(x).unwrap()
+    });
+    fd_check("log_softmax", &data(12, 2), &[3, 4], |x| {
+        ops::log_softmax_last(x).unwrap()
+    });
+}
+
+#[test]
+fn norm_gradients() {
+    let w = |dt| {
+        Tensor::from_vec(vec![0.5f32, 1.5, -1.0, 2.0], 4, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    };
+    let b = |dt| {
+        Tensor::from_vec(vec![0.1f32, -0.2, 0.3, 0.0], 4, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    };
+    fd_check("rms_norm", &data(12, 3), &[3, 4], |x| {
+        ops::rms_norm(x, &w(x.dtype()), 1e-6).unwrap()
+    });
+    fd_check("layer_norm", &data(12, 4), &[3, 4], |x| {
+        ops::layer_norm(x, &w(x.dtype()), &b(x.dtype()), 1e-5).unwrap()
+    });
+    // And with respect to the weight.
+    let xs = Tensor::from_vec(data(12, 5), (3, 4), &Device::Cpu).unwrap();
+    fd_check("rms_norm weight", &[0.5, 1.5, -1.0, 2.0], &[4], |w| {
+        ops::rms_norm(&xs.to_dtype(w.dtype()).unwrap(), w, 1e-6).unwrap()
+    });
+}
+
+#[test]
+fn activation_gradients() {
+    fd_check("gelu_tanh", &data(10, 6), &[10], |x| {
+        ops::gelu_tanh(x).unwrap()
+    });
+    fd_check("silu", &data(10, 7), &[10], |x| x.silu().unwrap());
+}
+
+#[test]
+fn rope_and_attention_gradients() {
+    let (cos, sin) = ops::rope_tables(&[vec![0, 1, 2]], 4, 10000.0, &Device::Cpu).unwrap();
+    fd_check("rope", &data(12, 8), &[1, 1, 3, 4], |x| {
+        ops::rope(
+            x,
+            &cos.to_dtype(x.dtype()).unwrap(),
+            &sin.to_dtype(x.dtype()).unwrap(),
+        )
+        .unwrap()
+    });
+    // No fully-masked query row: those are padding whose output is never used.
+    let mask = vec![vec![1u8, 0, 1]];
+    let bias = ops::attention_bias(&mask, 0, 3, &Device::Cpu).unwrap();
+    let k = Tensor::from_vec(data(12, 9), (1, 1, 3, 4), &Device::Cpu).unwrap();
+    let v = Tensor::from_vec(data(12, 10), (1, 1, 3, 4), &Device::Cpu).unwrap();
+    fd_check("attention wrt q", &data(12, 11), &[1, 1, 3, 4], |q| {
+        let dt = q.dtype();
+        ops::attention(
+            q,
+            &k.to_dtype(dt).unwrap(),
+            &v.to_dtype(dt).unwrap(),
+            &bias.to_dtype(dt).unwrap(),
+        )
+        .unwrap()
+    });
+    let q = Tensor::from_vec(data(12, 12), (1, 1, 3, 4), &Device::Cpu).unwrap();
+    fd_check("attention wrt k", &data(12, 9), &[1, 1, 3, 4], |k| {
+        let dt = k.dtype();
+        ops::attention(
+            &q.to_dtype(dt).unwrap(),
+            k,
+            &v.to_dtype(dt).unwrap(),
+            &bias.to_dtype(dt).unwrap(),
+        )
+        .unwrap()
+    });
+}
+
+#[test]
+fn token_logprob_gradient() {
+    let targets = Tensor::from_vec(vec![1u32, 3, 0], 3, &Device::Cpu).unwrap();
+    fd_check("token_logprobs", &data(12, 13), &[3, 4], |x| {
+        ops::token_logprobs(x, &targets).unwrap()
+    });
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let m = load(name);
+        let ids = Tensor::from_vec(
+            (0..16u32).map(|i| (i * 5) % 90).collect::<Vec<_>>(),
+            (2, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = vec![vec![1u8; 8], vec![1u8; 8]];
+        let lp = m.next_token_logprobs(&ids, &mask, 1.0).unwrap();
+        let loss = lp.mean_all().unwrap().neg().unwrap();
+        let grads = loss.backward().unwrap();
+        let mut missing = vec![];
+        for p in m.params.iter() {
+            match grads.get(p.var().as_tensor()) {
+                Some(g)
+                    if g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0 => {}
+                _ => missing.push(p.name().to_string()),
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "{name}: parameters without gradient: {missing:?}"
+        );
+        assert!(m.params.len() > 10);
+    }
+}

@@ -1,0 +1,1 @@
+//! rlhf-train (in progress)
