@@ -1,1 +1,10 @@
-//! rlhf-train (in progress)
+//! `rlhf-train`: one training loop ([`trainer`]: optimizer, schedule, accumulation, clipping,
+//! non-finite guard, checkpoints with exact resume, metrics) and one file per algorithm.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod sft;
+pub mod trainer;
+
+pub use trainer::{Objective, RunSummary, StepOut, TrainConfig, Trainer};

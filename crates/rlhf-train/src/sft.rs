@@ -1,0 +1,283 @@
+//! Stage 1: supervised fine-tuning — next-token loss on completion / assistant tokens only.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rlhf_data::batch::collate_sft;
+use rlhf_data::formats::load_sft;
+use rlhf_data::tokenize::{pack, tokenize_sft, SftTokenizeConfig, TokenizedSft};
+use rlhf_model::params::Param;
+use rlhf_model::{CausalLM, LoraConfig, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Scalars;
+use crate::trainer::{Objective, RunSummary, StepOut, TrainConfig, Trainer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    /// HF directory, .gguf file or cached hub id.
+    pub model: String,
+    /// Training data (JSONL or JSON array, optionally .gz).
+    pub data: PathBuf,
+    /// Held-out data; when absent, `eval_fraction` of `data` is held out.
+    pub eval_data: Option<PathBuf>,
+    pub eval_fraction: f64,
+    /// Use at most this many training examples (0 = all).
+    pub max_examples: usize,
+    pub out: PathBuf,
+    pub max_len: usize,
+    pub completion_only: bool,
+    /// Render prompt/completion rows through the chat template.
+    pub use_chat_template: bool,
+    pub packing: bool,
+    pub lora: Option<LoraConfig>,
+    pub train: TrainConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            data: PathBuf::new(),
+            eval_data: None,
+            eval_fraction: 0.05,
+            max_examples: 0,
+            out: PathBuf::from("runs/sft"),
+            max_len: 512,
+            completion_only: true,
+            use_chat_template: false,
+            packing: false,
+            lora: None,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// The SFT objective over tokenised examples.
+pub struct SftObjective {
+    pub model: CausalLM,
+    pub tokenizer: Tokenizer,
+    pub train: Vec<TokenizedSft>,
+    pub eval: Vec<TokenizedSft>,
+    pub eval_batch: usize,
+}
+
+/// Mean negative log-likelihood over the loss-masked tokens of a batch, and the token count.
+pub fn sft_loss(model: &CausalLM, rows: &[&TokenizedSft], pad: u32) -> Result<(Tensor, usize)> {
+    let b = collate_sft(rows.iter().copied(), pad);
+    let (n, t) = (b.batch, b.seq_len);
+    if t < 2 {
+        bail!("SFT batch with sequences shorter than 2 tokens")
+    }
+    let ids = Tensor::from_vec(b.input_ids.clone(), (n, t), &Device::Cpu)?;
+    let mask: Vec<Vec<u8>> = b.attention_mask.chunks(t).map(|c| c.to_vec()).collect();
+    let d = model.hidden_size();
+    let h = model.hidden(&ids, &mask)?.narrow(1, 0, t - 1)?;
+    let logits = model.lm_logits(&h.reshape((n * (t - 1), d))?)?;
+    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+    let loss = masked_nll(&logits, &targets, &shifted_loss_mask(&b.loss_mask, t))?;
+    Ok((loss, b.attention_mask.iter().filter(|&&x| x != 0).count()))
+}
+
+/// The loss mask of the *predictions*: entry (row, j) says whether token j+1 is a target.
+pub fn shifted_loss_mask(loss_mask: &[u8], t: usize) -> Vec<f32> {
+    loss_mask
+        .chunks(t)
+        .flat_map(|r| r[1..].iter().map(|&x| x as f32).collect::<Vec<_>>())
+        .collect()
+}
+
+/// −mean over masked rows of log p(target): logits [n, V], targets [n], mask n floats.
+pub fn masked_nll(logits: &Tensor, targets: &Tensor, mask: &[f32]) -> Result<Tensor> {
+    let count: f32 = mask.iter().sum();
+    if count == 0.0 {
+        bail!("SFT batch has no loss tokens (every completion was truncated away?)")
+    }
+    let lp = rlhf_model::fused::token_logprobs(logits, targets)?;
+    let m = Tensor::from_vec(mask.to_vec(), lp.shape(), &Device::Cpu)?;
+    Ok(((lp * m)?.sum_all()?.neg()? / count as f64)?)
+}
+
+impl Objective for SftObjective {
+    fn name(&self) -> &str {
+        "sft"
+    }
+    fn len(&self) -> usize {
+        self.train.len()
+    }
+    fn trainable(&self) -> Vec<Param> {
+        self.model.params.trainable()
+    }
+    fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
+        let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
+        let (loss, tokens) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
+        Ok(StepOut {
+            loss,
+            metrics: Scalars::new(),
+            tokens,
+        })
+    }
+    fn evaluate(&mut self) -> Result<Scalars> {
+        if self.eval.is_empty() {
+            return Ok(Scalars::new());
+        }
+        let mut tot = 0f64;
+        let mut n = 0f64;
+        for chunk in self.eval.chunks(self.eval_batch.max(1)) {
+            let rows: Vec<&TokenizedSft> = chunk.iter().collect();
+            let toks: usize = rows.iter().map(|r| r.n_loss_tokens()).sum();
+            let (l, _) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
+            tot += l.to_scalar::<f32>()? as f64 * toks as f64;
+            n += toks as f64;
+        }
+        let mut s = Scalars::new();
+        s.insert("loss".into(), tot / n.max(1.0));
+        Ok(s)
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        save_policy(&self.model, &self.tokenizer, dir)
+    }
+}
+
+/// Save a (possibly LoRA) policy: merged HF model in `dir`, and the adapter alone in
+/// `dir/adapter` (PEFT layout) when there is one.
+pub fn save_policy(model: &CausalLM, tok: &Tokenizer, dir: &Path) -> Result<()> {
+    model.save(dir, Some(tok))?;
+    if let Some(l) = &model.lora {
+        let ad = dir.join("adapter");
+        std::fs::create_dir_all(&ad)?;
+        rlhf_model::model::save_safetensors(
+            &model.adapter_tensors(),
+            &ad.join("adapter_model.safetensors"),
+        )?;
+        let cfg = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": l.r, "lora_alpha": l.alpha,
+            "lora_dropout": l.dropout, "target_modules": l.target_modules, "bias": "none",
+        });
+        rlhf_model::model::write_atomic(
+            &ad.join("adapter_config.json"),
+            serde_json::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Load the policy named in a config (with its tokenizer) and attach LoRA if asked.
+pub fn load_policy(
+    spec: &str,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+) -> Result<(CausalLM, Tokenizer)> {
+    let loaded = rlhf_model::load::load(spec)?;
+    let Some(tok) = loaded.tokenizer else {
+        bail!("{spec}: no tokenizer (tokenizer.json) with the model")
+    };
+    let mut model = loaded.model;
+    if let Some(l) = lora {
+        let n = model.add_lora(l, seed)?;
+        eprintln!(
+            "LoRA r={} on {n} layers: {} trainable of {} parameters",
+            l.r,
+            model.params.num_elements(true),
+            model.params.num_elements(false)
+        );
+    }
+    Ok((model, tok))
+}
+
+/// Deterministically split off a held-out fraction.
+pub fn split_holdout<T>(mut v: Vec<T>, frac: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let n = v.len();
+    let k = ((n as f64) * frac).round() as usize;
+    let perm = rlhf_data::batch::epoch_permutation(seed ^ 0x5EED, 0, n);
+    let held: std::collections::HashSet<usize> =
+        perm.into_iter().take(k.min(n.saturating_sub(1))).collect();
+    let mut train = vec![];
+    let mut eval = vec![];
+    for (i, x) in v.drain(..).enumerate() {
+        if held.contains(&i) {
+            eval.push(x)
+        } else {
+            train.push(x)
+        }
+    }
+    (train, eval)
+}
+
+/// Run SFT from a config.
+pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
+    let (model, tok) = load_policy(&cfg.model, cfg.lora.as_ref(), cfg.train.seed)?;
+    let tcfg = SftTokenizeConfig {
+        max_len: cfg.max_len,
+        completion_only: cfg.completion_only,
+        prompt_completion_as_chat: cfg.use_chat_template,
+    };
+    let mut examples = load_sft(&cfg.data)?;
+    let mut eval_examples = match &cfg.eval_data {
+        Some(p) => load_sft(p)?,
+        None => vec![],
+    };
+    if cfg.eval_data.is_none() && cfg.eval_fraction > 0.0 {
+        let (a, b) = split_holdout(examples, cfg.eval_fraction, cfg.train.seed);
+        examples = a;
+        eval_examples = b;
+    }
+    if cfg.max_examples > 0 {
+        examples.truncate(cfg.max_examples);
+    }
+    let (mut train, stats) =
+        tokenize_sft(&tok, &examples, &tcfg).with_context(|| format!("{}", cfg.data.display()))?;
+    if let Some(w) = stats.warning() {
+        eprintln!("{}: {w}", cfg.data.display());
+    }
+    let (eval, _) = tokenize_sft(&tok, &eval_examples, &tcfg)?;
+    if cfg.packing {
+        train = pack(&train, cfg.max_len)
+            .into_iter()
+            .map(|p| TokenizedSft {
+                input_ids: p.input_ids,
+                loss_mask: p.loss_mask,
+            })
+            .collect();
+    }
+    warn_memory(&model, cfg.train.batch_size, cfg.max_len);
+    let mut obj = SftObjective {
+        model,
+        tokenizer: tok,
+        train,
+        eval,
+        eval_batch: cfg.train.batch_size,
+    };
+    std::fs::create_dir_all(&cfg.out)?;
+    std::fs::write(cfg.out.join("config.toml"), toml::to_string(cfg)?)?;
+    Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)
+}
+
+/// Estimate peak activation memory and say so before starting when it is large.
+pub fn warn_memory(model: &CausalLM, batch: usize, max_len: usize) {
+    let v = model.config.vocab_size();
+    let d = model.hidden_size();
+    let l = model.num_layers();
+    let tokens = (batch * max_len) as f64;
+    // logits + log-softmax + grads over the vocabulary, plus ~16 activations of width d per layer.
+    let bytes = tokens * (v as f64 * 4.0 * 3.0 + (l * d * 16) as f64 * 4.0)
+        + model.params.num_elements(false) as f64 * 4.0 * 2.0;
+    let gib = bytes / (1u64 << 30) as f64;
+    let avail = available_memory_gib();
+    if let Some(a) = avail {
+        if gib > 0.8 * a {
+            eprintln!(
+                "WARNING: this run may need ~{gib:.1} GiB (batch {batch} × {max_len} tokens, vocab {v}) but only {a:.1} GiB is available: lower batch_size or max_len, or use grad_accum"
+            );
+        }
+    }
+}
+
+fn available_memory_gib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / (1u64 << 20) as f64)
+}

@@ -1,0 +1,433 @@
+//! The one training loop every algorithm plugs its loss into.
+//!
+//! Per optimizer step: `grad_accum` micro-batches (each `batch_size` items, in a seeded per-epoch
+//! order) → loss → backward → gradients summed → non-finite guard → global-norm clipping →
+//! AdamW with the scheduled learning rate. Every `log_every` steps a metrics line; every
+//! `eval_every` an evaluation; every `save_every` an atomic checkpoint. `resume` continues from the
+//! newest checkpoint so the loss curve is identical to an uninterrupted run's.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use rlhf_data::batch::DataOrder;
+use rlhf_model::params::Param;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, LoopState};
+use crate::metrics::{MetricsWriter, Progress, Scalars};
+use crate::optim::{clip_grads, grad_norm, lr_at, AdamW, AdamWConfig, Schedule};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Total optimizer steps; 0 = derive from `epochs`.
+    pub max_steps: usize,
+    pub epochs: f64,
+    /// Items per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Global-norm clip (0 = off).
+    pub max_grad_norm: f64,
+    pub log_every: usize,
+    /// 0 = only at the end.
+    pub eval_every: usize,
+    /// 0 = only at the end.
+    pub save_every: usize,
+    pub keep_last: usize,
+    pub seed: u64,
+    /// Stop after this many consecutive non-finite steps.
+    pub max_nonfinite_in_row: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 0,
+            epochs: 1.0,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-4,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            log_every: 10,
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 2,
+            seed: 42,
+            max_nonfinite_in_row: 5,
+        }
+    }
+}
+
+/// What one micro-batch produced.
+pub struct StepOut {
+    /// Mean loss over the micro-batch (backward runs on it).
+    pub loss: Tensor,
+    /// Extra scalars to average over the logging window (accuracy, margins, …).
+    pub metrics: Scalars,
+    /// Tokens processed (for tokens/s).
+    pub tokens: usize,
+}
+
+/// An algorithm: a dataset of items and a loss over a micro-batch of them.
+pub trait Objective {
+    fn name(&self) -> &str;
+    /// Number of training items.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Group id per item (items of one group land in one micro-batch), if any.
+    fn groups(&self) -> Option<Vec<usize>> {
+        None
+    }
+    fn trainable(&self) -> Vec<Param>;
+    fn loss(&mut self, items: &[usize]) -> Result<StepOut>;
+    /// Held-out metrics (names get an `eval/` prefix).
+    fn evaluate(&mut self) -> Result<Scalars> {
+        Ok(Scalars::new())
+    }
+    /// Write the final model (HF layout) into `dir`.
+    fn save_final(&self, dir: &Path) -> Result<()>;
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub steps: usize,
+    /// Loss of every optimizer step (mean over its micro-batches), by step index.
+    pub losses: Vec<(usize, f64)>,
+    pub first_eval: Option<Scalars>,
+    pub last_eval: Option<Scalars>,
+    pub tokens_per_sec: f64,
+    pub skipped_nonfinite: usize,
+    pub final_dir: PathBuf,
+    pub wall_secs: f64,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub out: PathBuf,
+    /// Stop (as if interrupted) after this many steps of this process — for resume tests.
+    pub stop_after: Option<usize>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, out: &Path) -> Self {
+        Self {
+            cfg,
+            out: out.to_path_buf(),
+            stop_after: None,
+        }
+    }
+
+    pub fn total_steps(&self, n_items: usize) -> usize {
+        if self.cfg.max_steps > 0 {
+            return self.cfg.max_steps;
+        }
+        let per_epoch = n_items
+            .div_ceil(self.cfg.batch_size)
+            .div_ceil(self.cfg.grad_accum);
+        ((per_epoch as f64) * self.cfg.epochs).ceil().max(1.0) as usize
+    }
+
+    /// Train `obj`; resumes from the newest checkpoint in `out` when `resume`.
+    pub fn run(&self, obj: &mut dyn Objective, resume: bool) -> Result<RunSummary> {
+        let cfg = &self.cfg;
+        if obj.is_empty() {
+            bail!("{}: the training set is empty", obj.name())
+        }
+        if cfg.batch_size == 0 || cfg.grad_accum == 0 {
+            bail!("batch_size and grad_accum must be positive")
+        }
+        let total = self.total_steps(obj.len());
+        let params = obj.trainable();
+        let mut opt = AdamW::new(
+            params.clone(),
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let mut state = LoopState {
+            step: 0,
+            epoch: 0,
+            position: 0,
+            optimizer_t: 0,
+            nonfinite_total: 0,
+            seed: cfg.seed,
+            extra: serde_json::Value::Null,
+        };
+        if resume {
+            if let Some(ck) = checkpoint::latest(&self.out)? {
+                restore_params(&params, &ck.weights)?;
+                opt.load_state(ck.state.optimizer_t, &ck.optimizer)?;
+                eprintln!(
+                    "[{}] resuming from {} (step {})",
+                    obj.name(),
+                    ck.dir.display(),
+                    ck.state.step
+                );
+                state = ck.state;
+            }
+        }
+        let mut metrics = MetricsWriter::open(&self.out)?;
+        let groups = obj.groups();
+        let order = DataOrder::new(cfg.seed, cfg.batch_size);
+        let n_items = obj.len();
+        let plan_for = |epoch: u64| match &groups {
+            Some(g) => order.grouped_plan(epoch, g),
+            None => order.plan(epoch, n_items),
+        };
+        let mut plan = plan_for(state.epoch);
+        let mut summary = RunSummary {
+            final_dir: self.out.join("final"),
+            ..Default::default()
+        };
+        let progress = Progress::new(obj.name(), total, state.step);
+        let start = Instant::now();
+        let mut window = Window::default();
+        let mut tokens_total = 0usize;
+        let mut nonfinite_in_row = 0usize;
+        let mut steps_this_process = 0usize;
+        if state.step == 0 && cfg.eval_every > 0 {
+            let ev = obj.evaluate()?;
+            if !ev.is_empty() {
+                metrics.log(0, &prefixed("eval/", &ev))?;
+                summary.first_eval = Some(ev);
+            }
+        }
+        while state.step < total {
+            if let Some(n) = self.stop_after {
+                if steps_this_process >= n {
+                    return Ok(summary);
+                }
+            }
+            let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+            let mut step_loss = 0f64;
+            let mut step_metrics = Scalars::new();
+            let mut step_tokens = 0usize;
+            for _ in 0..cfg.grad_accum {
+                if state.position >= plan.len() {
+                    state.epoch += 1;
+                    state.position = 0;
+                    plan = plan_for(state.epoch);
+                }
+                let items = plan[state.position].clone();
+                state.position += 1;
+                let out = obj.loss(&items)?;
+                let lv = out.loss.to_scalar::<f32>()? as f64;
+                step_loss += lv / cfg.grad_accum as f64;
+                for (k, v) in out.metrics {
+                    *step_metrics.entry(k).or_default() += v / cfg.grad_accum as f64;
+                }
+                step_tokens += out.tokens;
+                if !lv.is_finite() {
+                    continue;
+                }
+                let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
+                for (i, p) in params.iter().enumerate() {
+                    if let Some(g) = grads.get(p.var().as_tensor()) {
+                        acc[i] = Some(match acc[i].take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+            }
+            let gnorm = grad_norm(&acc)?;
+            let lr = lr_at(
+                state.step,
+                total,
+                cfg.warmup_steps,
+                cfg.lr,
+                cfg.min_lr_ratio,
+                cfg.schedule,
+            );
+            tokens_total += step_tokens;
+            if !step_loss.is_finite() || !gnorm.is_finite() {
+                // Skip the update: a non-finite loss or gradient never reaches the weights.
+                nonfinite_in_row += 1;
+                state.nonfinite_total += 1;
+                summary.skipped_nonfinite += 1;
+                let mut s = Scalars::new();
+                s.insert("nonfinite_skipped".into(), state.nonfinite_total as f64);
+                metrics.log(state.step, &s)?;
+                eprintln!(
+                    "[{}] step {}: non-finite loss ({step_loss}) or gradient norm ({gnorm}); update skipped ({} in a row)",
+                    obj.name(),
+                    state.step,
+                    nonfinite_in_row
+                );
+                if nonfinite_in_row >= cfg.max_nonfinite_in_row {
+                    let last = checkpoint::list(&self.out)?.last().cloned();
+                    bail!(
+                        "{}: {} non-finite steps in a row at step {}; stopping. Last good checkpoint: {}. Lower the learning rate or check the data.",
+                        obj.name(),
+                        nonfinite_in_row,
+                        state.step,
+                        last.map(|p| p.display().to_string()).unwrap_or_else(|| "none (nothing was saved yet)".into())
+                    )
+                }
+                state.step += 1;
+                steps_this_process += 1;
+                continue;
+            }
+            nonfinite_in_row = 0;
+            clip_grads(&mut acc, gnorm, cfg.max_grad_norm)?;
+            opt.step(&acc, lr)?;
+            state.optimizer_t = opt.t;
+            state.step += 1;
+            steps_this_process += 1;
+            summary.losses.push((state.step, step_loss));
+            window.add(step_loss, gnorm, lr, &step_metrics, step_tokens);
+            let log_now = state.step.is_multiple_of(cfg.log_every.max(1)) || state.step == total;
+            if log_now {
+                let el = start.elapsed().as_secs_f64().max(1e-9);
+                let mut s = window.take();
+                s.insert("tokens_per_sec".into(), tokens_total as f64 / el);
+                s.insert(
+                    "epoch".into(),
+                    state.epoch as f64 + state.position as f64 / plan.len().max(1) as f64,
+                );
+                metrics.log(state.step, &s)?;
+                progress.update(
+                    state.step,
+                    &format!(
+                        "loss {:.4} lr {:.2e} {:.0} tok/s",
+                        s["loss"],
+                        lr,
+                        tokens_total as f64 / el
+                    ),
+                    true,
+                );
+            } else {
+                progress.update(state.step, &format!("loss {step_loss:.4}"), false);
+            }
+            if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < total {
+                let ev = obj.evaluate()?;
+                if !ev.is_empty() {
+                    metrics.log(state.step, &prefixed("eval/", &ev))?;
+                }
+            }
+            if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < total {
+                checkpoint::save(
+                    &self.out,
+                    &state,
+                    &param_tensors(&params),
+                    &opt.state_tensors(),
+                    cfg.keep_last,
+                )?;
+            }
+        }
+        let ev = obj.evaluate()?;
+        if !ev.is_empty() {
+            metrics.log(state.step, &prefixed("eval/", &ev))?;
+            summary.last_eval = Some(ev);
+        }
+        checkpoint::save(
+            &self.out,
+            &state,
+            &param_tensors(&params),
+            &opt.state_tensors(),
+            cfg.keep_last,
+        )?;
+        obj.save_final(&summary.final_dir)?;
+        summary.steps = state.step;
+        summary.wall_secs = start.elapsed().as_secs_f64();
+        summary.tokens_per_sec = tokens_total as f64 / summary.wall_secs.max(1e-9);
+        progress.finish(&format!(
+            "{} steps, {:.0} tok/s",
+            state.step, summary.tokens_per_sec
+        ));
+        Ok(summary)
+    }
+}
+
+fn prefixed(p: &str, s: &Scalars) -> Scalars {
+    s.iter().map(|(k, v)| (format!("{p}{k}"), *v)).collect()
+}
+
+pub fn param_tensors(params: &[Param]) -> std::collections::BTreeMap<String, Tensor> {
+    params
+        .iter()
+        .map(|p| (p.name().to_string(), p.var().as_tensor().detach()))
+        .collect()
+}
+
+pub fn restore_params(
+    params: &[Param],
+    w: &std::collections::BTreeMap<String, Tensor>,
+) -> Result<()> {
+    for p in params {
+        let Some(t) = w.get(p.name()) else {
+            bail!(
+                "checkpoint has no `{}`: it was written for another model or LoRA setting",
+                p.name()
+            )
+        };
+        if t.dims() != p.var().dims() {
+            bail!(
+                "checkpoint `{}` has shape {:?}, expected {:?}",
+                p.name(),
+                t.dims(),
+                p.var().dims()
+            )
+        }
+        p.var().set(t)?;
+    }
+    Ok(())
+}
+
+/// Averages over a logging window.
+#[derive(Default)]
+struct Window {
+    n: usize,
+    loss: f64,
+    gnorm: f64,
+    lr: f64,
+    extra: Scalars,
+    tokens: usize,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, gnorm: f64, lr: f64, m: &Scalars, tokens: usize) {
+        self.n += 1;
+        self.loss += loss;
+        self.gnorm += gnorm;
+        self.lr = lr;
+        self.tokens += tokens;
+        for (k, v) in m {
+            *self.extra.entry(k.clone()).or_default() += v;
+        }
+    }
+    fn take(&mut self) -> Scalars {
+        let n = self.n.max(1) as f64;
+        let mut s: Scalars = self.extra.iter().map(|(k, v)| (k.clone(), v / n)).collect();
+        s.insert("loss".into(), self.loss / n);
+        s.insert("grad_norm".into(), self.gnorm / n);
+        s.insert("lr".into(), self.lr);
+        s.insert("tokens".into(), self.tokens as f64);
+        *self = Window::default();
+        s
+    }
+}

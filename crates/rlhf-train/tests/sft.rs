@@ -1,0 +1,284 @@
+//! SFT and the training loop: memorisation, prompt tokens get no loss, exact resume, and a
+//! checkpoint killed mid-write leaves the previous one loadable.
+
+use std::path::PathBuf;
+
+use rlhf_data::formats::SftExample;
+use rlhf_data::tokenize::{tokenize_sft, SftTokenizeConfig};
+use rlhf_data::vocab::word_level_tokenizer;
+use rlhf_model::{generate, CausalLM, Device, GenerationConfig, Tensor, Tokenizer, Var};
+use rlhf_train::sft::{masked_nll, shifted_loss_mask, SftObjective};
+use rlhf_train::{checkpoint, TrainConfig, Trainer};
+
+const WORDS: &[&str] = &[
+    "what", "is", "the", "capital", "of", "france", "paris", "spain", "madrid", "italy", "rome",
+    "color", "sky", "blue", "grass", "green", "?", ".",
+];
+
+fn examples() -> Vec<SftExample> {
+    [
+        ("what is the capital of france ?", "paris ."),
+        ("what is the capital of spain ?", "madrid ."),
+        ("what is the capital of italy ?", "rome ."),
+        ("what is the color of the sky ?", "blue ."),
+        ("what is the color of the grass ?", "green ."),
+    ]
+    .iter()
+    .map(|(p, c)| SftExample::PromptCompletion {
+        prompt: format!("{p} "),
+        completion: c.to_string(),
+    })
+    .collect()
+}
+
+fn tiny_gpt2(tok: &Tokenizer, seed: u64) -> CausalLM {
+    CausalLM::random(
+        serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(), "n_positions": 32,
+            "n_embd": 32, "n_layer": 2, "n_head": 2}),
+        seed,
+    )
+    .unwrap()
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlhf-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn objective(seed: u64) -> SftObjective {
+    let tok = word_level_tokenizer(WORDS);
+    let (train, _) = tokenize_sft(&tok, &examples(), &SftTokenizeConfig::default()).unwrap();
+    SftObjective {
+        model: tiny_gpt2(&tok, seed),
+        tokenizer: tok,
+        train,
+        eval: vec![],
+        eval_batch: 4,
+    }
+}
+
+#[test]
+fn tiny_model_memorises_and_generates_the_answers() {
+    let mut obj = objective(1);
+    let out = tmp("overfit");
+    let cfg = TrainConfig {
+        max_steps: 150,
+        batch_size: 5,
+        lr: 3e-3,
+        warmup_steps: 10,
+        min_lr_ratio: 0.1,
+        log_every: 50,
+        ..Default::default()
+    };
+    let s = Trainer::new(cfg, &out).run(&mut obj, false).unwrap();
+    let last = s.losses.last().unwrap().1;
+    assert!(last < 0.05, "final loss {last}");
+    assert!(s.losses[0].1 > 1.0);
+    // It now answers each prompt with its completion.
+    let tok = &obj.tokenizer;
+    for ex in examples() {
+        let SftExample::PromptCompletion { prompt, completion } = ex else {
+            unreachable!()
+        };
+        let ids = tok.encode(&prompt, true).unwrap();
+        let g = generate(
+            &obj.model,
+            &[ids],
+            &GenerationConfig {
+                max_new_tokens: 4,
+                temperature: 0.0,
+                eos_ids: vec![tok.eos_id().unwrap()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            tok.decode(&g.tokens[0], true).unwrap().trim(),
+            completion,
+            "{prompt}"
+        );
+    }
+    // The final model was written in HF layout and loads back.
+    let back = rlhf_model::load::load(s.final_dir.to_str().unwrap()).unwrap();
+    assert!(back.tokenizer.is_some());
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn prompt_tokens_receive_no_loss_gradient() {
+    let obj = objective(2);
+    let rows: Vec<_> = obj.train.iter().take(2).collect();
+    let b = rlhf_data::batch::collate_sft(rows, obj.tokenizer.pad_id());
+    let (n, t) = (b.batch, b.seq_len);
+    let ids = Tensor::from_vec(b.input_ids.clone(), (n, t), &Device::Cpu).unwrap();
+    let mask: Vec<Vec<u8>> = b.attention_mask.chunks(t).map(|c| c.to_vec()).collect();
+    let h = obj
+        .model
+        .hidden(&ids, &mask)
+        .unwrap()
+        .narrow(1, 0, t - 1)
+        .unwrap();
+    let logits = obj
+        .model
+        .lm_logits(&h.reshape((n * (t - 1), 32)).unwrap())
+        .unwrap();
+    let logits = Var::from_tensor(&logits.detach()).unwrap();
+    let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
+    let lm = shifted_loss_mask(&b.loss_mask, t);
+    let loss = masked_nll(logits.as_tensor(), &targets, &lm).unwrap();
+    let g: Vec<Vec<f32>> = loss
+        .backward()
+        .unwrap()
+        .get(logits.as_tensor())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut scored = 0;
+    for (row, m) in g.iter().zip(&lm) {
+        let norm: f32 = row.iter().map(|x| x.abs()).sum();
+        if *m == 0.0 {
+            assert_eq!(norm, 0.0, "a prompt/padding position received gradient");
+        } else {
+            assert!(norm > 0.0);
+            scored += 1;
+        }
+    }
+    assert!(
+        scored >= 4 && scored < lm.len() / 2,
+        "completion tokens are a minority: {scored}/{}",
+        lm.len()
+    );
+}
+
+fn weights(obj: &SftObjective) -> Vec<Vec<f32>> {
+    obj.model
+        .params
+        .iter()
+        .map(|p| {
+            p.var()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run_exactly() {
+    let cfg = TrainConfig {
+        max_steps: 12,
+        batch_size: 2,
+        grad_accum: 2,
+        lr: 2e-3,
+        warmup_steps: 3,
+        save_every: 3,
+        keep_last: 2,
+        log_every: 1,
+        ..Default::default()
+    };
+    let full_dir = tmp("resume-full");
+    let mut full = objective(3);
+    let a = Trainer::new(cfg.clone(), &full_dir)
+        .run(&mut full, false)
+        .unwrap();
+
+    let part_dir = tmp("resume-part");
+    let mut first = objective(3);
+    let mut t = Trainer::new(cfg.clone(), &part_dir);
+    t.stop_after = Some(6);
+    let p1 = t.run(&mut first, false).unwrap();
+    assert_eq!(p1.losses.len(), 6);
+    // A fresh process: new model from the same seed, state from the checkpoint.
+    let mut second = objective(3);
+    let p2 = Trainer::new(cfg, &part_dir).run(&mut second, true).unwrap();
+    let mut resumed = p1.losses.clone();
+    resumed.extend(p2.losses.clone());
+    assert_eq!(resumed, a.losses, "loss curve after resume differs");
+    assert_eq!(weights(&second), weights(&full), "final weights differ");
+    // keep_last = 2.
+    assert_eq!(checkpoint::list(&part_dir).unwrap().len(), 2);
+    std::fs::remove_dir_all(&full_dir).ok();
+    std::fs::remove_dir_all(&part_dir).ok();
+}
+
+/// Child mode: write checkpoints of a large state forever (killed by the parent test).
+#[test]
+fn checkpoint_writer_child() {
+    let Ok(dir) = std::env::var("RLHF_CKPT_CHILD_DIR") else {
+        return;
+    };
+    let big = Tensor::ones((4096, 1024), rlhf_model::DType::F32, &Device::Cpu).unwrap();
+    let mut w = std::collections::BTreeMap::new();
+    w.insert("w".to_string(), big);
+    for step in 1.. {
+        let st = checkpoint::LoopState {
+            step,
+            epoch: 0,
+            position: 0,
+            optimizer_t: step as u64,
+            nonfinite_total: 0,
+            seed: 0,
+            extra: serde_json::Value::Null,
+        };
+        checkpoint::save(std::path::Path::new(&dir), &st, &w, &w, 2).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_during_checkpoint_write_keeps_previous_checkpoint() {
+    let dir = tmp("sigkill");
+    std::fs::create_dir_all(&dir).unwrap();
+    for delay_ms in [150u64, 400, 900] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "checkpoint_writer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("RLHF_CKPT_CHILD_DIR", &dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+        // Whatever instant it died at, the newest listed checkpoint loads completely.
+        if let Some(ck) = checkpoint::latest(&dir).unwrap() {
+            assert_eq!(ck.weights["w"].dims(), &[4096, 1024]);
+            assert_eq!(ck.state.optimizer_t as usize, ck.state.step);
+        }
+    }
+    assert!(
+        !checkpoint::list(&dir).unwrap().is_empty(),
+        "the child never completed a checkpoint"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn nonfinite_losses_skip_updates_then_stop_with_a_clear_message() {
+    let mut obj = objective(4);
+    let before = weights(&obj);
+    // A learning rate this large makes the loss non-finite after the first update.
+    let out = tmp("nan");
+    let cfg = TrainConfig {
+        max_steps: 30,
+        batch_size: 5,
+        lr: 1e30,
+        max_grad_norm: 0.0,
+        max_nonfinite_in_row: 3,
+        ..Default::default()
+    };
+    let err = Trainer::new(cfg, &out)
+        .run(&mut obj, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("non-finite steps in a row"), "{err}");
+    assert_ne!(weights(&obj), before);
+    std::fs::remove_dir_all(&out).ok();
+}
