@@ -25,6 +25,8 @@ pub struct CausalLM {
     pub raw_config: serde_json::Value,
     backbone: Box<dyn Backbone>,
     lm_head: Option<Linear>,
+    /// Loaded from a sequence-classification checkpoint with an untied (absent) LM head.
+    no_lm_head: bool,
     /// Every parameter, base and adapters, by HF/PEFT name.
     pub params: ParamStore,
     adapters_on: Arc<AtomicBool>,
@@ -57,7 +59,11 @@ impl CausalLM {
             ModelConfig::Gpt2(c) => Box::new(Gpt2::new(c, &mut b)?),
             ModelConfig::Llama { family, cfg } => Box::new(Llama::new(cfg, *family, &mut b)?),
         };
-        let lm_head = if config.tied_embeddings() {
+        // A reward-model checkpoint (`…ForSequenceClassification`) has a `score` head instead of
+        // an LM head: its backbone loads without one.
+        let seq_cls = is_sequence_classifier(&raw_config);
+        let no_lm_head = seq_cls && !config.tied_embeddings();
+        let lm_head = if config.tied_embeddings() || seq_cls {
             None
         } else {
             let w = b.param(
@@ -72,6 +78,7 @@ impl CausalLM {
             raw_config,
             backbone,
             lm_head,
+            no_lm_head,
             params,
             adapters_on: Arc::new(AtomicBool::new(true)),
             lora: None,
@@ -158,6 +165,9 @@ impl CausalLM {
 
     /// LM logits for hidden states [..., d] → [..., vocab].
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.no_lm_head {
+            bail!("this model was loaded from a reward-model checkpoint and has no LM head")
+        }
         match &self.lm_head {
             Some(h) => h.forward(hidden),
             None => {
@@ -344,6 +354,15 @@ impl CausalLM {
     pub fn device(&self) -> &Device {
         &self.device
     }
+}
+
+/// Whether a config describes a `…ForSequenceClassification` (reward model) checkpoint.
+pub fn is_sequence_classifier(cfg: &serde_json::Value) -> bool {
+    cfg.get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str())
+        .is_some_and(|a| a.ends_with("ForSequenceClassification"))
 }
 
 /// Keep `architectures` consistent with the family and a causal-LM head.

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod reward_model;
 pub mod sft;
 pub mod trainer;
 

@@ -1,0 +1,109 @@
+//! The reward model: a transformer backbone with a scalar `score` head read at the last real token
+//! of each sequence. Saved as a Hugging Face `…ForSequenceClassification` checkpoint
+//! (`score.weight` [1, d], `num_labels = 1`) that transformers loads; the normalisation offset
+//! (mean score on SFT samples) is stored in `config.json` as `rlhf_reward_offset` and subtracted
+//! by [`RewardModel::score`].
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use rlhf_model::heads::{last_token_positions, ScalarHead};
+use rlhf_model::weights::{RandomInit, SafetensorsSource};
+use rlhf_model::{CausalLM, Family, Tokenizer};
+
+pub struct RewardModel {
+    pub model: CausalLM,
+    pub head: ScalarHead,
+    /// Subtracted from raw scores (set after training so SFT samples score mean 0).
+    pub offset: f32,
+}
+
+impl RewardModel {
+    /// A new reward model on top of a (policy/SFT/base) model: fresh `score` head.
+    pub fn from_backbone(mut model: CausalLM, seed: u64) -> Result<Self> {
+        let d = model.hidden_size();
+        let head = ScalarHead::new("score", d, &mut RandomInit::new(seed), &mut model.params)?;
+        Ok(Self {
+            model,
+            head,
+            offset: 0.0,
+        })
+    }
+
+    /// Load a reward model saved by [`RewardModel::save`] (or by transformers).
+    pub fn load(dir: &Path) -> Result<(Self, Option<Tokenizer>)> {
+        let loaded = rlhf_model::load::load_dir(dir)?;
+        let mut model = loaded.model;
+        let d = model.hidden_size();
+        let files = rlhf_model::model::weight_files(dir)?;
+        let mut src = SafetensorsSource::open(&files)?;
+        let head = ScalarHead::new("score", d, &mut src, &mut model.params)
+            .with_context(|| format!("{}: not a reward model (no `score.weight`)", dir.display()))?;
+        let offset = model
+            .raw_config
+            .get("rlhf_reward_offset")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0) as f32;
+        Ok((
+            Self {
+                model,
+                head,
+                offset,
+            },
+            loaded.tokenizer,
+        ))
+    }
+
+    /// Raw scores (tracked for gradients) at the last real token of each row: ids [b, t].
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
+        let h = self.model.hidden(ids, mask)?;
+        self.head.at(&h, &last_token_positions(mask))
+    }
+
+    /// Normalised scores of whole token sequences (right-padded internally), in chunks.
+    pub fn score(&self, seqs: &[Vec<u32>], pad: u32, chunk: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for c in seqs.chunks(chunk.max(1)) {
+            let t = c.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+            let mut ids = Vec::with_capacity(c.len() * t);
+            let mut mask = Vec::with_capacity(c.len());
+            for s in c {
+                ids.extend_from_slice(s);
+                ids.extend(std::iter::repeat_n(pad, t - s.len()));
+                let mut m = vec![1u8; s.len()];
+                m.resize(t, 0);
+                mask.push(m);
+            }
+            let ids = Tensor::from_vec(ids, (c.len(), t), &Device::Cpu)?;
+            let r: Vec<f32> = self.forward(&ids, &mask)?.detach().to_vec1()?;
+            out.extend(r.into_iter().map(|x| x - self.offset));
+        }
+        Ok(out)
+    }
+
+    /// Save as an HF sequence-classification checkpoint (LoRA merged), with tokenizer.
+    pub fn save(&self, dir: &Path, tok: Option<&Tokenizer>) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut tensors = self.model.merged_tensors()?;
+        tensors.remove("lm_head.weight");
+        tensors.insert("score.weight".into(), self.head.linear.weight.var().as_tensor().detach());
+        rlhf_model::model::save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+        let mut cfg = self.model.raw_config.clone();
+        let arch = match self.model.config.family() {
+            Family::Gpt2 => "GPT2ForSequenceClassification",
+            Family::Llama => "LlamaForSequenceClassification",
+            Family::Qwen2 => "Qwen2ForSequenceClassification",
+        };
+        cfg["architectures"] = serde_json::json!([arch]);
+        cfg["num_labels"] = 1.into();
+        cfg["rlhf_reward_offset"] = (self.offset as f64).into();
+        if let Some(t) = tok {
+            // transformers' sequence classifiers find the last token through pad_token_id.
+            cfg["pad_token_id"] = t.pad_id().into();
+            t.save(dir)?;
+        }
+        rlhf_model::model::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        Ok(())
+    }
+}
