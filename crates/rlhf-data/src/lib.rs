@@ -7,12 +7,14 @@
 //! - [`tokenize`]: [`TokenizedSft`], [`TokenizedPair`], truncation counts, [`pack`].
 //! - [`batch`]: [`Batch`], [`PairBatch`], [`left_pad_prompts`], [`DataOrder`].
 //! - [`vocab`]: a word-level tokenizer with a chat template for tests and toy worlds.
+//! - [`world`]: a built-in task world with known preferences (gold utility, annotator panel).
 
 pub mod batch;
 pub mod formats;
 pub mod load;
 pub mod tokenize;
 pub mod vocab;
+pub mod world;
 
 pub use batch::{
     collate_packed, collate_pairs, collate_sft, epoch_permutation, left_pad_prompts, Batch,
