@@ -38,8 +38,9 @@ impl RewardModel {
         let d = model.hidden_size();
         let files = rlhf_model::model::weight_files(dir)?;
         let mut src = SafetensorsSource::open(&files)?;
-        let head = ScalarHead::new("score", d, &mut src, &mut model.params)
-            .with_context(|| format!("{}: not a reward model (no `score.weight`)", dir.display()))?;
+        let head = ScalarHead::new("score", d, &mut src, &mut model.params).with_context(|| {
+            format!("{}: not a reward model (no `score.weight`)", dir.display())
+        })?;
         let offset = model
             .raw_config
             .get("rlhf_reward_offset")
@@ -84,10 +85,18 @@ impl RewardModel {
 
     /// Save as an HF sequence-classification checkpoint (LoRA merged), with tokenizer.
     pub fn save(&self, dir: &Path, tok: Option<&Tokenizer>) -> Result<()> {
+        self.save_with_offset(dir, tok, self.offset)
+    }
+
+    /// [`RewardModel::save`] with `offset` stored instead of `self.offset`.
+    pub fn save_with_offset(&self, dir: &Path, tok: Option<&Tokenizer>, offset: f32) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let mut tensors = self.model.merged_tensors()?;
         tensors.remove("lm_head.weight");
-        tensors.insert("score.weight".into(), self.head.linear.weight.var().as_tensor().detach());
+        tensors.insert(
+            "score.weight".into(),
+            self.head.linear.weight.var().as_tensor().detach(),
+        );
         rlhf_model::model::save_safetensors(&tensors, &dir.join("model.safetensors"))?;
         let mut cfg = self.model.raw_config.clone();
         let arch = match self.model.config.family() {
@@ -97,13 +106,16 @@ impl RewardModel {
         };
         cfg["architectures"] = serde_json::json!([arch]);
         cfg["num_labels"] = 1.into();
-        cfg["rlhf_reward_offset"] = (self.offset as f64).into();
+        cfg["rlhf_reward_offset"] = (offset as f64).into();
         if let Some(t) = tok {
             // transformers' sequence classifiers find the last token through pad_token_id.
             cfg["pad_token_id"] = t.pad_id().into();
             t.save(dir)?;
         }
-        rlhf_model::model::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        rlhf_model::model::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
         Ok(())
     }
 }

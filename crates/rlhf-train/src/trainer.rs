@@ -323,13 +323,15 @@ impl Trainer {
             } else {
                 progress.update(state.step, &format!("loss {step_loss:.4}"), false);
             }
-            if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < total {
+            if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < total
+            {
                 let ev = obj.evaluate()?;
                 if !ev.is_empty() {
                     metrics.log(state.step, &prefixed("eval/", &ev))?;
                 }
             }
-            if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < total {
+            if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < total
+            {
                 checkpoint::save(
                     &self.out,
                     &state,
