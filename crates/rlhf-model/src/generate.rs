@@ -76,8 +76,8 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
         1.0
     };
     let scaled: Vec<f32> = logits.iter().map(|x| x / t).collect();
-    let m = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + scaled.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+    let m = crate::kernels::math::max(&scaled);
+    let lse = m + crate::kernels::math::sum_exp_sub(&scaled, m).ln();
     if cfg.temperature <= 0.0 {
         let (i, _) = scaled
             .iter()

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod heads;
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod load;

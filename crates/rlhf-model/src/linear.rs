@@ -83,10 +83,28 @@ impl Linear {
         let (din, dout) = self.in_out();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, din))?;
-        let mut y = x2.matmul(&self.w_in_out()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.t())?;
-        }
+        let w = self.weight.t();
+        let bias = self.bias.as_ref().map(|b| b.t());
+        let fast =
+            crate::kernels::fusable(&[&x2, &w]) && bias.as_ref().is_none_or(|b| b.rank() == 1);
+        let mut y = match &bias {
+            // One fused op: bias written first, the GEMM accumulates onto it.
+            Some(b) if fast && n > crate::kernels::matmul::SMALL_M => {
+                crate::kernels::matmul::linear_bias(&x2, &w, b, self.transposed)?
+            }
+            _ => {
+                let y = if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
+                    // HF [out, in] weight and few rows (decoding): stream the weight, no packing.
+                    crate::kernels::matmul::matmul_nt_op(&x2, &w)?
+                } else {
+                    x2.matmul(&self.w_in_out()?)?
+                };
+                match &bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        };
         if let Some(l) = &self.lora {
             if self.adapters_on.load(Ordering::Relaxed) {
                 let h = x2.matmul(&l.a.t().t()?)?;

@@ -50,6 +50,7 @@ impl CausalLM {
         src: &mut dyn WeightSource,
     ) -> Result<Self> {
         config.validate()?;
+        crate::kernels::init_cpu_runtime();
         let mut params = ParamStore::new();
         let mut b = Builder {
             src,
@@ -175,7 +176,13 @@ impl CausalLM {
                 let d = *dims.last().unwrap();
                 let n: usize = dims[..dims.len() - 1].iter().product();
                 let w = self.backbone.embed().t();
-                let y = hidden.reshape((n, d))?.matmul(&w.t()?)?;
+                let h2 = hidden.reshape((n, d))?;
+                let y = if crate::kernels::fusable(&[&h2, &w]) {
+                    // Few rows (decoding) stream the head once instead of packing it per step.
+                    crate::kernels::matmul::matmul_nt_op(&h2, &w)?
+                } else {
+                    h2.matmul(&w.t()?)?
+                };
                 let mut out = dims;
                 *out.last_mut().unwrap() = self.config.vocab_size();
                 Ok(y.reshape(out)?)
@@ -199,14 +206,38 @@ impl CausalLM {
         let (b, t) = ids.dims2()?;
         let h = self.hidden(ids, mask)?.narrow(1, 0, t - 1)?;
         let d = self.hidden_size();
-        let logits = self.lm_logits(&h.reshape((b * (t - 1), d))?)?;
+        let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+        let lp = self.head_logprobs(&h.reshape((b * (t - 1), d))?, &targets, temperature)?;
+        Ok(lp.reshape((b, t - 1))?)
+    }
+
+    /// log p(target) under `softmax(lm_logits(hidden) / temperature)`: hidden [n, d], targets
+    /// [n] (u32) → [n]. On the CPU in f32 the LM head and the log-softmax are one fused op
+    /// ([`crate::fused::head_logprobs`]) that keeps at most one [n × vocab] buffer (none
+    /// without gradients); otherwise logits, then [`crate::fused::token_logprobs`].
+    pub fn head_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let w = match &self.lm_head {
+            None => Some(self.backbone.embed().t()),
+            Some(l) if l.bias.is_none() && l.lora.is_none() && !l.transposed => Some(l.weight.t()),
+            Some(_) => None,
+        };
+        if let Some(w) = w {
+            if let Some(lp) = crate::fused::head_logprobs(hidden, &w, targets, 1.0 / temperature)? {
+                return Ok(lp);
+            }
+        }
+        let logits = self.lm_logits(hidden)?;
         let logits = if temperature != 1.0 {
             (logits / temperature)?
         } else {
             logits
         };
-        let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-        Ok(crate::fused::token_logprobs(&logits, &targets)?.reshape((b, t - 1))?)
+        Ok(crate::fused::token_logprobs(&logits, targets)?)
     }
 
     // ----- LoRA -----

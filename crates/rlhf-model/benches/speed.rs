@@ -1,0 +1,191 @@
+//! Training-step and generation throughput on CPU.
+//!
+//! `cargo bench -p rlhf-model --bench speed -- SHAPE [MODE]` where SHAPE is one of the names in
+//! [`shapes`] (or `list`), MODE 1 = training step, 2 = KV-cache generation, 3 = both (default).
+//! Prints `RESULT` lines in the format of `scripts/torch_bench.py`, so `scripts/bench_compare.sh`
+//! can put them side by side. One shape per process, so the peak RSS is that shape's.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rlhf_model::kernels::adamw::{AdamW, AdamWState};
+use rlhf_model::{generate, CausalLM, GenerationConfig};
+
+const B: usize = 8;
+const T: usize = 128;
+
+fn shapes(name: &str) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let gpt2 = |v: usize, l: usize, d: usize, h: usize| {
+        json!({"model_type": "gpt2", "vocab_size": v, "n_positions": 1024, "n_embd": d,
+               "n_layer": l, "n_head": h, "tie_word_embeddings": true})
+    };
+    let llama = |v: usize, l: usize, d: usize, h: usize, kv: usize, i: usize| {
+        json!({"model_type": "llama", "vocab_size": v, "hidden_size": d, "intermediate_size": i,
+               "num_hidden_layers": l, "num_attention_heads": h, "num_key_value_heads": kv,
+               "rms_norm_eps": 1e-5, "max_position_embeddings": 1024,
+               "tie_word_embeddings": true})
+    };
+    Some(match name {
+        "gpt2-v50k" => gpt2(50257, 4, 256, 4),
+        "gpt2-v8k" => gpt2(8192, 4, 256, 4),
+        "gpt2-d512" => gpt2(8192, 6, 512, 8),
+        "llama-d256" => llama(8192, 4, 256, 4, 2, 704),
+        "llama-d512" => llama(32000, 6, 512, 8, 4, 1376),
+        _ => return None,
+    })
+}
+
+const NAMES: &[&str] = &[
+    "gpt2-v50k",
+    "gpt2-v8k",
+    "gpt2-d512",
+    "llama-d256",
+    "llama-d512",
+];
+
+/// The LCG of the PyTorch baseline, so both see the same token ids.
+fn lcg(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut s = seed as u128;
+    (0..n)
+        .map(|_| {
+            s = (s * 6364136223846793005 + 1442695040888963407) % (1u128 << 64);
+            ((s >> 33) % vocab as u128) as u32
+        })
+        .collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|x| x.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let name = args.first().map(|s| s.as_str()).unwrap_or("gpt2-v50k");
+    let mode: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let Some(cfg) = shapes(name) else {
+        println!("shapes: {}", NAMES.join(" "));
+        return Ok(());
+    };
+    // RLHF_BENCH_STOCK=1: keep candle's element-wise barrier pool at one thread per core, as
+    // stock candle does (for comparison; see `kernels::init_cpu_runtime`).
+    if std::env::var_os("RLHF_BENCH_STOCK").is_some() {
+        std::env::set_var(
+            "CANDLE_NUM_THREADS",
+            rayon::current_num_threads().to_string(),
+        );
+    }
+    rlhf_model::kernels::init_cpu_runtime();
+    // RLHF_BENCH_UNFUSED_HEAD=1: logits tensor, then the fused log-softmax+gather.
+    let unfused_head = std::env::var_os("RLHF_BENCH_UNFUSED_HEAD").is_some();
+    let model = CausalLM::random(cfg, 0)?;
+    let vocab = model.config.vocab_size();
+    let nparams: usize = model.params.iter().map(|p| p.var().elem_count()).sum();
+    println!(
+        "rlhf {name} threads={} vocab={vocab} params={nparams}",
+        rayon::current_num_threads()
+    );
+    let dev = Device::Cpu;
+    if mode & 1 != 0 {
+        let all = lcg(B * (T + 1), 42, vocab);
+        let mut x = Vec::with_capacity(B * T);
+        let mut y = Vec::with_capacity(B * T);
+        for r in 0..B {
+            x.extend_from_slice(&all[r * (T + 1)..r * (T + 1) + T]);
+            y.extend_from_slice(&all[r * (T + 1) + 1..(r + 1) * (T + 1)]);
+        }
+        let x = Tensor::from_vec(x, (B, T), &dev)?;
+        let y = Tensor::from_vec(y, B * T, &dev)?;
+        let mask = vec![vec![1u8; T]; B];
+        let hp = AdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            ..AdamW::default()
+        };
+        let params: Vec<_> = model.params.iter().cloned().collect();
+        let mut states: Vec<AdamWState> = params
+            .iter()
+            .map(|p| AdamWState::new(p.var().elem_count()))
+            .collect();
+        let (mut times, mut losses) = (vec![], vec![]);
+        for step in 0..32 {
+            let t0 = Instant::now();
+            let h = model.hidden(&x, &mask)?;
+            let h2 = h.reshape((B * T, model.hidden_size()))?;
+            let lp = if unfused_head {
+                let logits = model.lm_logits(&h2)?;
+                rlhf_model::fused::token_logprobs(&logits, &y)?
+            } else {
+                model.head_logprobs(&h2, &y, 1.0)?
+            };
+            let loss = lp.mean_all()?.neg()?;
+            let grads = loss.backward()?;
+            drop((h, h2, lp));
+            for (p, st) in params.iter().zip(states.iter_mut()) {
+                if let Some(g) = grads.get(p.var().as_tensor()) {
+                    rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), g, st, &hp)?;
+                }
+            }
+            drop(grads);
+            let l = loss.to_scalar::<f32>()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if (2..12).contains(&step) {
+                times.push(dt);
+            }
+            losses.push(l);
+            if step < 3 || step % 10 == 9 {
+                println!("step {step} loss {l:.4} {dt:.3}s");
+            }
+            if step >= 12 && mode & 4 == 0 {
+                break;
+            }
+        }
+        let med = median(times);
+        let toks = (B * T) as f64;
+        println!(
+            "RESULT train median_step={med:.4}s tok/s={:.0} GFLOP/s(6N)={:.1} loss0={:.3} peak_rss_MB={:.0}",
+            toks / med,
+            6.0 * nparams as f64 * toks / med / 1e9,
+            losses[0],
+            peak_rss_mb()
+        );
+    }
+    if mode & 2 != 0 {
+        let prompt = lcg(B * 64, 7, vocab);
+        let prompts: Vec<Vec<u32>> = prompt.chunks(64).map(|c| c.to_vec()).collect();
+        let gc = GenerationConfig {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            use_cache: true,
+            ..Default::default()
+        };
+        let mut best = f64::INFINITY;
+        let mut first = vec![];
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let g = generate(&model, &prompts, &gc)?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            first = g.tokens[0][..6].to_vec();
+        }
+        println!(
+            "RESULT gen64 kv_cache=True time={best:.3}s new_tok/s={:.0} first-row-tokens={first:?} peak_rss_MB={:.0}",
+            (B * 64) as f64 / best,
+            peak_rss_mb()
+        );
+    }
+    Ok(())
+}

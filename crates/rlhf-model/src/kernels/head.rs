@@ -1,0 +1,272 @@
+//! LM head + log-softmax + gather, fused: hidden [n, d], head weight [V, d], targets [n] →
+//! log p(target) [n] of `softmax(hidden · Wᵀ / T)`.
+//!
+//! With gradients on, the forward keeps its one [n × V] logits buffer and the backward turns it
+//! *in place* into d logits, then runs the two GEMMs; so a training step holds a single
+//! [n × V] buffer and candle never zero-fills and accumulates a logits gradient. Without
+//! gradients the logits are computed a block of rows at a time and never materialised.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, Mat};
+use super::{math, out, slice, uninit, with_f32};
+
+/// Rows per block when the logits are not kept.
+const BLOCK: usize = 64;
+
+struct HeadLogprobs {
+    targets: Vec<u32>,
+    scale: f32,
+    keep: bool,
+    logits: Mutex<Option<Vec<f32>>>,
+}
+
+/// logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`.
+fn block(
+    h: &[f32],
+    w: &[f32],
+    d: usize,
+    v: usize,
+    r0: usize,
+    rows: usize,
+    scale: f32,
+    targets: &[u32],
+    dst: &mut [f32],
+    o: &mut [f32],
+) {
+    sgemm(
+        rows,
+        v,
+        d,
+        Mat {
+            data: &h[r0 * d..(r0 + rows) * d],
+            rs: d,
+            cs: 1,
+        },
+        Mat {
+            data: w,
+            rs: 1,
+            cs: d,
+        },
+        dst,
+        false,
+    );
+    dst[..rows * v]
+        .par_chunks_mut(v)
+        .zip(o.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (row, o))| {
+            if scale != 1.0 {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+            let m = math::max(row);
+            let lse = m + math::sum_exp_sub(row, m).ln();
+            *o = row[targets[r0 + i] as usize] - lse;
+        });
+}
+
+impl HeadLogprobs {
+    fn forward(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        n: usize,
+        d: usize,
+        v: usize,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut o = uninit(n);
+        if self.keep {
+            let mut logits = uninit(n * v);
+            block(
+                h,
+                w,
+                d,
+                v,
+                0,
+                n,
+                self.scale,
+                &self.targets,
+                &mut logits,
+                &mut o,
+            );
+            (o, Some(logits))
+        } else {
+            let mut buf = uninit(BLOCK.min(n) * v);
+            for (bi, o) in o.chunks_mut(BLOCK).enumerate() {
+                let rows = o.len();
+                block(
+                    h,
+                    w,
+                    d,
+                    v,
+                    bi * BLOCK,
+                    rows,
+                    self.scale,
+                    &self.targets,
+                    &mut buf,
+                    o,
+                );
+            }
+            (o, None)
+        }
+    }
+}
+
+crate::multiversion! {
+    fn grad_row(row: &mut [f32], lse: f32, neg_gs: f32) {
+        for x in row.iter_mut() {
+            *x = neg_gs * math::exp(*x - lse);
+        }
+    }
+}
+
+impl CustomOp2 for HeadLogprobs {
+    fn name(&self) -> &'static str {
+        "head-logprobs"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (v, d2) = l2.shape().dims2()?;
+        if d != d2 || self.targets.len() != n {
+            candle_core::bail!(
+                "head_logprobs: hidden {:?}, weight {:?}, {} targets",
+                l1.dims(),
+                l2.dims(),
+                self.targets.len()
+            )
+        }
+        if let Some(bad) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("head_logprobs: target {bad} out of range for vocabulary {v}")
+        }
+        let (h, w) = (
+            slice(s1, l1, "head_logprobs")?,
+            slice(s2, l2, "head_logprobs")?,
+        );
+        let (o, logits) = self.forward(h, w, n, d, v);
+        *self.logits.lock().unwrap() = logits;
+        out(o, &Shape::from(n))
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = h.dims2()?;
+        let v = w.dim(0)?;
+        let res = res.to_vec1::<f32>()?;
+        let g = grad.to_vec1::<f32>()?;
+        let mut guard = self.logits.lock().unwrap();
+        let (want_h, want_w) = (h.track_op(), w.track_op());
+        let (dh, dw) = with_f32(&[h, w], |t| {
+            let (hs, ws) = (t[0], t[1]);
+            // The kept logits (or, after a first backward consumed them, recomputed ones).
+            let mut logits = match guard.take() {
+                Some(l) => l,
+                None => {
+                    let mut l = uninit(n * v);
+                    let mut o = vec![0.0; n];
+                    block(
+                        hs,
+                        ws,
+                        d,
+                        v,
+                        0,
+                        n,
+                        self.scale,
+                        &self.targets,
+                        &mut l,
+                        &mut o,
+                    );
+                    l
+                }
+            };
+            logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                let ti = self.targets[i] as usize;
+                let lse = row[ti] - res[i];
+                let gs = g[i] * self.scale;
+                grad_row(row, lse, -gs);
+                row[ti] += gs;
+            });
+            let gm = Mat {
+                data: &logits,
+                rs: v,
+                cs: 1,
+            };
+            let dh = want_h.then(|| {
+                let mut dh = uninit(n * d);
+                sgemm(
+                    n,
+                    d,
+                    v,
+                    gm,
+                    Mat {
+                        data: ws,
+                        rs: d,
+                        cs: 1,
+                    },
+                    &mut dh,
+                    false,
+                );
+                dh
+            });
+            let dw = want_w.then(|| {
+                let mut dw = uninit(v * d);
+                let gt = Mat {
+                    data: &logits,
+                    rs: 1,
+                    cs: v,
+                };
+                sgemm(
+                    v,
+                    d,
+                    n,
+                    gt,
+                    Mat {
+                        data: hs,
+                        rs: d,
+                        cs: 1,
+                    },
+                    &mut dw,
+                    false,
+                );
+                dw
+            });
+            (dh, dw)
+        })?;
+        Ok((
+            dh.map(|x| Tensor::from_vec(x, (n, d), h.device()))
+                .transpose()?,
+            dw.map(|x| Tensor::from_vec(x, (v, d), w.device()))
+                .transpose()?,
+        ))
+    }
+}
+
+/// Fused `log_softmax(hidden · weightᵀ · scale)[target]` (f32, CPU).
+pub fn head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    let keep = hidden.track_op() || weight.track_op();
+    let op = HeadLogprobs {
+        targets,
+        scale: scale as f32,
+        keep,
+        logits: Mutex::new(None),
+    };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}

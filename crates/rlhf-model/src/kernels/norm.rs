@@ -1,0 +1,233 @@
+//! LayerNorm (biased variance, affine) and RMSNorm over the last dimension, fused forward and
+//! backward. Row statistics are recomputed in the backward (one cheap pass) instead of stored.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{out, slice, uninit, with_f32};
+
+/// Rows per parallel task.
+const ROWS: usize = 16;
+
+crate::multiversion! {
+    /// mean and 1/sqrt(var + eps) of a row (`center` false: mean 0, RMS).
+    fn stats(x: &[f32], eps: f32, center: bool) -> (f32, f32) {
+        let n = x.len() as f32;
+        let mean = if center { x.iter().sum::<f32>() / n } else { 0.0 };
+        let mut acc = [0.0f32; 16];
+        let c = x.chunks_exact(16);
+        let r = c.remainder();
+        for xs in c {
+            for k in 0..16 {
+                let d = xs[k] - mean;
+                acc[k] += d * d;
+            }
+        }
+        let mut ss: f32 = acc.iter().sum();
+        for &v in r {
+            ss += (v - mean) * (v - mean);
+        }
+        (mean, 1.0 / (ss / n + eps).sqrt())
+    }
+}
+
+crate::multiversion! {
+    fn norm_row(x: &[f32], w: &[f32], b: Option<&[f32]>, mean: f32, rstd: f32, y: &mut [f32]) {
+        match b {
+            Some(b) => {
+                for i in 0..y.len() {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+            None => {
+                for i in 0..y.len() {
+                    y[i] = (x[i] - mean) * rstd * w[i];
+                }
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// dx of one row; accumulates dw (and db) into `acc` = [dw | db].
+    fn norm_row_bwd(
+        x: &[f32], w: &[f32], g: &[f32], mean: f32, rstd: f32, center: bool,
+        dx: &mut [f32], dw: &mut [f32], db: Option<&mut [f32]>,
+    ) {
+        let n = x.len();
+        // sums of gw and gw·xhat
+        let (mut s1, mut s2) = ([0.0f32; 16], [0.0f32; 16]);
+        let full = n - n % 16;
+        for c in (0..full).step_by(16) {
+            for k in 0..16 {
+                let i = c + k;
+                let xh = (x[i] - mean) * rstd;
+                let gw = g[i] * w[i];
+                s1[k] += gw;
+                s2[k] += gw * xh;
+                dw[i] += g[i] * xh;
+            }
+        }
+        let (mut a1, mut a2): (f32, f32) = (s1.iter().sum(), s2.iter().sum());
+        for i in full..n {
+            let xh = (x[i] - mean) * rstd;
+            let gw = g[i] * w[i];
+            a1 += gw;
+            a2 += gw * xh;
+            dw[i] += g[i] * xh;
+        }
+        let m1 = if center { a1 / n as f32 } else { 0.0 };
+        let m2 = a2 / n as f32;
+        for i in 0..n {
+            let xh = (x[i] - mean) * rstd;
+            dx[i] = rstd * (g[i] * w[i] - m1 - xh * m2);
+        }
+        if let Some(db) = db {
+            for i in 0..n {
+                db[i] += g[i];
+            }
+        }
+    }
+}
+
+fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, center: bool) -> Vec<f32> {
+    let d = w.len();
+    let mut y = uninit(x.len());
+    y.par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let (mean, rstd) = stats(x, eps, center);
+                norm_row(x, w, b, mean, rstd, y);
+            }
+        });
+    y
+}
+
+/// (dx, dw, db) — db empty when `center` is false (RMSNorm has no bias).
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    center: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let nb = if center { d } else { 0 };
+    let mut dx = uninit(x.len());
+    let chunk = ROWS * d * 4;
+    let (dw, db) = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .fold(
+            || (vec![0.0f32; d], vec![0.0f32; nb]),
+            |(mut dw, mut db), (dx, (x, g))| {
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, rstd) = stats(x, eps, center);
+                    let dbr = if center { Some(&mut db[..]) } else { None };
+                    norm_row_bwd(x, w, g, mean, rstd, center, dx, &mut dw, dbr);
+                }
+                (dw, db)
+            },
+        )
+        .reduce(
+            || (vec![0.0f32; d], vec![0.0f32; nb]),
+            |(mut a, mut b), (c, e)| {
+                a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
+                (a, b)
+            },
+        );
+    (dx, dw, db)
+}
+
+fn check(xl: &Layout, wl: &Layout, op: &str) -> Result<()> {
+    let d = *xl.dims().last().unwrap_or(&0);
+    if wl.dims() != [d] {
+        candle_core::bail!("{op}: weight {:?} for input {:?}", wl.dims(), xl.dims())
+    }
+    Ok(())
+}
+
+struct LayerNorm(f32);
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(l1, l2, "layer_norm")?;
+        check(l1, l3, "layer_norm")?;
+        let (x, w, b) = (
+            slice(s1, l1, "layer_norm")?,
+            slice(s2, l2, "layer_norm")?,
+            slice(s3, l3, "layer_norm")?,
+        );
+        out(forward(x, w, Some(b), self.0, true), l1.shape())
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], self.0, true))?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+struct RmsNorm(f32);
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(l1, l2, "rms_norm")?;
+        let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
+        out(forward(x, w, None, self.0, false), l1.shape())
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], self.0, false))?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm(eps as f32))
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm(eps as f32))
+}

@@ -1,0 +1,441 @@
+//! Every fused kernel against the composed reference in `ops` (values and gradients, odd sizes,
+//! non-contiguous inputs, masked rows) and against central finite differences of itself.
+
+use rlhf_model::kernels::adamw::{adamw_step, AdamW, AdamWState};
+use rlhf_model::{fused, ops, DType, Device, Tensor, Var};
+
+const DEV: Device = Device::Cpu;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    rlhf_model::linear::seeded_uniform(seed, n, 1.5)
+}
+
+type Op = dyn Fn(&[Tensor]) -> Tensor;
+
+fn probe_for(y: &Tensor) -> Tensor {
+    let n = y.elem_count();
+    let p: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+    Tensor::from_vec(p, y.shape(), &DEV).unwrap()
+}
+
+fn vals(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Values and gradients (of sum(y·probe)) of `f` at `inputs`.
+fn eval(inputs: &[(Vec<f32>, Vec<usize>)], f: &Op) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(v, s)| Var::from_vec(v.clone(), s.as_slice(), &DEV).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let loss = (&y * probe_for(&y)).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let grads = ts
+        .iter()
+        .map(|t| vals(g.get(t).expect("no gradient")))
+        .collect();
+    (vals(&y), grads)
+}
+
+/// Fused vs composed (values and gradients), then finite differences of the fused op.
+fn check(name: &str, inputs: &[(Vec<f32>, Vec<usize>)], fused: &Op, composed: &Op) {
+    let (yf, gf) = eval(inputs, fused);
+    let (yc, gc) = eval(inputs, composed);
+    let e = max_err(&yf, &yc);
+    assert!(
+        e < 2e-5,
+        "{name}: values differ from the composed op by {e}"
+    );
+    for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+        let e = max_err(a, b);
+        assert!(
+            e < 1e-4,
+            "{name}: gradient {i} differs from the composed op by {e}"
+        );
+    }
+    // Central differences of the fused forward (f32, so a coarse step and tolerance).
+    let loss = |inp: &[(Vec<f32>, Vec<usize>)]| -> f64 {
+        let ts: Vec<Tensor> = inp
+            .iter()
+            .map(|(v, s)| Tensor::from_vec(v.clone(), s.as_slice(), &DEV).unwrap())
+            .collect();
+        let y = fused(&ts);
+        let p = probe_for(&y);
+        let y = y.to_dtype(DType::F64).unwrap();
+        (y * p.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-2f32;
+    for (i, g) in gf.iter().enumerate() {
+        for (j, &gj) in g.iter().enumerate() {
+            let mut p = inputs.to_vec();
+            p[i].0[j] += eps;
+            let mut m = inputs.to_vec();
+            m[i].0[j] -= eps;
+            let fd = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
+            let err = (fd - gj as f64).abs();
+            assert!(
+                err < 5e-3 * (1.0 + fd.abs()),
+                "{name}: input {i} element {j}: backward {gj} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+fn inp(n: usize, shape: &[usize], seed: u64) -> (Vec<f32>, Vec<usize>) {
+    assert_eq!(n, shape.iter().product::<usize>());
+    (data(n, seed), shape.to_vec())
+}
+
+#[test]
+fn layer_norm_matches_composed_and_fd() {
+    let ins = [inp(30, &[2, 3, 5], 1), inp(5, &[5], 2), inp(5, &[5], 3)];
+    check(
+        "layer_norm",
+        &ins,
+        &|t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        &|t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+    );
+    // Non-contiguous input (a transposed view) and a wide row (vector path + remainder).
+    let ins = [
+        inp(3 * 37, &[37, 3], 4),
+        inp(37, &[37], 5),
+        inp(37, &[37], 6),
+    ];
+    check(
+        "layer_norm (transposed input)",
+        &ins,
+        &|t| fused::layer_norm(&t[0].t().unwrap(), &t[1], &t[2], 1e-5).unwrap(),
+        &|t| ops::layer_norm(&t[0].t().unwrap(), &t[1], &t[2], 1e-5).unwrap(),
+    );
+}
+
+#[test]
+fn rms_norm_matches_composed_and_fd() {
+    let ins = [inp(42, &[2, 3, 7], 7), inp(7, &[7], 8)];
+    check(
+        "rms_norm",
+        &ins,
+        &|t| fused::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+        &|t| ops::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+    );
+    let ins = [inp(3 * 35, &[35, 3], 9), inp(35, &[35], 10)];
+    check(
+        "rms_norm (transposed input)",
+        &ins,
+        &|t| fused::rms_norm(&t[0].t().unwrap(), &t[1], 1e-6).unwrap(),
+        &|t| ops::rms_norm(&t[0].t().unwrap(), &t[1], 1e-6).unwrap(),
+    );
+}
+
+#[test]
+fn activations_match_composed_and_fd() {
+    let mut x = data(43, 11);
+    x[0] = 0.0;
+    x[1] = -6.0;
+    x[2] = 7.0;
+    let ins = [(x, vec![43])];
+    check(
+        "gelu_tanh",
+        &ins,
+        &|t| fused::gelu_tanh(&t[0]).unwrap(),
+        &|t| ops::gelu_tanh(&t[0]).unwrap(),
+    );
+    check(
+        "gelu_tanh (transposed)",
+        &[inp(42, &[6, 7], 12)],
+        &|t| fused::gelu_tanh(&t[0].t().unwrap()).unwrap(),
+        &|t| ops::gelu_tanh(&t[0].t().unwrap()).unwrap(),
+    );
+    check(
+        "silu",
+        &[inp(41, &[41], 13)],
+        &|t| rlhf_model::kernels::elementwise::silu(&t[0]).unwrap(),
+        &|t| t[0].silu().unwrap(),
+    );
+    check(
+        "swiglu",
+        &[inp(39, &[3, 13], 14), inp(39, &[3, 13], 15)],
+        &|t| fused::swiglu(&t[0], &t[1]).unwrap(),
+        &|t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+    );
+}
+
+#[test]
+fn big_elementwise_ops_match_composed() {
+    // Many parallel chunks and every vector tail.
+    let n = 3 * 8192 + 13;
+    let x = Tensor::from_vec(data(n, 16), n, &DEV).unwrap();
+    let e = max_err(
+        &vals(&fused::gelu_tanh(&x).unwrap()),
+        &vals(&ops::gelu_tanh(&x).unwrap()),
+    );
+    assert!(e < 2e-6, "gelu: {e}");
+}
+
+fn bias(mask: &[Vec<u8>], offset: usize, tq: usize) -> Tensor {
+    ops::attention_bias(mask, offset, tq, &DEV).unwrap()
+}
+
+#[test]
+fn attention_matches_composed_and_fd() {
+    // b=2, h=2, t=5, d=4; row 1 left-padded by two: its first two queries see no key at all.
+    let mask = vec![vec![1u8; 5], vec![0, 0, 1, 1, 1]];
+    let b = bias(&mask, 0, 5);
+    let ins = [
+        inp(80, &[2, 2, 5, 4], 21),
+        inp(80, &[2, 2, 5, 4], 22),
+        inp(80, &[2, 2, 5, 4], 23),
+    ];
+    // Same forward values everywhere, padding queries included.
+    let ts: Vec<Tensor> = ins
+        .iter()
+        .map(|(v, s)| Tensor::from_vec(v.clone(), s.as_slice(), &DEV).unwrap())
+        .collect();
+    let e = max_err(
+        &vals(&fused::attention(&ts[0], &ts[1], &ts[2], &b).unwrap()),
+        &vals(&ops::attention(&ts[0], &ts[1], &ts[2], &b).unwrap()),
+    );
+    assert!(e < 2e-5, "attention with padding: {e}");
+    // Gradients as a real loss sees them: padding queries' outputs are masked out.
+    let keep: Vec<f32> = (0..80)
+        .map(|i| if i / 20 >= 2 && i % 20 < 8 { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::from_vec(keep, (2, 2, 5, 4), &DEV).unwrap();
+    let (b1, b2, k1, k2) = (b.clone(), b.clone(), keep.clone(), keep);
+    check(
+        "attention",
+        &ins,
+        &move |t| (fused::attention(&t[0], &t[1], &t[2], &b1).unwrap() * &k1).unwrap(),
+        &move |t| (ops::attention(&t[0], &t[1], &t[2], &b2).unwrap() * &k2).unwrap(),
+    );
+    // Non-contiguous q/k/v ([b, t, h, d] transposed to [b, h, t, d], as the models do) and a
+    // KV-cache shape: 2 new queries over 6 slots with a padded slot in the middle.
+    let mask = vec![vec![1u8, 1, 0, 1, 1, 1], vec![1u8; 6]];
+    let b = bias(&mask, 4, 2);
+    let ins = [
+        inp(48, &[2, 2, 3, 4], 24),
+        inp(144, &[2, 6, 3, 4], 25),
+        inp(144, &[2, 6, 3, 4], 26),
+    ];
+    let (b1, b2) = (b.clone(), b);
+    let tr = |t: &Tensor| t.transpose(1, 2).unwrap();
+    check(
+        "attention (cache, strided)",
+        &ins,
+        &move |t| fused::attention(&tr(&t[0]), &tr(&t[1]), &tr(&t[2]), &b1).unwrap(),
+        &move |t| ops::attention(&tr(&t[0]), &tr(&t[1]), &tr(&t[2]), &b2).unwrap(),
+    );
+}
+
+#[test]
+fn attention_long_rows() {
+    // Longer than the vector width, head_dim 64 as in GPT-2.
+    let (b, h, t, d) = (1, 2, 37, 64);
+    let mk = |s| Tensor::from_vec(data(b * h * t * d, s), (b, h, t, d), &DEV).unwrap();
+    let (q, k, v) = (mk(31), mk(32), mk(33));
+    let bi = bias(&[vec![1u8; t]], 0, t);
+    let e = max_err(
+        &vals(&fused::attention(&q, &k, &v, &bi).unwrap()),
+        &vals(&ops::attention(&q, &k, &v, &bi).unwrap()),
+    );
+    assert!(e < 2e-5, "attention: {e}");
+}
+
+#[test]
+fn token_logprobs_matches_composed_and_fd() {
+    let targets = Tensor::from_vec(vec![0u32, 6, 3, 2, 5], 5, &DEV).unwrap();
+    let (t1, t2) = (targets.clone(), targets.clone());
+    check(
+        "token_logprobs",
+        &[inp(35, &[5, 7], 41)],
+        &move |t| fused::token_logprobs(&t[0], &t1).unwrap(),
+        &move |t| ops::token_logprobs(&t[0], &t2).unwrap(),
+    );
+    // Non-contiguous logits, and a masked-looking row (one huge negative logit).
+    let mut x = data(35, 42);
+    x[3] = -1e9;
+    let (t1, t2) = (targets.clone(), targets);
+    let (yf, gf) = eval(&[(x.clone(), vec![7, 5])], &move |t| {
+        fused::token_logprobs(&t[0].t().unwrap(), &t1).unwrap()
+    });
+    let (yc, gc) = eval(&[(x, vec![7, 5])], &move |t| {
+        ops::token_logprobs(&t[0].t().unwrap(), &t2).unwrap()
+    });
+    assert!(max_err(&yf, &yc) < 2e-5 && max_err(&gf[0], &gc[0]) < 1e-5);
+    // Out-of-range targets are an error, not a crash.
+    let bad = Tensor::from_vec(vec![9u32], 1, &DEV).unwrap();
+    let l = Tensor::zeros((1, 7), DType::F32, &DEV).unwrap();
+    assert!(fused::token_logprobs(&l, &bad).is_err());
+}
+
+#[test]
+fn token_logprobs_wide_vocab() {
+    let (n, v) = (3, 1000);
+    let x = Tensor::from_vec(data(n * v, 43), (n, v), &DEV).unwrap();
+    let t = Tensor::from_vec(vec![0u32, 999, 517], n, &DEV).unwrap();
+    let e = max_err(
+        &vals(&fused::token_logprobs(&x, &t).unwrap()),
+        &vals(&ops::token_logprobs(&x, &t).unwrap()),
+    );
+    assert!(e < 1e-5, "{e}");
+}
+
+#[test]
+fn head_logprobs_matches_composed_and_fd() {
+    let targets = Tensor::from_vec(vec![0u32, 6, 3, 2, 5], 5, &DEV).unwrap();
+    for scale in [1.0, 1.0 / 0.7] {
+        let (t1, t2) = (targets.clone(), targets.clone());
+        check(
+            "head_logprobs",
+            &[inp(20, &[5, 4], 51), inp(28, &[7, 4], 52)],
+            &move |t| {
+                fused::head_logprobs(&t[0], &t[1], &t1, scale)
+                    .unwrap()
+                    .unwrap()
+            },
+            &move |t| {
+                let logits = (t[0].matmul(&t[1].t().unwrap()).unwrap() * scale).unwrap();
+                ops::token_logprobs(&logits, &t2).unwrap()
+            },
+        );
+    }
+    // Without gradients the logits are computed in row blocks (more rows than a block).
+    let (n, v, d) = (150, 33, 8);
+    let h = Tensor::from_vec(data(n * d, 53), (n, d), &DEV).unwrap();
+    let w = Tensor::from_vec(data(v * d, 54), (v, d), &DEV).unwrap();
+    let t: Vec<u32> = (0..n as u32).map(|i| i * 7 % v as u32).collect();
+    let t = Tensor::from_vec(t, n, &DEV).unwrap();
+    let logits = h.matmul(&w.t().unwrap()).unwrap();
+    let e = max_err(
+        &vals(&fused::head_logprobs(&h, &w, &t, 1.0).unwrap().unwrap()),
+        &vals(&ops::token_logprobs(&logits, &t).unwrap()),
+    );
+    assert!(e < 1e-5, "{e}");
+}
+
+#[test]
+fn matmul_nt_matches_matmul() {
+    use rlhf_model::kernels::matmul::matmul_nt_op;
+    for (m, k, n) in [(3, 37, 300), (40, 19, 21)] {
+        check(
+            "matmul_nt",
+            &[inp(m * k, &[m, k], 61), inp(n * k, &[n, k], 62)],
+            &|t| matmul_nt_op(&t[0], &t[1]).unwrap(),
+            &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn adamw_matches_reference() {
+    let n = 40_000; // several parallel chunks
+    let p0 = data(n, 71);
+    let hp = AdamW {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..AdamW::default()
+    };
+    let var = Var::from_vec(p0.clone(), n, &DEV).unwrap();
+    let mut st = AdamWState::new(n);
+    let (mut p, mut m, mut v) = (
+        p0.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        vec![0f64; n],
+        vec![0f64; n],
+    );
+    for step in 1..=3 {
+        let g = data(n, 72 + step as u64);
+        adamw_step(
+            var.as_tensor(),
+            &Tensor::from_vec(g.clone(), n, &DEV).unwrap(),
+            &mut st,
+            &hp,
+        )
+        .unwrap();
+        for i in 0..n {
+            let gi = g[i] as f64;
+            p[i] *= 1.0 - hp.lr * hp.weight_decay;
+            m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
+            v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
+            let mh = m[i] / (1.0 - hp.beta1.powi(step));
+            let vh = v[i] / (1.0 - hp.beta2.powi(step));
+            p[i] -= hp.lr * mh / (vh.sqrt() + hp.eps);
+        }
+    }
+    let got = vals(var.as_tensor());
+    let want: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+    let e = max_err(&got, &want);
+    assert!(e < 1e-5, "adamw: {e}");
+}
+
+#[test]
+fn f64_inputs_take_the_composed_path() {
+    let x = Tensor::from_vec(data(12, 81), (3, 4), &DEV)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let w = Tensor::ones(4, DType::F64, &DEV).unwrap();
+    let b = Tensor::zeros(4, DType::F64, &DEV).unwrap();
+    let y = fused::layer_norm(&x, &w, &b, 1e-5).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+    let y = fused::gelu_tanh(&x).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+}
+
+#[test]
+fn softmax_matches_composed_and_fd() {
+    let mut x = data(3 * 21, 91);
+    x[5] = -1e9; // a masked entry
+    check(
+        "softmax_last",
+        &[(x, vec![3, 21])],
+        &|t| fused::softmax_last(&t[0]).unwrap(),
+        &|t| ops::softmax_last(&t[0]).unwrap(),
+    );
+    check(
+        "softmax_last (transposed)",
+        &[inp(4 * 6, &[6, 4], 92)],
+        &|t| fused::softmax_last(&t[0].t().unwrap()).unwrap(),
+        &|t| ops::softmax_last(&t[0].t().unwrap()).unwrap(),
+    );
+}
+
+#[test]
+fn linear_bias_matches_composed_and_fd() {
+    use rlhf_model::kernels::matmul::linear_bias;
+    for transposed in [true, false] {
+        let (m, k, n) = (19, 5, 7);
+        let wshape = if transposed { [k, n] } else { [n, k] };
+        check(
+            "linear_bias",
+            &[
+                inp(m * k, &[m, k], 93),
+                inp(n * k, &wshape, 94),
+                inp(n, &[n], 95),
+            ],
+            &move |t| linear_bias(&t[0], &t[1], &t[2], transposed).unwrap(),
+            &move |t| {
+                let w = if transposed {
+                    t[1].clone()
+                } else {
+                    t[1].t().unwrap()
+                };
+                t[0].matmul(&w).unwrap().broadcast_add(&t[2]).unwrap()
+            },
+        );
+    }
+}
