@@ -5,7 +5,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod config;
+mod eval_cmds;
+mod feedback_cmd;
 mod generate_cmd;
+mod quickstart;
+mod train_cmds;
 
 #[derive(Parser)]
 #[command(
@@ -22,12 +27,42 @@ struct Cli {
 enum Cmd {
     /// Generate text with a model (HF directory, .gguf file or cached hub id).
     Generate(generate_cmd::GenerateArgs),
+    /// Stage 1: supervised fine-tuning on instruction/response data.
+    Sft(train_cmds::TrainArgs),
+    /// Stage 2: a reward model from preference pairs / rankings (Bradley–Terry).
+    Reward(train_cmds::TrainArgs),
+    /// Stage 3: PPO against a reward model with a KL penalty to the reference.
+    Ppo(train_cmds::TrainArgs),
+    /// DPO and relatives (IPO, cDPO, RPO, hinge) on preference pairs.
+    Dpo(train_cmds::TrainArgs),
+    /// Evaluate a model.
+    Eval {
+        #[command(subcommand)]
+        cmd: eval_cmds::EvalCmd,
+    },
+    /// Score prompt/response rows with a reward model (JSONL in, JSONL out).
+    Score(eval_cmds::ScoreArgs),
+    /// The whole RLHF loop on a built-in task world, with a report (the main demo).
+    Quickstart(quickstart::QuickstartArgs),
+    /// The human-feedback service and its admin commands.
+    Feedback {
+        #[command(subcommand)]
+        cmd: feedback_cmd::FeedbackTop,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Generate(a) => generate_cmd::run(a),
+        Cmd::Sft(a) => train_cmds::sft(a),
+        Cmd::Reward(a) => train_cmds::reward(a),
+        Cmd::Ppo(a) => train_cmds::ppo(a),
+        Cmd::Dpo(a) => train_cmds::dpo(a),
+        Cmd::Eval { cmd } => eval_cmds::eval(cmd),
+        Cmd::Score(a) => eval_cmds::score(a),
+        Cmd::Feedback { cmd } => feedback_cmd::run(cmd),
+        Cmd::Quickstart(a) => quickstart::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

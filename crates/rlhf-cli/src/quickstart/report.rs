@@ -1,0 +1,310 @@
+//! The quickstart report: one self-contained HTML file (inline SVG charts, inline CSS) plus the
+//! charts as separate SVG files.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::svg::{bar_chart, esc, line_chart, Series};
+
+/// Deserialise an f64 that was written as `null` (serde_json writes NaN as null).
+pub fn nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// One evaluated policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyEval {
+    pub name: String,
+    pub round: usize,
+    #[serde(deserialize_with = "nan")]
+    pub gold_mean: f64,
+    /// Standard error of the gold mean over eval prompts.
+    #[serde(deserialize_with = "nan")]
+    pub gold_se: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_mean: f64,
+    /// Mean per-sequence KL to the SFT reference (sum over response tokens of log π − log π_sft).
+    #[serde(deserialize_with = "nan")]
+    pub kl_to_sft: f64,
+    /// Fraction of eval prompts where this policy's response beats SFT's under the gold utility (ties ½).
+    pub win_rate_vs_sft: f64,
+    pub mean_len: f64,
+}
+
+/// A point of PPO's trajectory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PpoPoint {
+    pub iteration: usize,
+    #[serde(deserialize_with = "nan")]
+    pub kl: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_score: f64,
+    #[serde(deserialize_with = "nan")]
+    pub gold: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: usize,
+    pub n_items: usize,
+    pub n_pairs: usize,
+    #[serde(deserialize_with = "nan")]
+    pub alpha: f64,
+    #[serde(deserialize_with = "nan")]
+    pub kappa: f64,
+    /// Mean pairwise agreement between annotators on derived pairs: the ceiling for RM accuracy.
+    #[serde(deserialize_with = "nan")]
+    pub annotator_agreement: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_heldout_acc: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_acc_lo: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_acc_hi: f64,
+    #[serde(deserialize_with = "nan")]
+    pub rm_gold_acc: f64,
+    pub ppo: Vec<PpoPoint>,
+    pub dpo_curve: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub responses: Vec<(String, String, f64)>, // (policy, text, gold)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub wall_secs: f64,
+    pub model_desc: String,
+    pub policies: Vec<PolicyEval>,
+    pub rounds: Vec<RoundReport>,
+    /// (stage name, [(step, loss)]).
+    pub losses: Vec<(String, Vec<(f64, f64)>)>,
+    pub samples: Vec<Sample>,
+    pub stage_secs: Vec<(String, f64)>,
+}
+
+pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
+    let mut out = vec![];
+    // 1. Over-optimisation: RM score vs gold utility over PPO iterations.
+    let mut s = vec![];
+    for rr in &r.rounds {
+        s.push(Series::line(
+            &format!("RM score (round {})", rr.round),
+            rr.ppo
+                .iter()
+                .map(|p| (p.iteration as f64, p.rm_score))
+                .collect(),
+        ));
+        s.push(
+            Series::line(
+                &format!("gold utility (round {})", rr.round),
+                rr.ppo
+                    .iter()
+                    .map(|p| (p.iteration as f64, p.gold))
+                    .collect(),
+            )
+            .dashed(),
+        );
+    }
+    out.push((
+        "overoptimisation",
+        line_chart(
+            "Proxy (RM) vs gold utility over PPO iterations",
+            "PPO iteration (cumulative)",
+            "score",
+            &s,
+        ),
+    ));
+    // 2. Gold utility vs KL for PPO and DPO.
+    let mut s = vec![];
+    for rr in &r.rounds {
+        s.push(Series::line(
+            &format!("PPO round {}", rr.round),
+            rr.ppo.iter().map(|p| (p.kl, p.gold)).collect(),
+        ));
+        if !rr.dpo_curve.is_empty() {
+            s.push(Series::line(
+                &format!("DPO round {}", rr.round),
+                rr.dpo_curve.clone(),
+            ));
+        }
+    }
+    let final_pts: Vec<(f64, f64)> = r
+        .policies
+        .iter()
+        .map(|p| (p.kl_to_sft, p.gold_mean))
+        .collect();
+    s.push(Series::scatter("evaluated policies", final_pts));
+    out.push((
+        "reward_vs_kl",
+        line_chart(
+            "Gold utility vs KL to the SFT reference",
+            "KL(π ‖ π_SFT) per response (nats)",
+            "gold utility",
+            &s,
+        ),
+    ));
+    // 3. Loss curves.
+    let s: Vec<Series> = r
+        .losses
+        .iter()
+        .map(|(n, pts)| Series::line(n, pts.clone()))
+        .collect();
+    out.push((
+        "losses",
+        line_chart("Training loss per stage", "optimizer step", "loss", &s),
+    ));
+    // 4. Agreement and RM accuracy.
+    let mut rows = vec![];
+    for rr in &r.rounds {
+        rows.push((
+            format!("r{} annotator agreement (ceiling)", rr.round),
+            rr.annotator_agreement,
+        ));
+        rows.push((
+            format!("r{} RM held-out accuracy", rr.round),
+            rr.rm_heldout_acc,
+        ));
+        rows.push((format!("r{} RM accuracy vs gold", rr.round), rr.rm_gold_acc));
+        rows.push((format!("r{} Krippendorff α (ordinal)", rr.round), rr.alpha));
+        rows.push((format!("r{} Fleiss κ (pairs)", rr.round), rr.kappa));
+    }
+    out.push((
+        "agreement",
+        bar_chart("Annotators and the reward model", &rows, 1.0),
+    ));
+    out
+}
+
+const CSS: &str = r#"
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;background:#f5f6fa;color:#111827;margin:0}
+main{max-width:1340px;margin:0 auto;padding:28px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 10px}
+.sub{color:#6b7280;margin-bottom:18px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:14px 16px}
+.card b{font-size:24px;display:block}.card span{color:#6b7280;font-size:13px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(640px,1fr));gap:14px}
+.grid .card{padding:8px}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e5e7eb;border-radius:10px;overflow:hidden}
+th,td{padding:8px 10px;border-bottom:1px solid #f1f5f9;text-align:right;font-size:14px}
+th{background:#f9fafb;color:#4b5563;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.03em}
+td:first-child,th:first-child{text-align:left}
+.good{color:#059669;font-weight:600}.bad{color:#e11d48;font-weight:600}
+.sample{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:12px 14px;margin-bottom:10px}
+.sample .p{font-weight:600;margin-bottom:8px}
+.resp{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:8px}
+.resp div{background:#f9fafb;border-radius:8px;padding:8px 10px;font-size:14px}
+.resp em{display:block;font-style:normal;color:#6b7280;font-size:12px;margin-bottom:4px}
+.note{color:#4b5563;font-size:14px;line-height:1.5;max-width:980px}
+"#;
+
+pub fn html(r: &Report) -> String {
+    let mut h = String::new();
+    let _ = write!(h, "<!doctype html><html lang=en><head><meta charset=utf-8><title>rlhf quickstart report</title><style>{CSS}</style></head><body><main>");
+    let _ = write!(
+        h,
+        "<h1>RLHF quickstart</h1><div class=sub>seed {} · {} · {:.0} s on this machine</div>",
+        r.seed,
+        esc(&r.model_desc),
+        r.wall_secs
+    );
+    // Headline cards.
+    let sft = r.policies.iter().find(|p| p.name == "SFT");
+    let _ = write!(h, "<div class=cards>");
+    for p in &r.policies {
+        let delta = sft.map(|s| p.gold_mean - s.gold_mean).unwrap_or(0.0);
+        let cls = if delta > 0.0 {
+            "good"
+        } else if delta < 0.0 {
+            "bad"
+        } else {
+            ""
+        };
+        let _ = write!(
+            h,
+            "<div class=card><b>{:.2}</b><span>gold utility · {}{}</span><br><span class={cls}>{:+.2} vs SFT · win rate {:.0}% · KL {:.2}</span></div>",
+            p.gold_mean,
+            esc(&p.name),
+            if p.round > 0 { format!(" (round {})", p.round) } else { String::new() },
+            delta,
+            100.0 * p.win_rate_vs_sft,
+            p.kl_to_sft
+        );
+    }
+    let _ = write!(h, "</div>");
+    let _ = write!(h, "<h2>Charts</h2><div class=grid>");
+    for (_, svg) in charts(r) {
+        let _ = write!(h, "<div class=card>{svg}</div>");
+    }
+    let _ = write!(h, "</div>");
+    let _ = write!(h, "<h2>Policies</h2><table><tr><th>policy</th><th>round</th><th>gold utility</th><th>± s.e.</th><th>RM score</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean length</th></tr>");
+    for p in &r.policies {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.1}%</td><td>{:.1}</td></tr>",
+            esc(&p.name), p.round, p.gold_mean, p.gold_se, p.rm_mean, p.kl_to_sft, 100.0 * p.win_rate_vs_sft, p.mean_len
+        );
+    }
+    let _ = write!(h, "</table>");
+    let _ = write!(h, "<h2>Feedback rounds</h2><table><tr><th>round</th><th>items</th><th>pairs</th><th>Krippendorff α</th><th>Fleiss κ</th><th>annotator agreement</th><th>RM held-out acc. (95% CI)</th><th>RM acc. vs gold</th></tr>");
+    for rr in &r.rounds {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3} ({:.3}–{:.3})</td><td>{:.3}</td></tr>",
+            rr.round, rr.n_items, rr.n_pairs, rr.alpha, rr.kappa, rr.annotator_agreement, rr.rm_heldout_acc, rr.rm_acc_lo, rr.rm_acc_hi, rr.rm_gold_acc
+        );
+    }
+    let _ = write!(h, "</table>");
+    let _ = write!(h, "<p class=note>The reward model is trained on the simulated annotators' rankings, so it can be no more accurate on held-out pairs than the annotators agree with each other (the ceiling). PPO optimises the reward model, a proxy: the first chart shows whether gold utility keeps rising with the proxy or falls behind it (reward over-optimisation); the second how much KL from the SFT policy each method spends for its gain.</p>");
+    let _ = write!(h, "<h2>Samples (eval prompts)</h2>");
+    for s in &r.samples {
+        let _ = write!(
+            h,
+            "<div class=sample><div class=p>{}</div><div class=resp>",
+            esc(&s.prompt)
+        );
+        for (pol, text, g) in &s.responses {
+            let _ = write!(
+                h,
+                "<div><em>{} · gold {:+.2}</em>{}</div>",
+                esc(pol),
+                g,
+                esc(text)
+            );
+        }
+        let _ = write!(h, "</div></div>");
+    }
+    if !r.stage_secs.is_empty() {
+        let _ = write!(
+            h,
+            "<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>"
+        );
+        for (n, s) in &r.stage_secs {
+            let _ = write!(h, "<tr><td>{}</td><td>{:.1}</td></tr>", esc(n), s);
+        }
+        let _ = write!(h, "</table>");
+    }
+    h.push_str("</main></body></html>");
+    h
+}
+
+/// Write `report.html`, `report.json` and the charts as SVG files into `dir`.
+pub fn write(r: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    rlhf_model::model::write_atomic(&dir.join("report.html"), html(r).as_bytes())?;
+    rlhf_model::model::write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(r)?.as_bytes(),
+    )?;
+    for (name, svg) in charts(r) {
+        rlhf_model::model::write_atomic(&dir.join(format!("{name}.svg")), svg.as_bytes())?;
+    }
+    Ok(())
+}

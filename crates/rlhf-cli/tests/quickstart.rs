@@ -1,0 +1,112 @@
+//! The quickstart end to end (CI preset: a small but real run): interrupted with Ctrl-C after
+//! SFT, re-run resumes without redoing SFT, and the result shows RLHF working — the PPO policy's
+//! gold utility above SFT's, KL bounded, the reward model near the annotators' agreement.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rlhf"))
+}
+
+#[test]
+fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
+    let out = std::env::temp_dir().join(format!("rlhf-quickstart-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let args = [
+        "quickstart",
+        "--preset",
+        "ci",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+
+    // 1. Start, wait until SFT has finished, then Ctrl-C (SIGINT) mid-run.
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("RLHF_QUIET", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !out.join("sft/done.json").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "SFT did not finish in 15 minutes"
+        );
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("quickstart exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    let _ = child.wait();
+    assert!(
+        !out.join("report.html").exists(),
+        "the run was not interrupted"
+    );
+
+    // 2. Run again: SFT is not redone, the rest completes.
+    let o = Command::new(bin())
+        .args(args)
+        .env("RLHF_QUIET", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "quickstart failed:\n{log}");
+    assert!(
+        log.contains("== SFT: already done"),
+        "SFT was redone:\n{log}"
+    );
+    assert!(out.join("report.html").exists());
+    for svg in ["overoptimisation", "reward_vs_kl", "losses", "agreement"] {
+        assert!(out.join(format!("{svg}.svg")).exists(), "{svg}.svg");
+    }
+
+    // 3. What the report says.
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let pols = r["policies"].as_array().unwrap();
+    let gold = |name: &str, round: u64| {
+        pols.iter()
+            .find(|p| p["name"] == name && p["round"] == round)
+            .map(|p| {
+                (
+                    p["gold_mean"].as_f64().unwrap(),
+                    p["gold_se"].as_f64().unwrap(),
+                    p["kl_to_sft"].as_f64().unwrap(),
+                )
+            })
+            .unwrap()
+    };
+    let (sft, sft_se, _) = gold("SFT", 0);
+    let (ppo, ppo_se, ppo_kl) = gold("PPO", 2);
+    eprintln!(
+        "gold utility: SFT {sft:.3}±{sft_se:.3}, PPO round 2 {ppo:.3}±{ppo_se:.3}, KL {ppo_kl:.2}"
+    );
+    assert!(
+        ppo > sft + 2.0 * (sft_se.powi(2) + ppo_se.powi(2)).sqrt(),
+        "PPO {ppo} is not clearly above SFT {sft}"
+    );
+    assert!(
+        ppo_kl.is_finite() && ppo_kl < 60.0,
+        "KL to SFT not bounded: {ppo_kl}"
+    );
+    let rounds = r["rounds"].as_array().unwrap();
+    let last = rounds.last().unwrap();
+    let acc = last["rm_heldout_acc"].as_f64().unwrap();
+    let ceiling = last["annotator_agreement"].as_f64().unwrap();
+    eprintln!("RM held-out accuracy {acc:.3}, annotator agreement {ceiling:.3}");
+    assert!(
+        acc > 0.6 && acc <= ceiling + 0.08,
+        "RM accuracy {acc} vs ceiling {ceiling}"
+    );
+    assert!(last["alpha"].as_f64().unwrap() > 0.5);
+    std::fs::remove_dir_all(&out).ok();
+}
