@@ -78,17 +78,17 @@ impl Plan {
     pub fn for_preset(p: Preset) -> Plan {
         match p {
             Preset::Default => Plan {
-                d_model: 128,
+                d_model: 96,
                 n_layer: 3,
                 n_head: 4,
                 sft_rows: 3000,
-                sft_steps: 600,
-                prompts_per_round: 200,
-                eval_prompts: 96,
-                rm_steps: 150,
-                ppo_iterations: 30,
+                sft_steps: 400,
+                prompts_per_round: 160,
+                eval_prompts: 128,
+                rm_steps: 120,
+                ppo_iterations: 24,
                 ppo_batch: 32,
-                dpo_steps: 150,
+                dpo_steps: 100,
                 max_new_tokens: 40,
             },
             Preset::Ci => Plan {
