@@ -54,13 +54,14 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
         .map(|m| m * mag)
         .find(|s| span / s <= n as f64)
         .unwrap_or(10.0 * mag);
-    let mut t = (lo / step).ceil() * step;
-    let mut out = vec![];
-    while t <= hi + 1e-9 * span {
-        out.push(if t.abs() < 1e-12 * span { 0.0 } else { t });
-        t += step;
-    }
-    out
+    // Integer multiples of the step, rounded to the step's decimals (no 0.6000000000000001).
+    let scale = 10f64.powi((-step.log10().floor()).max(0.0) as i32 + 1);
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    (first..=last)
+        .map(|k| ((k as f64 * step) * scale).round() / scale)
+        .map(|t| if t == 0.0 { 0.0 } else { t })
+        .collect()
 }
 
 fn fmt_tick(v: f64) -> String {
