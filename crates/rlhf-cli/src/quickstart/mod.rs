@@ -70,6 +70,8 @@ pub struct Plan {
     pub rm_steps: usize,
     pub ppo_iterations: usize,
     pub ppo_batch: usize,
+    /// PPO's KL coefficient β.
+    pub ppo_kl_coef: f64,
     pub dpo_steps: usize,
     pub max_new_tokens: usize,
 }
@@ -86,8 +88,9 @@ impl Plan {
                 prompts_per_round: 160,
                 eval_prompts: 128,
                 rm_steps: 120,
-                ppo_iterations: 24,
+                ppo_iterations: 16,
                 ppo_batch: 32,
+                ppo_kl_coef: 0.3,
                 dpo_steps: 100,
                 max_new_tokens: 40,
             },
@@ -102,6 +105,7 @@ impl Plan {
                 rm_steps: 80,
                 ppo_iterations: 12,
                 ppo_batch: 24,
+                ppo_kl_coef: 0.1,
                 dpo_steps: 60,
                 max_new_tokens: 32,
             },

@@ -562,7 +562,7 @@ pub fn ppo(ctx: &Ctx, round: usize, policy: &Path, offset: usize) -> Result<PpoO
         ppo_epochs: 4,
         max_new_tokens: ctx.plan.max_new_tokens,
         temperature: 1.0,
-        init_kl_coef: 0.1,
+        init_kl_coef: ctx.plan.ppo_kl_coef,
         lr: 3e-4,
         critic_lr: 1e-3,
         max_kl: 60.0,
