@@ -173,29 +173,10 @@ pub fn collate_pairs<'a>(
 // Data order
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: a tiny, portable PRNG, so that an order saved today is reproduced by any later
-/// build (library RNGs do not promise stable streams across versions).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (Lemire's multiply-shift; bias < n/2^64).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() as u128 * n as u128) >> 64) as usize
-    }
-}
-
 /// The permutation of `0..n` used for `epoch` under `seed` (Fisher–Yates).
 pub fn epoch_permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    // Warm up so that nearby seeds diverge.
-    rng.next();
+    // `Rng::new` warms up once, so that nearby seeds diverge.
+    let mut rng = crate::rng::Rng::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut p: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = rng.below(i + 1);

@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod formats;
 pub mod load;
+pub mod rng;
 pub mod tokenize;
 pub mod vocab;
 pub mod world;

@@ -485,28 +485,13 @@ impl std::fmt::Display for AccuracyReport {
     }
 }
 
-/// SplitMix64, so that intervals are reproducible across builds.
-struct SplitMix64(u64);
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() as u128 * n as u128) >> 64) as usize
-    }
-}
-
 /// Percentile bootstrap 95% interval of the mean of `correct` (`resamples` draws, seeded).
 pub fn bootstrap_interval(correct: &[bool], resamples: usize, seed: u64) -> (f64, f64) {
     let n = correct.len();
     if n == 0 {
         return (f64::NAN, f64::NAN);
     }
-    let mut rng = SplitMix64(seed);
+    let mut rng = rlhf_data::rng::Rng::from_state(seed);
     let mut means: Vec<f64> = (0..resamples.max(1))
         .map(|_| (0..n).filter(|_| correct[rng.below(n)]).count() as f64 / n as f64)
         .collect();
