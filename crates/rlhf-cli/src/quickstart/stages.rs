@@ -6,7 +6,7 @@ use anyhow::Result;
 use rlhf_data::formats::{PreferencePair, Prompt, SftExample};
 use rlhf_data::tokenize::{tokenize_sft, SftTokenizeConfig};
 use rlhf_data::world::{self, Panel, WorldPrompt};
-use rlhf_model::{generate, CausalLM, ChatMessage, Device, Tensor};
+use rlhf_model::{generate, CausalLM, ChatMessage};
 use rlhf_train::dpo::{train_dpo_on, DpoConfig};
 use rlhf_train::ppo::{run_ppo, PpoConfig, RewardFn};
 use rlhf_train::reward::{train_reward_on, RewardConfig};
@@ -59,7 +59,7 @@ pub fn sft(ctx: &Ctx) -> Result<Vec<(f64, f64)>> {
 }
 
 /// Sum of log-probs of each response given its prompt (teacher forcing, T = 1).
-pub fn response_logprobs(
+fn response_logprob_sums(
     model: &CausalLM,
     prompts: &[Vec<u32>],
     responses: &[Vec<u32>],
@@ -67,27 +67,8 @@ pub fn response_logprobs(
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(prompts.len());
     for (pc, rc) in prompts.chunks(16).zip(responses.chunks(16)) {
-        let seqs: Vec<Vec<u32>> = pc
-            .iter()
-            .zip(rc)
-            .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
-            .collect();
-        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(2).max(2);
-        let mut ids = vec![];
-        let mut mask = vec![];
-        for s in &seqs {
-            ids.extend_from_slice(s);
-            ids.extend(std::iter::repeat_n(pad, t - s.len()));
-            let mut m = vec![1u8; s.len()];
-            m.resize(t, 0);
-            mask.push(m);
-        }
-        let ids = Tensor::from_vec(ids, (seqs.len(), t), &Device::Cpu)?;
-        let lp: Vec<Vec<f32>> = model.next_token_logprobs(&ids, &mask, 1.0)?.to_vec2()?;
-        for (i, (p, r)) in pc.iter().zip(rc).enumerate() {
-            let s: f64 = (0..r.len()).map(|j| lp[i][p.len() - 1 + j] as f64).sum();
-            out.push(s);
-        }
+        let lp = rlhf_train::ppo::response_logprobs(model, pc, rc, 1.0, pad)?;
+        out.extend(lp.iter().map(|r| r.iter().map(|&x| x as f64).sum::<f64>()));
     }
     Ok(out)
 }
@@ -125,18 +106,13 @@ pub fn evaluate(
     let n = gold.len() as f64;
     let mean = gold.iter().sum::<f64>() / n;
     let var = gold.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    let lp_pol = response_logprobs(&policy, &pids, &g.tokens, ctx.tok.pad_id())?;
-    let lp_sft = response_logprobs(&sft, &pids, &g.tokens, ctx.tok.pad_id())?;
+    let lp_pol = response_logprob_sums(&policy, &pids, &g.tokens, ctx.tok.pad_id())?;
+    let lp_sft = response_logprob_sums(&sft, &pids, &g.tokens, ctx.tok.pad_id())?;
     let kl = lp_pol.iter().zip(&lp_sft).map(|(a, b)| a - b).sum::<f64>() / n;
     let rm_mean = match rm_dir {
         Some(d) => {
             let (rm, _) = rlhf_train::reward_model::RewardModel::load(d)?;
-            let seqs: Vec<Vec<u32>> = pids
-                .iter()
-                .zip(&g.tokens)
-                .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
-                .collect();
-            let s = rm.score(&seqs, ctx.tok.pad_id(), 32)?;
+            let s = RewardFn::score(&rm, &pids, &g.tokens)?;
             s.iter().map(|&x| x as f64).sum::<f64>() / n
         }
         None => f64::NAN,
