@@ -395,8 +395,10 @@ CREATE INDEX IF NOT EXISTS items_by_project ON items (project_id, is_gold, id);
 CREATE TABLE IF NOT EXISTS assignments (id {PK}, project_id BIGINT NOT NULL REFERENCES projects(id), item_id BIGINT NOT NULL REFERENCES items(id), annotator_id BIGINT NOT NULL REFERENCES users(id), status TEXT NOT NULL, skipped BIGINT NOT NULL, leased_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, submitted_at BIGINT);
 CREATE INDEX IF NOT EXISTS assignments_by_item ON assignments (item_id, status);
 CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator_id, project_id, status);
+CREATE INDEX IF NOT EXISTS assignments_by_item_annotator ON assignments (item_id, annotator_id, status);
 CREATE TABLE IF NOT EXISTS judgements (id {PK}, assignment_id BIGINT NOT NULL UNIQUE REFERENCES assignments(id), project_id BIGINT NOT NULL, item_id BIGINT NOT NULL, annotator_id BIGINT NOT NULL, tiers TEXT NOT NULL, skip BIGINT NOT NULL, all_bad BIGINT NOT NULL, reason TEXT, critique TEXT, flags TEXT NOT NULL, seconds_spent DOUBLE PRECISION NOT NULL, guideline_version BIGINT NOT NULL, late BIGINT NOT NULL, created_at BIGINT NOT NULL);
-CREATE INDEX IF NOT EXISTS judgements_by_project ON judgements (project_id, item_id)
+CREATE INDEX IF NOT EXISTS judgements_by_project ON judgements (project_id, item_id);
+CREATE INDEX IF NOT EXISTS judgements_by_item ON judgements (item_id, annotator_id)
 "#;
     sql.split(';')
         .map(|s| s.trim().replace("{PK}", pk))

@@ -252,8 +252,9 @@ pub fn annotate(ctx: &Ctx, round: usize, c: &Candidates) -> Result<Annotation> {
                 };
                 users.push(u);
             }
-            let mut rng = world::Rng::stream(ctx.args.seed, 1000 + round as u64);
-            // Round-robin: each annotator takes the next task from their own queue.
+            // Round-robin: each annotator takes the next task from their own queue. Each
+            // judgement draws its noise from its own stream (round, item, annotator), so a run
+            // interrupted mid-annotation resumes to exactly the rankings of an uninterrupted one.
             loop {
                 let mut any = false;
                 for (a, &uid) in panel.annotators.iter().zip(&users) {
@@ -262,6 +263,10 @@ pub fn annotate(ctx: &Ctx, round: usize, c: &Candidates) -> Result<Annotation> {
                     let wp = WorldPrompt::find(&task.prompt)
                         .ok_or_else(|| anyhow::anyhow!("prompt not in the world: {}", task.prompt))?;
                     let shown: Vec<&str> = task.candidates.iter().map(|(_, t)| t.as_str()).collect();
+                    let mut rng = world::Rng::stream(
+                        ctx.args.seed ^ ((round as u64) << 40) ^ ((task.item_id as u64) << 8),
+                        1000 + a.id as u64,
+                    );
                     let tiers_display = a.rank(&wp, &shown, &mut rng);
                     let tiers = tiers_display
                         .iter()
@@ -428,8 +433,8 @@ pub fn reward(ctx: &Ctx, round: usize) -> Result<RewardOut> {
             max_steps: ctx.plan.rm_steps,
             batch_size: 32,
             lr: 2e-4,
-            warmup_steps: 20,
             weight_decay: 0.1,
+            warmup_steps: 20,
             log_every: 25,
             save_every: 100,
             seed: ctx.args.seed,

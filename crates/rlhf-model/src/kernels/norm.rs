@@ -116,28 +116,26 @@ fn backward(
     let nb = if center { d } else { 0 };
     let mut dx = uninit(x.len());
     let chunk = ROWS * d * 4;
-    let (dw, db) = dx
+    // Per-chunk partial sums, added in chunk order: the result does not depend on how rayon
+    // splits the work (a fold/reduce would, and runs would differ in the last bits).
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .fold(
-            || (vec![0.0f32; d], vec![0.0f32; nb]),
-            |(mut dw, mut db), (dx, (x, g))| {
-                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                    let (mean, rstd) = stats(x, eps, center);
-                    let dbr = if center { Some(&mut db[..]) } else { None };
-                    norm_row_bwd(x, w, g, mean, rstd, center, dx, &mut dw, dbr);
-                }
-                (dw, db)
-            },
-        )
-        .reduce(
-            || (vec![0.0f32; d], vec![0.0f32; nb]),
-            |(mut a, mut b), (c, e)| {
-                a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
-                (a, b)
-            },
-        );
+        .map(|(dx, (x, g))| {
+            let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; nb]);
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mean, rstd) = stats(x, eps, center);
+                let dbr = if center { Some(&mut db[..]) } else { None };
+                norm_row_bwd(x, w, g, mean, rstd, center, dx, &mut dw, dbr);
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; nb]);
+    for (pw, pb) in &partials {
+        dw.iter_mut().zip(pw).for_each(|(a, c)| *a += c);
+        db.iter_mut().zip(pb).for_each(|(a, c)| *a += c);
+    }
     (dx, dw, db)
 }
 
