@@ -96,6 +96,8 @@ impl Linear {
                 let y = if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
                     // HF [out, in] weight and few rows (decoding): stream the weight, no packing.
                     crate::kernels::matmul::matmul_nt_op(&x2, &w)?
+                } else if fast {
+                    crate::kernels::matmul::linear(&x2, &w, self.transposed)?
                 } else {
                     x2.matmul(&self.w_in_out()?)?
                 };
@@ -107,8 +109,14 @@ impl Linear {
         };
         if let Some(l) = &self.lora {
             if self.adapters_on.load(Ordering::Relaxed) {
-                let h = x2.matmul(&l.a.t().t()?)?;
-                let d = (h.matmul(&l.b.t().t()?)? * l.scale)?;
+                let (a, b) = (l.a.t(), l.b.t());
+                let d = if crate::kernels::fusable(&[&x2, &a, &b]) {
+                    let h = crate::kernels::matmul::linear(&x2, &a, false)?;
+                    crate::kernels::matmul::linear(&h, &b, false)?
+                } else {
+                    x2.matmul(&a.t()?)?.matmul(&b.t()?)?
+                };
+                let d = (d * l.scale)?;
                 y = (y + d)?;
             }
         }

@@ -439,3 +439,27 @@ fn linear_bias_matches_composed_and_fd() {
         );
     }
 }
+
+#[test]
+fn linear_without_bias_matches_composed_and_fd() {
+    use rlhf_model::kernels::matmul::linear;
+    for transposed in [true, false] {
+        // m * n * k above the threshold where the GEMM goes multi-threaded, and a small one.
+        for (m, k, n) in [(19, 5, 7), (70, 24, 33)] {
+            let wshape = if transposed { [k, n] } else { [n, k] };
+            check(
+                "linear",
+                &[inp(m * k, &[m, k], 96), inp(n * k, &wshape, 97)],
+                &move |t| linear(&t[0], &t[1], transposed).unwrap(),
+                &move |t| {
+                    let w = if transposed {
+                        t[1].clone()
+                    } else {
+                        t[1].t().unwrap()
+                    };
+                    t[0].matmul(&w).unwrap()
+                },
+            );
+        }
+    }
+}

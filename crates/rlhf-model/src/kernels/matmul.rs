@@ -317,65 +317,7 @@ impl candle_core::CustomOp3 for LinearBias {
         let n = b.dim(0)?;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let tr = self.transposed;
-        let (dx, dw, db) = with_f32(&[x, w, g], |t| {
-            let (xs, ws, gs) = (t[0], t[1], t[2]);
-            let gm = Mat {
-                data: gs,
-                rs: n,
-                cs: 1,
-            };
-            let gt = Mat {
-                data: gs,
-                rs: 1,
-                cs: n,
-            };
-            let xt = Mat {
-                data: xs,
-                rs: 1,
-                cs: k,
-            };
-            let dx = want_x.then(|| {
-                // dx = g · Wᵀ(as [n, k])
-                let mut dx = uninit(m * k);
-                let wt = if tr {
-                    Mat {
-                        data: ws,
-                        rs: 1,
-                        cs: n,
-                    }
-                } else {
-                    Mat {
-                        data: ws,
-                        rs: k,
-                        cs: 1,
-                    }
-                };
-                sgemm(m, k, n, gm, wt, &mut dx, false);
-                dx
-            });
-            let dw = want_w.then(|| {
-                let mut dw = uninit(n * k);
-                if tr {
-                    sgemm(k, n, m, xt, gm, &mut dw, false); // [k, n] = xᵀ g
-                } else {
-                    let xm = Mat {
-                        data: xs,
-                        rs: k,
-                        cs: 1,
-                    };
-                    sgemm(n, k, m, gt, xm, &mut dw, false); // [n, k] = gᵀ x
-                }
-                dw
-            });
-            let db = want_b.then(|| {
-                let mut db = vec![0.0f32; n];
-                for r in gs.chunks(n) {
-                    db.iter_mut().zip(r).for_each(|(d, v)| *d += v);
-                }
-                db
-            });
-            (dx, dw, db)
-        })?;
+        let (dx, dw, db) = linear_grads(x, w, g, (m, k, n), tr, (want_x, want_w, want_b))?;
         let dev = x.device();
         Ok((
             dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
@@ -393,4 +335,142 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Resu
         &b.contiguous()?,
         LinearBias { transposed },
     )
+}
+
+/// Gradients of `y = x · W (+ b)` for `x [m, k]`, W as in [`LinearBias`], upstream `g [m, n]`:
+/// (dx, dW, db), each only when wanted.
+#[allow(clippy::type_complexity)]
+fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    (m, k, n): (usize, usize, usize),
+    tr: bool,
+    (want_x, want_w, want_b): (bool, bool, bool),
+) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>)> {
+    with_f32(&[x, w, g], |t| {
+        let (xs, ws, gs) = (t[0], t[1], t[2]);
+        let gm = Mat {
+            data: gs,
+            rs: n,
+            cs: 1,
+        };
+        let gt = Mat {
+            data: gs,
+            rs: 1,
+            cs: n,
+        };
+        let xt = Mat {
+            data: xs,
+            rs: 1,
+            cs: k,
+        };
+        let dx = want_x.then(|| {
+            // dx = g · Wᵀ(as [n, k])
+            let mut dx = uninit(m * k);
+            let wt = if tr {
+                Mat {
+                    data: ws,
+                    rs: 1,
+                    cs: n,
+                }
+            } else {
+                Mat {
+                    data: ws,
+                    rs: k,
+                    cs: 1,
+                }
+            };
+            sgemm(m, k, n, gm, wt, &mut dx, false);
+            dx
+        });
+        let dw = want_w.then(|| {
+            let mut dw = uninit(n * k);
+            if tr {
+                sgemm(k, n, m, xt, gm, &mut dw, false); // [k, n] = xᵀ g
+            } else {
+                let xm = Mat {
+                    data: xs,
+                    rs: k,
+                    cs: 1,
+                };
+                sgemm(n, k, m, gt, xm, &mut dw, false); // [n, k] = gᵀ x
+            }
+            dw
+        });
+        let db = want_b.then(|| {
+            let mut db = vec![0.0f32; n];
+            for r in gs.chunks(n) {
+                db.iter_mut().zip(r).for_each(|(d, v)| *d += v);
+            }
+            db
+        });
+        (dx, dw, db)
+    })
+}
+
+/// `x [m, k] · W` without bias, W stored [k, n] (`transposed`) or [n, k]: the GEMM runs on the
+/// rayon pool (candle's own matmul follows `CANDLE_NUM_THREADS`, which we set to 1).
+struct Linear {
+    transposed: bool,
+}
+
+impl candle_core::CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (a, b) = l2.shape().dims2()?;
+        let (k2, n) = if self.transposed { (a, b) } else { (b, a) };
+        if k != k2 {
+            candle_core::bail!("linear: x {:?}, w {:?}", l1.dims(), l2.dims())
+        }
+        let x = slice(s1, l1, "linear")?;
+        let w = slice(s2, l2, "linear")?;
+        let mut o = uninit(m * n);
+        let xm = Mat {
+            data: x,
+            rs: k,
+            cs: 1,
+        };
+        sgemm(m, n, k, xm, wmat(w, k, n, self.transposed), &mut o, false);
+        out(o, &Shape::from((m, n)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let n = g.dim(1)?;
+        let (dx, dw, _) = linear_grads(
+            x,
+            w,
+            g,
+            (m, k, n),
+            self.transposed,
+            (x.track_op(), w.track_op(), false),
+        )?;
+        let dev = x.device();
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
+            dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+/// `x [m, k] · W` with W [k, n] (`transposed`) or [n, k] (f32, CPU), multi-threaded.
+pub fn linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Linear { transposed })
 }
