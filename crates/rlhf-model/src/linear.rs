@@ -1,6 +1,6 @@
 //! Linear layers (HF `nn.Linear` [out, in] or GPT-2 `Conv1D` [in, out]) with optional LoRA.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -36,6 +36,44 @@ pub struct Lora {
     pub a: Param, // [r, in]
     pub b: Param, // [out, r]
     pub scale: f64,
+    /// Dropout on the adapter's input (PEFT `lora_dropout`), applied only in training mode.
+    pub dropout: f64,
+    /// Per-layer salt for the dropout mask.
+    pub salt: u64,
+    /// Model-wide training-noise seed: 0 = evaluation (no dropout), else the micro-step's seed.
+    pub noise: Arc<AtomicU64>,
+}
+
+impl Lora {
+    /// The adapter input: `x` itself, or in training mode `x · mask / (1 − p)` with a Bernoulli
+    /// mask drawn from (noise seed, layer) — reproducible, so a resumed run draws the same masks.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        let seed = self.noise.load(Ordering::Relaxed);
+        if self.dropout <= 0.0 || seed == 0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.dropout;
+        let mut rng = rlhf_rng(seed, self.salt);
+        let n = x.elem_count();
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng() < keep { scale } else { 0.0 })
+            .collect();
+        Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    }
+}
+
+/// A splitmix64 stream in [0, 1) for (seed, stream).
+fn rlhf_rng(seed: u64, stream: u64) -> impl FnMut() -> f64 {
+    let mut s = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 /// A linear map. `transposed` means the weight is stored [in, out] (GPT-2 Conv1D).
@@ -110,6 +148,7 @@ impl Linear {
         if let Some(l) = &self.lora {
             if self.adapters_on.load(Ordering::Relaxed) {
                 let (a, b) = (l.a.t(), l.b.t());
+                let x2 = l.input(&x2)?;
                 let d = if crate::kernels::fusable(&[&x2, &a, &b]) {
                     let h = crate::kernels::matmul::linear(&x2, &a, false)?;
                     crate::kernels::matmul::linear(&h, &b, false)?
@@ -127,11 +166,13 @@ impl Linear {
 
     /// Attach a LoRA adapter (A ~ Kaiming-uniform-like small random, B = 0, as PEFT) and register
     /// its parameters under PEFT names `<name>.lora_A.weight` / `<name>.lora_B.weight`.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_lora(
         &mut self,
         cfg: &LoraConfig,
         store: &mut ParamStore,
         switch: Arc<AtomicBool>,
+        noise: Arc<AtomicU64>,
         seed: u64,
     ) -> Result<()> {
         let (din, dout) = self.in_out();
@@ -147,6 +188,9 @@ impl Linear {
             a,
             b,
             scale: cfg.alpha / cfg.r as f64,
+            dropout: cfg.dropout,
+            salt: seed,
+            noise,
         });
         self.adapters_on = switch;
         Ok(())

@@ -30,6 +30,8 @@ pub struct CausalLM {
     /// Every parameter, base and adapters, by HF/PEFT name.
     pub params: ParamStore,
     adapters_on: Arc<AtomicBool>,
+    /// Training-noise seed shared by the adapters (LoRA dropout); 0 = evaluation mode.
+    lora_noise: Arc<std::sync::atomic::AtomicU64>,
     pub lora: Option<LoraConfig>,
     pub device: Device,
 }
@@ -82,6 +84,7 @@ impl CausalLM {
             no_lm_head,
             params,
             adapters_on: Arc::new(AtomicBool::new(true)),
+            lora_noise: Default::default(),
             lora: None,
             device: Device::Cpu,
         })
@@ -255,7 +258,13 @@ impl CausalLM {
         for (i, l) in self.backbone.linears_mut().into_iter().enumerate() {
             let short = l.name.rsplit('.').next().unwrap_or("");
             if cfg.target_modules.iter().any(|t| t == short) {
-                l.add_lora(cfg, &mut store, switch.clone(), seed.wrapping_add(i as u64))?;
+                l.add_lora(
+                    cfg,
+                    &mut store,
+                    switch.clone(),
+                    self.lora_noise.clone(),
+                    seed.wrapping_add(i as u64),
+                )?;
                 n += 1;
             }
         }
@@ -281,6 +290,14 @@ impl CausalLM {
         s.sort();
         s.dedup();
         s
+    }
+
+    /// Training mode with this noise seed (LoRA dropout masks are drawn from it and the layer),
+    /// or `None`: evaluation mode, no dropout — the default, and what generation uses.
+    pub fn set_train_noise(&self, seed: Option<u64>) {
+        // 0 means "off"; a real seed of 0 is remapped.
+        let v = seed.map(|s| if s == 0 { 0x5EED } else { s }).unwrap_or(0);
+        self.lora_noise.store(v, Ordering::Relaxed)
     }
 
     /// Turn adapters off: the model computes exactly the base model (the frozen reference).

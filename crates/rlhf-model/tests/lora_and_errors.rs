@@ -174,3 +174,91 @@ fn hub_id_without_cache_fails_fast() {
     assert!(e.contains("not in the local Hugging Face cache"), "{e}");
     assert!(t.elapsed().as_secs() < 5);
 }
+
+#[test]
+fn lora_dropout_applies_in_training_mode_only_and_is_reproducible() {
+    let mut m = load("llama");
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.5,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+    };
+    m.add_lora(&cfg, 1).unwrap();
+    for p in m.params.trainable() {
+        if p.name().contains("lora_B") {
+            let t = Tensor::ones(p.var().shape(), rlhf_model::DType::F32, &Device::Cpu).unwrap();
+            p.var().set(&(t * 0.05).unwrap()).unwrap();
+        }
+    }
+    let eval = logits(&m);
+    // Evaluation mode is the default and deterministic.
+    assert_eq!(logits(&m), eval);
+    m.set_train_noise(Some(7));
+    let t7 = logits(&m);
+    assert_ne!(
+        t7, eval,
+        "dropout changes the adapted output in training mode"
+    );
+    assert_eq!(logits(&m), t7, "same noise seed, same masks");
+    m.set_train_noise(Some(8));
+    let t8 = logits(&m);
+    assert_ne!(t8, t7, "another seed draws other masks");
+    // Gradients still reach both adapter matrices through the mask.
+    let (i, mk) = ids();
+    let loss = m
+        .next_token_logprobs(&i, &mk, 1.0)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    for p in m.params.trainable() {
+        let gp = g.get(p.var().as_tensor()).expect("adapter gradient");
+        let n = gp
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n.is_finite() && n > 0.0, "{}: |g|² = {n}", p.name());
+    }
+    // Back to evaluation: exactly the no-dropout output; adapters off: the base.
+    m.set_train_noise(None);
+    assert_eq!(logits(&m), eval);
+    // Inverted dropout: with a small adapter (the model ~linear in it) the average output over
+    // many masks approaches the evaluation output, while one mask is clearly off.
+    for p in m.params.trainable() {
+        if p.name().contains("lora_B") {
+            let t = Tensor::ones(p.var().shape(), rlhf_model::DType::F32, &Device::Cpu).unwrap();
+            p.var().set(&(t * 0.005).unwrap()).unwrap();
+        }
+    }
+    let eval = logits(&m);
+    m.set_train_noise(Some(7));
+    let t7 = logits(&m);
+    m.set_train_noise(None);
+    let mut mean = vec![0f64; eval.len()];
+    let n = 200;
+    for s in 0..n {
+        m.set_train_noise(Some(1000 + s));
+        for (a, v) in mean.iter_mut().zip(logits(&m)) {
+            *a += v as f64 / n as f64;
+        }
+    }
+    m.set_train_noise(None);
+    let base_gap = t7
+        .iter()
+        .zip(&eval)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0f64, f64::max);
+    let mean_gap = mean
+        .iter()
+        .zip(&eval)
+        .map(|(a, b)| (a - *b as f64).abs())
+        .fold(0f64, f64::max);
+    assert!(
+        mean_gap < base_gap / 4.0,
+        "mean over masks {mean_gap} vs one mask {base_gap}"
+    );
+}

@@ -465,6 +465,9 @@ impl Objective for DpoObjective {
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()
     }
+    fn set_train_noise(&mut self, seed: Option<u64>) {
+        self.model.set_train_noise(seed)
+    }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let rows: Vec<&TokenizedPair> = items.iter().map(|&i| &self.train[i]).collect();
         let refs: Vec<[f32; 2]> = items.iter().map(|&i| self.ref_train[i]).collect();

@@ -409,6 +409,9 @@ impl Objective for RewardObjective {
     fn trainable(&self) -> Vec<Param> {
         self.rm.model.params.trainable()
     }
+    fn set_train_noise(&mut self, seed: Option<u64>) {
+        self.rm.model.set_train_noise(seed)
+    }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let pb = collate_pairs(
             items.iter().map(|&i| &self.train[i]),

@@ -110,6 +110,9 @@ impl Objective for SftObjective {
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()
     }
+    fn set_train_noise(&mut self, seed: Option<u64>) {
+        self.model.set_train_noise(seed)
+    }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
         let (loss, tokens) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;

@@ -99,6 +99,10 @@ pub trait Objective {
         None
     }
     fn trainable(&self) -> Vec<Param>;
+    /// Training mode with this noise seed (LoRA dropout), or `None` for evaluation mode. The
+    /// loop sets a seed derived from (run seed, step, micro-batch) before every `loss`, so a
+    /// resumed run draws the same masks, and clears it before evaluating or saving.
+    fn set_train_noise(&mut self, _seed: Option<u64>) {}
     fn loss(&mut self, items: &[usize]) -> Result<StepOut>;
     /// Held-out metrics (names get an `eval/` prefix).
     fn evaluate(&mut self) -> Result<Scalars> {
@@ -226,7 +230,7 @@ impl Trainer {
             let mut step_loss = 0f64;
             let mut step_metrics = Scalars::new();
             let mut step_tokens = 0usize;
-            for _ in 0..cfg.grad_accum {
+            for micro in 0..cfg.grad_accum {
                 if state.position >= plan.len() {
                     state.epoch += 1;
                     state.position = 0;
@@ -234,7 +238,14 @@ impl Trainer {
                 }
                 let items = plan[state.position].clone();
                 state.position += 1;
-                let out = obj.loss(&items)?;
+                obj.set_train_noise(Some(
+                    rlhf_data::rng::Rng::stream(cfg.seed, 0xD70F)
+                        .next_u64()
+                        .wrapping_add(((state.step as u64) << 16) | micro as u64),
+                ));
+                let out = obj.loss(&items);
+                obj.set_train_noise(None);
+                let out = out?;
                 let lv = out.loss.to_scalar::<f32>()? as f64;
                 step_loss += lv / cfg.grad_accum as f64;
                 for (k, v) in out.metrics {
