@@ -60,13 +60,22 @@ impl Batch {
     }
 }
 
-/// Collate SFT examples into a right-padded batch.
+/// Collate SFT examples into a right-padded batch. Packed rows put their segment ids into the
+/// attention mask (0 stays padding), so their examples do not attend to each other.
 pub fn collate_sft<'a>(rows: impl IntoIterator<Item = &'a TokenizedSft>, pad_id: u32) -> Batch {
-    Batch::right_padded(
-        rows.into_iter()
+    let rows: Vec<&TokenizedSft> = rows.into_iter().collect();
+    let mut b = Batch::right_padded(
+        rows.iter()
             .map(|r| (r.input_ids.as_slice(), r.loss_mask.as_slice())),
         pad_id,
-    )
+    );
+    for (r, row) in rows.iter().enumerate() {
+        if !row.segments.is_empty() {
+            let t = b.seq_len;
+            b.attention_mask[r * t..r * t + row.segments.len()].copy_from_slice(&row.segments);
+        }
+    }
+    b
 }
 
 /// A batch of packed rows with per-token position ids (restarting per example; 0 on padding).
@@ -360,10 +369,12 @@ mod tests {
         let a = TokenizedSft {
             input_ids: vec![1, 2, 3],
             loss_mask: vec![false, true, true],
+            segments: vec![],
         };
         let b = TokenizedSft {
             input_ids: vec![4],
             loss_mask: vec![true],
+            segments: vec![],
         };
         let batch = collate_sft([&a, &b], 0);
         assert_eq!((batch.batch, batch.seq_len), (2, 3));

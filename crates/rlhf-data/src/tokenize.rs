@@ -89,6 +89,10 @@ impl Default for SftTokenizeConfig {
 pub struct TokenizedSft {
     pub input_ids: Vec<u32>,
     pub loss_mask: Vec<bool>,
+    /// Segment id per token (1, 2, … for packed examples), or empty for a single example. The
+    /// attention mask carries them: tokens attend only within their segment.
+    #[serde(default)]
+    pub segments: Vec<u8>,
 }
 
 impl TokenizedSft {
@@ -254,6 +258,7 @@ pub fn tokenize_sft_example(
     let out = TokenizedSft {
         input_ids,
         loss_mask,
+        segments: vec![],
     };
     if out.n_loss_tokens() == 0 {
         stats.no_loss_left += 1;
@@ -435,7 +440,8 @@ pub fn tokenize_pairs(
 // ---------------------------------------------------------------------------------------------
 
 /// Several SFT examples packed into one row of at most `max_len` tokens. `position_ids` restart
-/// at 0 for each example; `seq_starts` are the offsets where examples begin. The first token
+/// at 0 for each example; `seq_starts` are the offsets where examples begin; `segments` tell
+/// the model which tokens belong together (attention stays within an example). The first token
 /// of each example has its loss mask off (it would be predicted from the previous example).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackedSft {
@@ -443,7 +449,12 @@ pub struct PackedSft {
     pub loss_mask: Vec<bool>,
     pub position_ids: Vec<u32>,
     pub seq_starts: Vec<usize>,
+    /// Segment id per token: 1 for the first example, 2 for the second, …
+    pub segments: Vec<u8>,
 }
+
+/// At most this many examples share a packed row (segment ids are one byte; 0 means padding).
+pub const MAX_SEGMENTS: usize = 255;
 
 /// Pack examples into rows of at most `max_len` tokens, best-fit decreasing (examples are never
 /// split; longer ones are cut to `max_len`, empty ones skipped). Deterministic.
@@ -478,7 +489,7 @@ pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
         bins[b].push(i);
         fill[b] += len;
         let room = max_len - fill[b];
-        if room > 0 {
+        if room > 0 && bins[b].len() < MAX_SEGMENTS {
             let v = by_room.entry(room).or_default();
             let pos = v.partition_point(|&x| x < b);
             v.insert(pos, b);
@@ -491,8 +502,9 @@ pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
                 loss_mask: Vec::new(),
                 position_ids: Vec::new(),
                 seq_starts: Vec::new(),
+                segments: Vec::new(),
             };
-            for i in members {
+            for (k, i) in members.into_iter().enumerate() {
                 let ex = &examples[i];
                 let len = ex.len().min(max_len);
                 row.seq_starts.push(row.input_ids.len());
@@ -500,6 +512,7 @@ pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
                 row.loss_mask.push(false);
                 row.loss_mask.extend_from_slice(&ex.loss_mask[1..len]);
                 row.position_ids.extend(0..len as u32);
+                row.segments.extend(std::iter::repeat_n(k as u8 + 1, len));
             }
             row
         })

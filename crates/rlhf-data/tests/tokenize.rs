@@ -383,6 +383,7 @@ fn packing_keeps_every_token_and_resets_positions() {
     let mk = |n: usize, base: u32| TokenizedSft {
         input_ids: (0..n as u32).map(|i| base + i).collect(),
         loss_mask: vec![true; n],
+        segments: vec![],
     };
     let exs = vec![
         mk(5, 100),
@@ -412,6 +413,7 @@ fn packing_keeps_every_token_and_resets_positions() {
                 .get(k + 1)
                 .copied()
                 .unwrap_or(r.input_ids.len());
+            assert!(r.segments[s..end].iter().all(|&g| g as usize == k + 1));
             for j in s + 1..end {
                 assert!(r.loss_mask[j]);
                 assert_eq!(r.position_ids[j] as usize, j - s);
@@ -426,6 +428,12 @@ fn packing_keeps_every_token_and_resets_positions() {
     firsts.sort();
     assert_eq!(firsts, vec![100, 200, 300, 400, 500, 600]);
     assert_eq!(pack(&exs, 10), rows, "deterministic");
+    // Segment ids are one byte: no row holds more than 255 examples.
+    let many: Vec<TokenizedSft> = (0..600).map(|i| mk(2, 10 * i)).collect();
+    let packed = pack(&many, 1 << 20);
+    assert_eq!(packed.len(), 3);
+    assert!(packed.iter().all(|r| r.seq_starts.len() <= 255));
+    assert_eq!(packed[0].segments.last(), Some(&255));
 
     let b = collate_packed(rows.iter(), 0);
     assert_eq!((b.batch.batch, b.batch.seq_len), (3, 10));

@@ -111,6 +111,10 @@ pub const MASKED: f32 = -1e9;
 
 /// Additive attention bias [b, 1, tq, tk] for queries at sequence slots `offset..offset+tq` over
 /// keys at slots `0..tk`: a key is visible when it is not padding and not in the future.
+///
+/// Mask values: 0 = padding; any other value is a segment id. A real query sees only keys of
+/// its own segment, so several examples packed into one row never attend to each other
+/// (an ordinary row has a single segment, 1).
 pub fn attention_bias(
     mask: &[Vec<u8>],
     offset: usize,
@@ -123,9 +127,10 @@ pub fn attention_bias(
     for (r, m) in mask.iter().enumerate() {
         for i in 0..tq {
             let qpos = offset + i;
+            let seg = m.get(qpos).copied().unwrap_or(0);
             let row = &mut v[(r * tq + i) * tk..(r * tq + i + 1) * tk];
             for (j, x) in row.iter_mut().enumerate() {
-                if j > qpos || m[j] == 0 {
+                if j > qpos || m[j] == 0 || (seg != 0 && m[j] != seg) {
                     *x = MASKED;
                 }
             }
@@ -134,15 +139,19 @@ pub fn attention_bias(
     Tensor::from_vec(v, (b, 1, tq, tk), device)
 }
 
-/// Position ids from a padding mask: each real token's position counts the real tokens before
-/// it (so left-padded prompts start at position 0, as in transformers' `generate`). Pads get 0.
+/// Position ids from a padding mask: each real token's position counts the real tokens of its
+/// segment before it (so left-padded prompts start at position 0, as in transformers'
+/// `generate`, and each packed example restarts at 0). Pads get 0.
 pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
     mask.iter()
         .map(|m| {
-            let mut c = 0u32;
+            let (mut c, mut seg) = (0u32, 0u8);
             m.iter()
                 .map(|&x| {
                     if x != 0 {
+                        if x != seg {
+                            (c, seg) = (0, x);
+                        }
                         c += 1;
                         c - 1
                     } else {

@@ -242,6 +242,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
             .map(|p| TokenizedSft {
                 input_ids: p.input_ids,
                 loss_mask: p.loss_mask,
+                segments: p.segments,
             })
             .collect();
     }
