@@ -138,7 +138,13 @@ pub struct PpoConfig {
     pub lr: f64,
     /// Critic learning rate (0 = `lr`).
     pub critic_lr: f64,
+    /// Learning-rate warmup over this many iterations (the first Adam steps, with fresh
+    /// moments, are the largest).
     pub warmup_iterations: usize,
+    /// The first this-many iterations train the critic only (the policy is not updated): a
+    /// critic initialised from the reward model does not yet predict returns, and advantages
+    /// from it can push the policy anywhere on the first updates.
+    pub critic_warmup_iterations: usize,
     pub schedule: Schedule,
     pub min_lr_ratio: f64,
     pub weight_decay: f64,
@@ -201,6 +207,7 @@ impl Default for PpoConfig {
             lr: 1e-5,
             critic_lr: 0.0,
             warmup_iterations: 0,
+            critic_warmup_iterations: 0,
             schedule: Schedule::Constant,
             min_lr_ratio: 0.0,
             weight_decay: 0.0,
@@ -1201,7 +1208,9 @@ impl PpoTrainer {
                 add("grad_norm/critic", cn);
                 clip_grads(&mut pg, pn, cfg.max_grad_norm)?;
                 clip_grads(&mut cg, cn, cfg.max_grad_norm)?;
-                opts.0.step(&pg, lr)?;
+                if it >= cfg.critic_warmup_iterations {
+                    opts.0.step(&pg, lr)?;
+                }
                 opts.1.step(&cg, clr)?;
             }
             // Early stop of the remaining epochs when the policy moved too far from the rollout.

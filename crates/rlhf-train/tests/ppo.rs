@@ -572,3 +572,42 @@ fn run_ppo_from_toml_with_a_reward_model_critic() {
     assert!(e.contains("reward_model"), "{e}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn critic_warmup_iterations_leave_the_policy_unchanged() {
+    let out = tmp("critic-warmup");
+    let cfg = PpoConfig {
+        iterations: 2,
+        critic_warmup_iterations: 1,
+        ..base_cfg(&out)
+    };
+    let tok = tok();
+    let r = word_reward(&tok, "great", 6);
+    let values = |ps: Vec<rlhf_model::params::Param>| -> Vec<Vec<f32>> {
+        ps.iter()
+            .map(|p| {
+                p.var()
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut t = trainer(cfg, 5, false);
+    let (p0, c0) = (trainable_values(&t), values(t.critic.trainable()));
+    t.stop_after = Some(1);
+    t.run(&r, false).unwrap();
+    assert_eq!(
+        trainable_values(&t),
+        p0,
+        "the policy moved during critic warmup"
+    );
+    assert_ne!(values(t.critic.trainable()), c0, "the critic did not train");
+    // The next iteration updates the policy.
+    t.stop_after = None;
+    t.run(&r, true).unwrap();
+    assert_ne!(trainable_values(&t), p0);
+    std::fs::remove_dir_all(&out).ok();
+}
