@@ -581,7 +581,7 @@ pub fn dpo(ctx: &Ctx, round: usize) -> Result<DpoOut> {
         data: ctx.out.join(format!("round{round}/pairs.jsonl")),
         out: ctx.out.join(format!("round{round}/dpo")),
         max_len: 128,
-        beta: 0.1,
+        beta: ctx.plan.dpo_beta,
         train: TrainConfig {
             max_steps: ctx.plan.dpo_steps,
             batch_size: 32,
