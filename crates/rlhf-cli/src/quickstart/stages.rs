@@ -575,7 +575,18 @@ pub struct DpoOut {
 
 /// DPO from the SFT model on the same pairs (for comparison with PPO).
 pub fn dpo(ctx: &Ctx, round: usize) -> Result<DpoOut> {
-    let (train, held) = round_pairs(ctx, round)?;
+    let (mut train, mut held) = round_pairs(ctx, round)?;
+    // DPO precomputes the reference log-probs of every pair it is given, but its steps see only
+    // `dpo_steps × 32` of them: give it a seeded random subset of that size (one epoch), and
+    // at most 512 held-out pairs, instead of all ~20k pairs of two default-preset rounds.
+    let mut rng = world::Rng::stream(ctx.args.seed, 0xD90 + round as u64);
+    for pairs in [&mut train, &mut held] {
+        for i in (1..pairs.len()).rev() {
+            pairs.swap(i, rng.below(i + 1));
+        }
+    }
+    train.truncate(ctx.plan.dpo_steps * 32);
+    held.truncate(512);
     let cfg = DpoConfig {
         model: ctx.sft_dir().display().to_string(),
         data: ctx.out.join(format!("round{round}/pairs.jsonl")),
