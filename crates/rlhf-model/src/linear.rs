@@ -212,16 +212,6 @@ impl Linear {
 /// A small deterministic uniform(-bound, bound) generator (splitmix64), so adapters are
 /// reproducible without threading an RNG through model construction.
 pub fn seeded_uniform(seed: u64, n: usize, bound: f64) -> Vec<f32> {
-    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
-        .collect()
+    let mut u = rlhf_rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15), 0);
+    (0..n).map(|_| ((2.0 * u() - 1.0) * bound) as f32).collect()
 }

@@ -266,6 +266,53 @@ fn wmat(w: &[f32], k: usize, n: usize, transposed: bool) -> Mat<'_> {
     }
 }
 
+/// `x [m, k] · W (+ bias)`: the bias (if any) is written into the output first and the GEMM
+/// accumulates onto it.
+fn linear_fwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+    transposed: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (a, b) = l2.shape().dims2()?;
+    let (k2, n) = if transposed { (a, b) } else { (b, a) };
+    if k != k2 || bias.is_some_and(|(_, l3)| l3.dims() != [n]) {
+        candle_core::bail!(
+            "linear: x {:?}, w {:?}, b {:?}",
+            l1.dims(),
+            l2.dims(),
+            bias.map(|(_, l3)| l3.dims())
+        )
+    }
+    let x = slice(s1, l1, "linear")?;
+    let w = slice(s2, l2, "linear")?;
+    let mut o = uninit(m * n);
+    if let Some((s3, l3)) = bias {
+        let bias = slice(s3, l3, "linear")?;
+        o.par_chunks_mut(n * 64).for_each(|c| {
+            c.chunks_mut(n).for_each(|r| r.copy_from_slice(bias));
+        });
+    }
+    let xm = Mat {
+        data: x,
+        rs: k,
+        cs: 1,
+    };
+    sgemm(
+        m,
+        n,
+        k,
+        xm,
+        wmat(w, k, n, transposed),
+        &mut o,
+        bias.is_some(),
+    );
+    out(o, &Shape::from((m, n)))
+}
+
 impl candle_core::CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
         "linear-bias"
@@ -279,31 +326,7 @@ impl candle_core::CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (a, b) = l2.shape().dims2()?;
-        let (k2, n) = if self.transposed { (a, b) } else { (b, a) };
-        if k != k2 || l3.dims() != [n] {
-            candle_core::bail!(
-                "linear: x {:?}, w {:?}, b {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )
-        }
-        let x = slice(s1, l1, "linear")?;
-        let w = slice(s2, l2, "linear")?;
-        let bias = slice(s3, l3, "linear")?;
-        let mut o = uninit(m * n);
-        o.par_chunks_mut(n * 64).for_each(|c| {
-            c.chunks_mut(n).for_each(|r| r.copy_from_slice(bias));
-        });
-        let xm = Mat {
-            data: x,
-            rs: k,
-            cs: 1,
-        };
-        sgemm(m, n, k, xm, wmat(w, k, n, self.transposed), &mut o, true);
-        out(o, &Shape::from((m, n)))
+        linear_fwd(s1, l1, s2, l2, Some((s3, l3)), self.transposed)
     }
     fn bwd(
         &self,
@@ -426,22 +449,7 @@ impl candle_core::CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (a, b) = l2.shape().dims2()?;
-        let (k2, n) = if self.transposed { (a, b) } else { (b, a) };
-        if k != k2 {
-            candle_core::bail!("linear: x {:?}, w {:?}", l1.dims(), l2.dims())
-        }
-        let x = slice(s1, l1, "linear")?;
-        let w = slice(s2, l2, "linear")?;
-        let mut o = uninit(m * n);
-        let xm = Mat {
-            data: x,
-            rs: k,
-            cs: 1,
-        };
-        sgemm(m, n, k, xm, wmat(w, k, n, self.transposed), &mut o, false);
-        out(o, &Shape::from((m, n)))
+        linear_fwd(s1, l1, s2, l2, None, self.transposed)
     }
     fn bwd(
         &self,
