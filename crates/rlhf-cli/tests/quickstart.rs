@@ -65,8 +65,21 @@ fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
         "SFT was redone:\n{log}"
     );
     assert!(out.join("report.html").exists());
-    for svg in ["overoptimisation", "reward_vs_kl", "losses", "agreement"] {
-        assert!(out.join(format!("{svg}.svg")).exists(), "{svg}.svg");
+    for chart in ["overoptimisation", "reward_vs_kl", "losses", "agreement"] {
+        let svg = std::fs::read_to_string(out.join(format!("{chart}.svg"))).unwrap();
+        // PNG copies at twice the SVG's size: signature, then IHDR width and height.
+        let png = std::fs::read(out.join(format!("{chart}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{chart}.png");
+        let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+        let attr = |k: &str| -> u32 {
+            let i = svg.find(&format!(" {k}=\"")).unwrap() + k.len() + 3;
+            svg[i..].split('"').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(
+            (dim(16), dim(20)),
+            (2 * attr("width"), 2 * attr("height")),
+            "{chart}.png"
+        );
     }
 
     // 3. What the report says.

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::svg::{bar_chart, esc, line_chart, Series};
@@ -124,8 +124,9 @@ pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
     // 2. Gold utility vs KL for PPO and DPO.
     let mut s = vec![];
     for rr in &r.rounds {
-        s.push(Series::line(
-            &format!("PPO round {}", rr.round),
+        // Per-iteration rollout batches are noisy: markers, not a zig-zag line.
+        s.push(Series::scatter(
+            &format!("PPO round {} (rollouts)", rr.round),
             rr.ppo.iter().map(|p| (p.kl, p.gold)).collect(),
         ));
         if !rr.dpo_curve.is_empty() {
@@ -190,8 +191,8 @@ h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 10px}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:12px}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:14px 16px}
 .card b{font-size:24px;display:block}.card span{color:#6b7280;font-size:13px}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(640px,1fr));gap:14px}
-.grid .card{padding:8px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:14px}
+.grid .card{padding:8px}.grid svg{width:100%;height:auto}
 table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e5e7eb;border-radius:10px;overflow:hidden}
 th,td{padding:8px 10px;border-bottom:1px solid #f1f5f9;text-align:right;font-size:14px}
 th{background:#f9fafb;color:#4b5563;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.03em}
@@ -295,7 +296,7 @@ pub fn html(r: &Report) -> String {
     h
 }
 
-/// Write `report.html`, `report.json` and the charts as SVG files into `dir`.
+/// Write `report.html`, `report.json` and the charts as SVG and PNG files into `dir`.
 pub fn write(r: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     rlhf_model::model::write_atomic(&dir.join("report.html"), html(r).as_bytes())?;
@@ -303,8 +304,104 @@ pub fn write(r: &Report, dir: &Path) -> Result<()> {
         &dir.join("report.json"),
         serde_json::to_string_pretty(r)?.as_bytes(),
     )?;
+    let fonts = PngFonts::load();
+    if fonts.sans.is_none() {
+        eprintln!(
+            "warning: no sans-serif system font found (e.g. Debian's fonts-dejavu-core): the PNG \
+             charts will have no text; the SVG charts and report.html are unaffected"
+        );
+    }
     for (name, svg) in charts(r) {
         rlhf_model::model::write_atomic(&dir.join(format!("{name}.svg")), svg.as_bytes())?;
+        let png = svg_to_png(&svg, &fonts, 2.0).with_context(|| format!("rendering {name}.png"))?;
+        rlhf_model::model::write_atomic(&dir.join(format!("{name}.png")), &png)?;
     }
     Ok(())
+}
+
+/// System fonts for rasterising the charts, with a sans-serif family that exists here.
+pub struct PngFonts {
+    opt: resvg::usvg::Options<'static>,
+    pub sans: Option<String>,
+}
+
+impl PngFonts {
+    pub fn load() -> Self {
+        let mut opt = resvg::usvg::Options::default();
+        opt.fontdb_mut().load_system_fonts();
+        let has = |want: &str| {
+            opt.fontdb
+                .faces()
+                .any(|f| f.families.iter().any(|(n, _)| n == want))
+        };
+        let sans = [
+            "DejaVu Sans",
+            "Liberation Sans",
+            "Noto Sans",
+            "Arial",
+            "Helvetica",
+        ]
+        .into_iter()
+        .find(|w| has(w))
+        .map(str::to_string)
+        .or_else(|| {
+            opt.fontdb
+                .faces()
+                .next()
+                .and_then(|f| f.families.first().map(|(n, _)| n.clone()))
+        });
+        if let Some(s) = &sans {
+            opt.fontdb_mut().set_sans_serif_family(s.clone());
+        }
+        Self { opt, sans }
+    }
+}
+
+/// Rasterise one of our SVG charts to PNG bytes at `scale` × its size.
+pub fn svg_to_png(svg: &str, fonts: &PngFonts, scale: f32) -> Result<Vec<u8>> {
+    let tree = resvg::usvg::Tree::from_str(svg, &fonts.opt)?;
+    let size = tree.size().to_int_size();
+    let (w, h) = (
+        (size.width() as f32 * scale).ceil() as u32,
+        (size.height() as f32 * scale).ceil() as u32,
+    );
+    let mut pm = resvg::tiny_skia::Pixmap::new(w, h).with_context(|| format!("a {w}×{h} image"))?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::from_scale(scale, scale),
+        &mut pm.as_mut(),
+    );
+    Ok(pm.encode_png()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pixels(png: &[u8]) -> Vec<u8> {
+        resvg::tiny_skia::Pixmap::decode_png(png)
+            .unwrap()
+            .data()
+            .to_vec()
+    }
+
+    #[test]
+    fn png_charts_have_the_svg_size_and_draw_its_text() {
+        let fonts = PngFonts::load();
+        let rows = [("PPO r1".to_string(), 1.0), ("DPO r1".to_string(), 0.5)];
+        let plain = svg_to_png(&bar_chart("", &rows, 2.0), &fonts, 2.0).unwrap();
+        let titled = svg_to_png(&bar_chart("A title in words", &rows, 2.0), &fonts, 2.0).unwrap();
+        let (a, b) = (pixels(&plain), pixels(&titled));
+        // 640 × (50 + 2·30) at scale 2, RGBA.
+        assert_eq!(a.len(), 1280 * 220 * 4);
+        assert_eq!(b.len(), a.len());
+        if fonts.sans.is_none() {
+            eprintln!("SKIP text check: no system fonts here (install fonts-dejavu-core)");
+            return;
+        }
+        let changed = a.chunks(4).zip(b.chunks(4)).filter(|(x, y)| x != y).count();
+        assert!(changed > 500, "the title drew {changed} pixels");
+        // The bars themselves are drawn: not all white.
+        assert!(a.chunks(4).any(|p| p[..3] != [255, 255, 255]));
+    }
 }

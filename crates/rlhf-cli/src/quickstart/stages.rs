@@ -210,7 +210,19 @@ pub fn annotate(ctx: &Ctx, round: usize, c: &Candidates) -> Result<Annotation> {
     let rankings_path = ctx.out.join(format!("round{round}/rankings.jsonl"));
     let (report, n_pairs) = rt.block_on(async {
         let store = Store::connect(&db).await?;
-        let name = format!("quickstart-round-{round}");
+        // The project is named after the round and a fingerprint of its candidates: a resumed
+        // run finds its own half-annotated project, while a round whose samples changed (its
+        // directory deleted to redo it with another policy) gets a fresh one instead of the
+        // stale rankings of the old samples.
+        let fp = c
+            .prompts
+            .iter()
+            .chain(c.completions.iter().flatten())
+            .flat_map(|t| t.bytes().chain([0xff]))
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let name = format!("quickstart-round-{round}-{:08x}", fp >> 32);
         let project = match store.project_by_name(&name).await {
             Ok(p) => p,
             Err(_) => {
@@ -353,17 +365,31 @@ async fn human_wait(
 ) -> Result<()> {
     let (addr, _h) =
         rlhf_feedback::web::spawn(store.clone(), &ctx.args.bind, Default::default()).await?;
+    let db = format!("sqlite://{}/feedback.db", ctx.out.display());
     eprintln!(
-        "Feedback service on http://{addr}/ — create annotators with `rlhf feedback add-user --db sqlite://{}/feedback.db NAME`; waiting until every item of `{}` has its rankings…",
-        ctx.out.display(),
-        project.name
+        "Feedback service on http://{addr}/ — project `{name}`: {n} prompts × {k} samples, each \
+         to be ranked by {o} annotator(s).\n  add annotators:  rlhf feedback add-user --db {db} NAME --password …\n  \
+         they rank at:    http://{addr}/p/{pid}/annotate\n  \
+         dashboard:       http://{addr}/admin/p/{pid} (for a user added with --role admin)\n\
+         Waiting until every item has its rankings (Ctrl-C and re-run resumes)…",
+        name = project.name,
+        n = ctx.plan.prompts_per_round,
+        k = ctx.args.k,
+        o = ctx.args.annotators,
+        pid = project.id,
     );
+    let mut last = i64::MIN;
     loop {
         let r = store.agreement_report(project.id).await?;
         if r.complete_items >= r.items {
+            eprintln!("all {} items ranked", r.items);
             return Ok(());
         }
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        if r.complete_items != last {
+            eprintln!("  {} of {} items fully ranked", r.complete_items, r.items);
+            last = r.complete_items;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }
 
@@ -544,7 +570,7 @@ pub fn ppo(ctx: &Ctx, round: usize, policy: &Path, offset: usize) -> Result<PpoO
         max_new_tokens: ctx.plan.max_new_tokens,
         temperature: 1.0,
         init_kl_coef: ctx.plan.ppo_kl_coef,
-        lr: 3e-4,
+        lr: ctx.plan.ppo_lr,
         critic_lr: 1e-3,
         max_kl: 60.0,
         seed: ctx.args.seed ^ round as u64,
