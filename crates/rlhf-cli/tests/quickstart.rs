@@ -2,6 +2,7 @@
 //! SFT, re-run resumes without redoing SFT, and the result shows RLHF working — the PPO policy's
 //! gold utility above SFT's, KL bounded, the reward model near the annotators' agreement.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,13 +26,22 @@ fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
     ];
 
     // 1. Start, wait until SFT has finished, then Ctrl-C (SIGINT) mid-run.
-    let mut child = Command::new(bin())
-        .args(args)
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
         .env("RLHF_QUIET", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    // Like a foreground job in a terminal, the run gets SIGINT's default action even when this
+    // test was started from a non-interactive shell's background job, which ignores SIGINT
+    // and passes that on to its children.
+    // SAFETY: `signal` is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let t0 = Instant::now();
     while !out.join("sft/done.json").exists() {
         assert!(
@@ -85,6 +95,16 @@ fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
     // 3. What the report says.
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    // The resumed run's report still counts the SFT that the first run did.
+    let stage_secs = r["stage_secs"].as_array().unwrap();
+    assert!(
+        stage_secs
+            .iter()
+            .any(|s| s[0] == "SFT" && s[1].as_f64().unwrap() > 0.0),
+        "SFT's time lost on resume: {stage_secs:?}"
+    );
+    let total: f64 = stage_secs.iter().map(|s| s[1].as_f64().unwrap()).sum();
+    assert!(r["wall_secs"].as_f64().unwrap() >= total * 0.999);
     let pols = r["policies"].as_array().unwrap();
     let gold = |name: &str, round: u64| {
         pols.iter()

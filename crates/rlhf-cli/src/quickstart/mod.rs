@@ -149,18 +149,36 @@ impl Plan {
     }
 }
 
+/// Seconds per stage, including stages finished by an earlier (interrupted) run.
+#[derive(Default)]
+pub struct StageTimes {
+    pub stages: Vec<(String, f64)>,
+    /// The part of `stages` that earlier runs spent.
+    pub resumed: f64,
+}
+
 /// Run a stage once: its result is stored in `dir/done.json` and reused on the next run.
 pub fn stage<T: Serialize + DeserializeOwned>(
     dir: &Path,
     name: &str,
-    times: &mut Vec<(String, f64)>,
+    times: &mut StageTimes,
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let done = dir.join("done.json");
+    // How long the stage took when it ran (kept beside its result, so that a resumed run's
+    // report still adds up the whole run).
+    let secs_path = dir.join("secs.json");
     if done.exists() {
         let s = std::fs::read_to_string(&done)?;
         if let Ok(v) = serde_json::from_str(&s) {
             eprintln!("== {name}: already done ({})", dir.display());
+            let secs = std::fs::read_to_string(&secs_path)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok());
+            if let Some(secs) = secs {
+                times.stages.push((name.to_string(), secs));
+                times.resumed += secs;
+            }
             return Ok(v);
         }
     }
@@ -168,8 +186,10 @@ pub fn stage<T: Serialize + DeserializeOwned>(
     eprintln!("== {name}");
     let t = Instant::now();
     let v = f().with_context(|| format!("quickstart stage `{name}`"))?;
+    let secs = t.elapsed().as_secs_f64();
+    rlhf_model::model::write_atomic(&secs_path, format!("{secs}\n").as_bytes())?;
     rlhf_model::model::write_atomic(&done, serde_json::to_string_pretty(&v)?.as_bytes())?;
-    times.push((name.to_string(), t.elapsed().as_secs_f64()));
+    times.stages.push((name.to_string(), secs));
     Ok(v)
 }
 
@@ -272,7 +292,7 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
         out: out.clone(),
         tok,
     };
-    let mut times = vec![];
+    let mut times = StageTimes::default();
     let mut report = Report {
         seed: args.seed,
         model_desc: format!(
@@ -407,8 +427,11 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
             responses,
         });
     }
-    report.stage_secs = times;
-    report.wall_secs = t0.elapsed().as_secs_f64();
+    let resumed = times.resumed;
+    report.stage_secs = times.stages;
+    // This process's time plus the recorded time of the stages it found already done: the
+    // run's total, however often it was interrupted and resumed.
+    report.wall_secs = t0.elapsed().as_secs_f64() + resumed;
     report::write(&report, &out)?;
     print_summary(&report, &out);
     Ok(())

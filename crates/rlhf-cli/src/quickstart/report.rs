@@ -211,7 +211,7 @@ pub fn html(r: &Report) -> String {
     let _ = write!(h, "<!doctype html><html lang=en><head><meta charset=utf-8><title>rlhf quickstart report</title><style>{CSS}</style></head><body><main>");
     let _ = write!(
         h,
-        "<h1>RLHF quickstart</h1><div class=sub>seed {} · {} · {:.0} s on this machine</div>",
+        "<h1>RLHF quickstart</h1><div class=sub>seed {} · {} · {:.0} s wall time, all stages</div>",
         r.seed,
         esc(&r.model_desc),
         r.wall_secs
