@@ -214,14 +214,12 @@ pub fn annotate(ctx: &Ctx, round: usize, c: &Candidates) -> Result<Annotation> {
         // run finds its own half-annotated project, while a round whose samples changed (its
         // directory deleted to redo it with another policy) gets a fresh one instead of the
         // stale rankings of the old samples.
-        let fp = c
-            .prompts
-            .iter()
-            .chain(c.completions.iter().flatten())
-            .flat_map(|t| t.bytes().chain([0xff]))
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
+        let fp = fnv1a(
+            c.prompts
+                .iter()
+                .chain(c.completions.iter().flatten())
+                .flat_map(|t| t.bytes().chain([0xff])),
+        );
         let name = format!("quickstart-round-{round}-{:08x}", fp >> 32);
         let project = match store.project_by_name(&name).await {
             Ok(p) => p,
@@ -407,6 +405,13 @@ pub struct RewardOut {
     pub gold_acc: f64,
 }
 
+/// FNV-1a (64-bit) of a byte stream: a stable hash for held-out splits and fingerprints.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// All annotators' pairs of rounds 1..=round, prompts as chat messages (rendered with the chat
 /// template exactly as the policy sees them), split by prompt into train and held-out.
 pub fn round_pairs(ctx: &Ctx, round: usize) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
@@ -433,10 +438,7 @@ pub fn round_pairs(ctx: &Ctx, round: usize) -> Result<(Vec<PreferencePair>, Vec<
                 source_line: i + 1,
             };
             // 20% of prompts (by a hash of their text) are held out.
-            let h = v.prompt.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
-            if h % 5 == 0 {
+            if fnv1a(v.prompt.bytes()).is_multiple_of(5) {
                 held.push(pair)
             } else {
                 train.push(pair)
