@@ -6,16 +6,35 @@ use candle_core::Tensor;
 use crate::linear::Linear;
 use crate::params::Param;
 
-/// Per-layer keys and values of the tokens seen so far: [b, kv_heads, t, head_dim] each.
-#[derive(Clone, Default)]
+/// Per-layer keys and values of the tokens seen so far, in preallocated buffers
+/// [b, kv_heads, capacity, head_dim] written in place: appending a token copies only that
+/// token's k/v (no `cat` of the whole cache per step), and attention reads a narrowed view of
+/// the buffer without copying it. The capacity doubles when it runs out. (Not `Clone`: a clone
+/// would share the buffers that appends write into.)
+#[derive(Default)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
 }
+
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+}
+
+/// Slots allocated past the first append, for the tokens generation is about to add.
+const HEADROOM: usize = 64;
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            layers: (0..n_layers).map(|_| None).collect(),
         }
     }
     /// Number of sequence slots already cached.
@@ -23,28 +42,44 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
+            .map(|l| l.len)
             .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Append new k/v for one layer and return the full k/v.
-    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match &self.layers[layer] {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+    /// The cached k/v of one layer ([b, kv_heads, len, head_dim] views), if any.
+    pub fn layer(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        let l = self.layers.get(layer)?.as_ref()?;
+        Some((l.k.narrow(2, 0, l.len).ok()?, l.v.narrow(2, 0, l.len).ok()?))
     }
-    /// Keep only the rows in `rows` (used when finished sequences leave a generation batch).
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+    /// Append new k/v ([b, kv_heads, t, head_dim]) for one layer and return the full k/v.
+    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let need = self.layers[layer].as_ref().map_or(0, |l| l.len) + t;
+        let grow = match &self.layers[layer] {
+            None => true,
+            Some(l) => need > l.capacity(),
+        };
+        if grow {
+            let cap = (need + HEADROOM).max(2 * need.saturating_sub(t));
+            let alloc = || Tensor::zeros((b, h, cap, d), k.dtype(), k.device());
+            let (nk, nv) = (alloc()?, alloc()?);
+            let len = match &self.layers[layer] {
+                Some(l) if l.len > 0 => {
+                    nk.slice_set(&l.k.narrow(2, 0, l.len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&l.v.narrow(2, 0, l.len)?.contiguous()?, 2, 0)?;
+                    l.len
+                }
+                _ => 0,
+            };
+            self.layers[layer] = Some(LayerKv { k: nk, v: nv, len });
         }
-        Ok(())
+        let l = self.layers[layer].as_mut().expect("allocated above");
+        l.k.slice_set(&k.contiguous()?, 2, l.len)?;
+        l.v.slice_set(&v.contiguous()?, 2, l.len)?;
+        l.len += t;
+        Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
 }
 
@@ -66,4 +101,47 @@ pub trait Backbone: Send + Sync {
     fn linears(&self) -> Vec<&Linear>;
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
     fn num_layers(&self) -> usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Appends past the capacity (growth copies) and appends of several tokens at once give
+    /// exactly the concatenation of everything appended.
+    #[test]
+    fn cache_equals_concatenation_across_growth() {
+        let mut cache = KvCache::new(1);
+        let (mut ks, mut vs) = (vec![], vec![]);
+        let mut seed = 0.0f32;
+        for t in [3usize, 1, 1, 70, 1, 2, 130, 1] {
+            let mk = |s: f32| {
+                let n = 2 * 3 * t * 4;
+                let v: Vec<f32> = (0..n).map(|i| s + i as f32).collect();
+                Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
+            };
+            let (k, v) = (mk(seed), mk(-seed));
+            seed += 1000.0;
+            ks.push(k.clone());
+            vs.push(v.clone());
+            let (ck, cv) = cache.append(0, k, v).unwrap();
+            let want_k = Tensor::cat(&ks, 2).unwrap();
+            let want_v = Tensor::cat(&vs, 2).unwrap();
+            assert_eq!(ck.dims(), want_k.dims());
+            let d = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(d(&ck, &want_k), 0.0);
+            assert_eq!(d(&cv, &want_v), 0.0);
+            assert_eq!(cache.len(), want_k.dims()[2]);
+        }
+    }
 }

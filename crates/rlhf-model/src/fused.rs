@@ -39,15 +39,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// Rotate-half RoPE; the fused kernel reads a transposed view in place and returns it
+/// contiguous.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fusable(&[x, cos, sin]) && x.rank() == 4 && cos.rank() == 4 {
+        return kernels::rope::rope(x, cos, sin);
+    }
     ops::rope(x, cos, sin)
 }
 
+/// Attention; k/v may have fewer heads than q (grouped-query attention: the fused kernel reads
+/// each kv head for its group of query heads, the composed path repeats them).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if fusable(&[q, k, v, bias]) && q.rank() == 4 && bias.rank() == 4 {
         return kernels::attention::attention(q, k, v, bias);
     }
-    ops::attention(q, k, v, bias)
+    let rep = q.dim(1)? / k.dim(1)?;
+    ops::attention(q, &ops::repeat_kv(k, rep)?, &ops::repeat_kv(v, rep)?, bias)
 }
 
 /// Per-token log-probabilities of `targets`: logits [n, V], targets [n] → [n].

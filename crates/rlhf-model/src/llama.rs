@@ -127,14 +127,12 @@ impl Backbone for Llama {
                 l.v.forward(&h)?
                     .reshape((bsz, t, nkv, hd))?
                     .transpose(1, 2)?;
-            let q = crate::fused::rope(&q.contiguous()?, &cos, &sin)?;
-            let k = crate::fused::rope(&k.contiguous()?, &cos, &sin)?;
+            let q = crate::fused::rope(&q, &cos, &sin)?;
+            let k = crate::fused::rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(li, k, v.contiguous()?)?,
                 None => (k, v),
             };
-            let k = ops::repeat_kv(&k, nh / nkv)?;
-            let v = ops::repeat_kv(&v, nh / nkv)?;
             let y = crate::fused::attention(&q, &k, &v, &ctx.bias)?;
             let y = y.transpose(1, 2)?.reshape((bsz, t, nh * hd))?;
             x = (x + l.o.forward(&y)?)?;

@@ -67,17 +67,19 @@ pub fn rope_tables(
         .collect();
     let mut cos = Vec::with_capacity(b * t * head_dim);
     let mut sin = Vec::with_capacity(b * t * head_dim);
+    let (mut c, mut s) = (vec![0.0f32; half], vec![0.0f32; half]);
     for row in positions {
         for &p in row {
-            for rep in 0..2 {
-                let _ = rep;
-                for f in &inv_freq {
-                    // HF computes freqs in f32: match it so long positions agree to 1e-5.
-                    let a = (p as f32) * (*f as f32);
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for (i, f) in inv_freq.iter().enumerate() {
+                // HF computes freqs in f32: match it so long positions agree to 1e-5.
+                let a = (p as f32) * (*f as f32);
+                (s[i], c[i]) = a.sin_cos();
             }
+            // The two halves of the head share their frequencies.
+            cos.extend_from_slice(&c);
+            cos.extend_from_slice(&c);
+            sin.extend_from_slice(&s);
+            sin.extend_from_slice(&s);
         }
     }
     let cos = Tensor::from_vec(cos, (b, 1, t, head_dim), device)?;

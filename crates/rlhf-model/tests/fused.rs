@@ -243,6 +243,76 @@ fn attention_matches_composed_and_fd() {
 }
 
 #[test]
+fn attention_gqa_and_cache_views() {
+    // Grouped-query attention: 4 query heads over 2 kv heads, never repeating k/v; the composed
+    // reference repeats them. Row 1 is left-padded.
+    let mask = vec![vec![1u8; 5], vec![0, 1, 1, 1, 1]];
+    let b = bias(&mask, 0, 5);
+    let ins = [
+        inp(160, &[2, 4, 5, 4], 41),
+        inp(80, &[2, 2, 5, 4], 42),
+        inp(80, &[2, 2, 5, 4], 43),
+    ];
+    let keep: Vec<f32> = (0..160)
+        .map(|i| if i / 80 == 1 && i % 20 < 4 { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::from_vec(keep, (2, 4, 5, 4), &DEV).unwrap();
+    let rep = |t: &Tensor| ops::repeat_kv(t, 2).unwrap();
+    let (b1, b2, k1, k2) = (b.clone(), b, keep.clone(), keep);
+    check(
+        "attention (GQA)",
+        &ins,
+        &move |t| (fused::attention(&t[0], &t[1], &t[2], &b1).unwrap() * &k1).unwrap(),
+        &move |t| (ops::attention(&t[0], &rep(&t[1]), &rep(&t[2]), &b2).unwrap() * &k2).unwrap(),
+    );
+    // k/v as a KV cache hands them over: the first 6 of 9 preallocated slots of a
+    // [b, kv_heads, capacity, d] buffer, read in place (strided blocks), GQA as well.
+    let mask = vec![vec![1u8, 1, 0, 1, 1, 1], vec![1u8; 6]];
+    let b = bias(&mask, 4, 2);
+    let ins = [
+        inp(64, &[2, 4, 2, 4], 44),
+        inp(144, &[2, 2, 9, 4], 45),
+        inp(144, &[2, 2, 9, 4], 46),
+    ];
+    let n = |t: &Tensor| t.narrow(2, 0, 6).unwrap();
+    let (b1, b2) = (b.clone(), b);
+    check(
+        "attention (cache buffer view, GQA)",
+        &ins,
+        &move |t| fused::attention(&t[0], &n(&t[1]), &n(&t[2]), &b1).unwrap(),
+        &move |t| ops::attention(&t[0], &rep(&n(&t[1])), &rep(&n(&t[2])), &b2).unwrap(),
+    );
+}
+
+#[test]
+fn rope_matches_composed_and_fd() {
+    // [b, t, h, d] transposed to [b, h, t, d], as the models call it: read in place.
+    let (b, t, h, d) = (2, 3, 2, 6);
+    let pos = vec![vec![0u32, 1, 2], vec![5, 6, 7]];
+    let (cos, sin) = ops::rope_tables(&pos, d, 10000.0, &DEV).unwrap();
+    let ins = [inp(b * t * h * d, &[b, t, h, d], 51)];
+    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos, sin);
+    check(
+        "rope (transposed input)",
+        &ins,
+        &move |x| fused::rope(&x[0].transpose(1, 2).unwrap(), &c1, &s1).unwrap(),
+        &move |x| ops::rope(&x[0].transpose(1, 2).unwrap(), &c2, &s2).unwrap(),
+    );
+    // Contiguous input, head_dim 64 (vector path).
+    let (b, h, t, d) = (1, 2, 5, 64);
+    let pos = vec![(0..t as u32).collect::<Vec<_>>()];
+    let (cos, sin) = ops::rope_tables(&pos, d, 500000.0, &DEV).unwrap();
+    let ins = [inp(b * h * t * d, &[b, h, t, d], 52)];
+    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos, sin);
+    check(
+        "rope",
+        &ins,
+        &move |x| fused::rope(&x[0], &c1, &s1).unwrap(),
+        &move |x| ops::rope(&x[0], &c2, &s2).unwrap(),
+    );
+}
+
+#[test]
 fn attention_long_rows() {
     // Longer than the vector width, head_dim 64 as in GPT-2.
     let (b, h, t, d) = (1, 2, 37, 64);
@@ -330,7 +400,7 @@ fn head_logprobs_matches_composed_and_fd() {
 
 #[test]
 fn matmul_nt_matches_matmul() {
-    use rlhf_model::kernels::matmul::matmul_nt_op;
+    use rlhf_model::kernels::matmul::{linear, linear_bias, matmul_nt_op};
     for (m, k, n) in [(3, 37, 300), (40, 19, 21)] {
         check(
             "matmul_nt",
@@ -338,6 +408,32 @@ fn matmul_nt_matches_matmul() {
             &|t| matmul_nt_op(&t[0], &t[1]).unwrap(),
             &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
         );
+    }
+    // The decode kernel's blocks (4 weight rows × up to 4 input rows) and every tail: input
+    // rows 1..=17 (17 takes the GEMM), weight rows not a multiple of 4, k not a multiple of 16.
+    for m in 1..=17 {
+        for (k, n) in [(5, 3), (16, 4), (37, 9), (64, 130), (100, 7)] {
+            let x = Tensor::from_vec(data(m * k, 63), (m, k), &DEV).unwrap();
+            let w = Tensor::from_vec(data(n * k, 64), (n, k), &DEV).unwrap();
+            let e = max_err(
+                &vals(&matmul_nt_op(&x, &w).unwrap()),
+                &vals(&x.matmul(&w.t().unwrap()).unwrap()),
+            );
+            assert!(e < 1e-5, "matmul_nt m={m} k={k} n={n}: {e}");
+            // The same product with the weight stored [k, n] (GPT-2's Conv1D), and with a bias
+            // the kernel accumulates onto: few rows take the row-streaming kernel.
+            let wt = w.t().unwrap().contiguous().unwrap();
+            let bias = Tensor::from_vec(data(n, 65), n, &DEV).unwrap();
+            let want = x.matmul(&wt).unwrap();
+            let e = max_err(&vals(&linear(&x, &wt, true).unwrap()), &vals(&want));
+            assert!(e < 1e-5, "linear (transposed) m={m} k={k} n={n}: {e}");
+            let want = want.broadcast_add(&bias).unwrap();
+            let got = linear_bias(&x, &wt, &bias, true).unwrap();
+            assert!(
+                max_err(&vals(&got), &vals(&want)) < 1e-5,
+                "linear_bias m={m}"
+            );
+        }
     }
 }
 

@@ -211,10 +211,12 @@ struct Attention {
     lse: Mutex<Vec<f32>>,
 }
 
-fn dims(q: &Layout, k: &Layout, v: &Layout, bias: &Tensor) -> Result<(usize, usize, Dims)> {
+/// (batch, query heads, key/value heads, geometry). Grouped-query attention: `h` query heads
+/// share `hk` key/value heads, query head `i` reading kv head `i / (h / hk)`.
+fn dims(q: &Layout, k: &Layout, v: &Layout, bias: &Tensor) -> Result<(usize, usize, usize, Dims)> {
     let (b, h, tq, d) = q.shape().dims4()?;
     let (bk, hk, tk, dk) = k.shape().dims4()?;
-    if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() {
+    if (bk, dk) != (b, d) || hk == 0 || h % hk != 0 || v.dims() != k.dims() {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?}",
             q.dims(),
@@ -237,7 +239,22 @@ fn dims(q: &Layout, k: &Layout, v: &Layout, bias: &Tensor) -> Result<(usize, usi
         d,
         scale: 1.0 / (d as f32).sqrt(),
     };
-    Ok((b, h, g))
+    Ok((b, h, hk, g))
+}
+
+/// The data of a [b, h, t, d] input whose rows of `d` are contiguous and whose `t` rows of one
+/// (batch, head) pair are adjacent, with the pair strides: a KV cache's narrowed view qualifies
+/// without a copy. `None` for other layouts.
+fn pair_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], usize, usize)> {
+    let CpuStorage::F32(data) = s else {
+        return None;
+    };
+    let dims = l.dims();
+    let st = l.stride();
+    if dims.len() != 4 || (st[3] != 1 && dims[3] > 1) || (st[2] != dims[3] && dims[2] > 1) {
+        return None;
+    }
+    Some((&data[l.start_offset()..], st[0], st[1]))
 }
 
 impl CustomOp3 for Attention {
@@ -253,14 +270,15 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, g) = dims(l1, l2, l3, &self.bias)?;
-        let (q, k, v) = (
-            slice(s1, l1, "attention")?,
-            slice(s2, l2, "attention")?,
-            slice(s3, l3, "attention")?,
-        );
+        let (b, h, hk, g) = dims(l1, l2, l3, &self.bias)?;
+        let q = slice(s1, l1, "attention")?;
+        let (Some((k, ks0, ks1)), Some((v, vs0, vs1))) = (pair_view(s2, l2), pair_view(s3, l3))
+        else {
+            candle_core::bail!("attention: k/v rows must be contiguous")
+        };
         let bb = self.bias.dim(0)?;
         let (tq, tk, d) = (g.tq, g.tk, g.d);
+        let rep = h / hk;
         let mut o = uninit(b * h * tq * d);
         let mut lse = vec![0.0f32; b * h * tq];
         with_f32(&[&self.bias], |bs| {
@@ -271,12 +289,14 @@ impl CustomOp3 for Attention {
                 .for_each_init(
                     || (vec![0.0f32; tk * d], vec![0.0f32; tk]),
                     |(kt, s), (p, (o, lse))| {
-                        let bi = if bb == 1 { 0 } else { p / h };
+                        let (bi, hi) = (p / h, (p % h) / rep);
+                        let bsel = if bb == 1 { 0 } else { bi };
+                        let (ko, vo) = (bi * ks0 + hi * ks1, bi * vs0 + hi * vs1);
                         fwd_pair(
                             &q[p * tq * d..(p + 1) * tq * d],
-                            &k[p * tk * d..(p + 1) * tk * d],
-                            &v[p * tk * d..(p + 1) * tk * d],
-                            &bias[bi * tq * tk..(bi + 1) * tq * tk],
+                            &k[ko..ko + tk * d],
+                            &v[vo..vo + tk * d],
+                            &bias[bsel * tq * tk..(bsel + 1) * tq * tk],
                             g,
                             o,
                             lse,
@@ -297,11 +317,13 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, g) = dims(q.layout(), k.layout(), v.layout(), &self.bias)?;
+        let (b, h, hk, g) = dims(q.layout(), k.layout(), v.layout(), &self.bias)?;
         let (tq, tk, d) = (g.tq, g.tk, g.d);
+        let rep = h / hk;
         let bb = self.bias.dim(0)?;
         let lse = self.lse.lock().unwrap();
         let mut dq = uninit(b * h * tq * d);
+        // Per query head; summed over each group of `rep` heads below.
         let mut dk = uninit(b * h * tk * d);
         let mut dv = uninit(b * h * tk * d);
         with_f32(&[q, k, v, res, grad, &self.bias], |t| {
@@ -321,7 +343,8 @@ impl CustomOp3 for Attention {
                     |(kt, vt, s, dp), (p, (dq, (dk, dv)))| {
                         let bi = if bb == 1 { 0 } else { p / h };
                         let qs = p * tq * d..(p + 1) * tq * d;
-                        let ks = p * tk * d..(p + 1) * tk * d;
+                        let kp = (p / h) * hk + (p % h) / rep;
+                        let ks = kp * tk * d..(kp + 1) * tk * d;
                         bwd_pair(
                             &q[qs.clone()],
                             &k[ks.clone()],
@@ -342,6 +365,11 @@ impl CustomOp3 for Attention {
                     },
                 );
         })?;
+        let (dk, dv) = if rep == 1 {
+            (dk, dv)
+        } else {
+            (group_sum(&dk, rep, tk * d), group_sum(&dv, rep, tk * d))
+        };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -351,12 +379,43 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Fused attention: q [b,h,tq,d], k/v [b,h,tk,d], bias [b or 1, 1, tq, tk].
+/// Sum consecutive groups of `rep` blocks of `n` floats: [p·rep, n] → [p, n].
+fn group_sum(x: &[f32], rep: usize, n: usize) -> Vec<f32> {
+    let mut o = uninit(x.len() / rep);
+    o.par_chunks_mut(n)
+        .zip(x.par_chunks(n * rep))
+        .for_each(|(o, g)| {
+            o.copy_from_slice(&g[..n]);
+            for blk in g[n..].chunks(n) {
+                for (a, &b) in o.iter_mut().zip(blk) {
+                    *a += b;
+                }
+            }
+        });
+    o
+}
+
+/// Fused attention: q [b,h,tq,d], k/v [b,hk,tk,d] with `hk` dividing `h` (grouped-query
+/// attention without repeating k/v), bias [b or 1, 1, tq, tk]. k and v may be views whose
+/// (batch, head) blocks are strided, as a preallocated KV cache's are: they are not copied.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let op = Attention {
         bias: bias.contiguous()?.detach(),
         lse: Mutex::new(vec![]),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let rows_ok = |t: &Tensor| {
+        let (st, dims) = (t.stride(), t.dims());
+        dims.len() == 4 && (st[3] == 1 || dims[3] == 1) && (st[2] == dims[3] || dims[2] == 1)
+    };
+    let k = if rows_ok(k) {
+        k.clone()
+    } else {
+        k.contiguous()?
+    };
+    let v = if rows_ok(v) {
+        v.clone()
+    } else {
+        v.contiguous()?
+    };
+    q.contiguous()?.apply_op3(&k, &v, op)
 }

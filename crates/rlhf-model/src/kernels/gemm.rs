@@ -19,6 +19,9 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumu
     if k > 0 {
         assert!(a.data.len() >= span(&a, m, k) && b.data.len() >= span(&b, k, n));
     }
+    if m <= SMALL_ROWS && k > 0 && a.cs == 1 && b.cs == 1 {
+        return small_rows(m, n, k, a, b, c, accumulate);
+    }
     let par = if m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -47,5 +50,202 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumu
             false,
             par,
         )
+    }
+}
+
+/// At most this many rows of `a` take [`small_rows`] (decoding: one row per sequence).
+pub const SMALL_ROWS: usize = 16;
+
+/// At most this many columns of `c` per parallel task in [`small_rows`] (its block of `c`
+/// stays in L2 while the task's rows of `b` stream through).
+const MAX_COLS_PER_TASK: usize = 4096;
+
+/// `c = (acc ? c : 0) + a · b` for few rows of `a` with row-major `a` and `b`: every row of `b`
+/// is streamed once and multiplied into all rows of `c` with broadcast FMAs — no packing of `b`
+/// (which the GEMM would do once per call, i.e. once per generated token) and no reductions.
+fn small_rows(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    use rayon::prelude::*;
+    let tasks = n
+        .div_ceil(MAX_COLS_PER_TASK)
+        .max(rayon::current_num_threads())
+        .min(n.div_ceil(64));
+    let per = n.div_ceil(tasks).div_ceil(64) * 64;
+    let tasks = n.div_ceil(per);
+    let blocks: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+            let mut o = vec![0.0f32; m * (j1 - j0)];
+            rows_block(a.data, a.rs, b.data, b.rs, m, k, j0, j1, &mut o);
+            o
+        })
+        .collect();
+    for (t, o) in blocks.iter().enumerate() {
+        let j0 = t * per;
+        let w = o.len() / m;
+        for r in 0..m {
+            let (dst, src) = (&mut c[r * n + j0..r * n + j0 + w], &o[r * w..(r + 1) * w]);
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// Columns `j0..j1` of `a · b` into `o` ([m, j1 − j0]).
+#[allow(clippy::too_many_arguments)]
+fn rows_block(
+    a: &[f32],
+    ars: usize,
+    b: &[f32],
+    brs: usize,
+    m: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    o: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512F; bounds were checked by `sgemm`.
+        return unsafe { rows_block_avx512(a, ars, b, brs, m, k, j0, j1, o) };
+    }
+    let w = j1 - j0;
+    for r in 0..m {
+        let or = &mut o[r * w..(r + 1) * w];
+        for cc in 0..k {
+            let x = a[r * ars + cc];
+            let br = &b[cc * brs + j0..cc * brs + j1];
+            or.iter_mut().zip(br).for_each(|(d, &v)| *d += x * v);
+        }
+    }
+}
+
+/// Rows of `b` per sweep: a sweep reads `KC` rows of `b` as `KC` sequential streams (which the
+/// hardware prefetcher follows), once per group of 4 rows of `a` (from L2 after the first).
+const KC: usize = 16;
+
+/// 4 rows × 64 columns per register tile (16 accumulators, loaded from and stored to `o`
+/// once per sweep); column tails use masked lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_block_avx512(
+    a: &[f32],
+    ars: usize,
+    b: &[f32],
+    brs: usize,
+    m: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    o: &mut [f32],
+) {
+    let w = j1 - j0;
+    for k0 in (0..k).step_by(KC) {
+        let kn = (k - k0).min(KC);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(4);
+            let mut jc = j0;
+            while jc < j1 {
+                let cols = (j1 - jc).min(64);
+                let t = Tile {
+                    r0,
+                    k0,
+                    kn,
+                    jc,
+                    cols,
+                    ow: w,
+                    oc: jc - j0,
+                };
+                // SAFETY: AVX-512F enabled; `tile_avx512` checks its bounds.
+                unsafe {
+                    match rows {
+                        4 => tile_avx512::<4>(a, ars, b, brs, t, o),
+                        3 => tile_avx512::<3>(a, ars, b, brs, t, o),
+                        2 => tile_avx512::<2>(a, ars, b, brs, t, o),
+                        _ => tile_avx512::<1>(a, ars, b, brs, t, o),
+                    }
+                }
+                jc += cols;
+            }
+            r0 += rows;
+        }
+    }
+}
+
+/// Rows `r0..r0+R` of `a`, rows `k0..k0+kn` of `b`, columns `jc..jc+cols` (at `oc` in `o`,
+/// whose rows are `ow` apart).
+#[derive(Clone, Copy)]
+struct Tile {
+    r0: usize,
+    k0: usize,
+    kn: usize,
+    jc: usize,
+    cols: usize,
+    ow: usize,
+    oc: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_avx512<const R: usize>(
+    a: &[f32],
+    ars: usize,
+    b: &[f32],
+    brs: usize,
+    t: Tile,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut masks = [0u16; 4];
+    for (v, mk) in masks.iter_mut().enumerate() {
+        let lanes = t.cols.saturating_sub(16 * v).min(16);
+        *mk = if lanes == 16 {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+    }
+    let kend = t.k0 + t.kn;
+    assert!((t.r0 + R - 1) * ars + kend <= a.len());
+    assert!((kend - 1) * brs + t.jc + t.cols <= b.len());
+    assert!((t.r0 + R - 1) * t.ow + t.oc + t.cols <= o.len());
+    let (ap, bp, op) = (a.as_ptr(), b.as_ptr(), o.as_mut_ptr());
+    let at = |r: usize, v: usize| op.wrapping_add((t.r0 + r) * t.ow + t.oc + 16 * v);
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for r in 0..R {
+        for v in 0..4 {
+            // SAFETY: in bounds by the asserts above; masked lanes are not read.
+            acc[4 * r + v] = unsafe { _mm512_maskz_loadu_ps(masks[v], at(r, v)) };
+        }
+    }
+    for cc in t.k0..kend {
+        // SAFETY: in bounds by the asserts above; masked lanes are not read.
+        unsafe {
+            let row = bp.add(cc * brs + t.jc);
+            let bv = [
+                _mm512_maskz_loadu_ps(masks[0], row),
+                _mm512_maskz_loadu_ps(masks[1], row.wrapping_add(16)),
+                _mm512_maskz_loadu_ps(masks[2], row.wrapping_add(32)),
+                _mm512_maskz_loadu_ps(masks[3], row.wrapping_add(48)),
+            ];
+            for r in 0..R {
+                let x = _mm512_set1_ps(*ap.add((t.r0 + r) * ars + cc));
+                for v in 0..4 {
+                    acc[4 * r + v] = _mm512_fmadd_ps(x, bv[v], acc[4 * r + v]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for v in 0..4 {
+            // SAFETY: in bounds by the asserts above; masked lanes are not written.
+            unsafe { _mm512_mask_storeu_ps(at(r, v), masks[v], acc[4 * r + v]) };
+        }
     }
 }

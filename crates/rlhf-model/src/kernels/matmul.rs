@@ -51,52 +51,135 @@ crate::multiversion! {
     }
 }
 
-/// AVX-512 `dots`: explicit FMAs (Rust never contracts `a * b + c` on its own).
+/// Sum each of 16 vectors: returns `f` with `f[4·j + r] = Σ lanes of a[4·r + j]` (a 4×4
+/// transposition falls out of the shuffle tree; 45 shuffles and adds instead of 16 separate
+/// horizontal reductions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce16(a: &[std::arch::x86_64::__m512; 16]) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    // 512 → 256 bits per vector, two vectors per register.
+    let mut c = [_mm512_setzero_ps(); 8];
+    for p in 0..8 {
+        let (x, y) = (a[2 * p], a[2 * p + 1]);
+        c[p] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+        );
+    }
+    // 256 → 128 bits: lane L of d[q] holds 4 partial sums of a[4q + L].
+    let mut d = [_mm512_setzero_ps(); 4];
+    for q in 0..4 {
+        let (x, y) = (c[2 * q], c[2 * q + 1]);
+        d[q] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        );
+    }
+    // 128 → 64 → 32 bits inside each 128-bit lane.
+    let mut e = [_mm512_setzero_ps(); 2];
+    for s in 0..2 {
+        let (x, y) = (d[2 * s], d[2 * s + 1]);
+        e[s] = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+        );
+    }
+    let f = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(e[0], e[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(e[0], e[1]),
+    );
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), f) };
+    out
+}
+
+/// One block: `R` (≤ 4) input rows against 4 weight rows, 16 accumulators in registers
+/// (8 loads per 16 FMAs, where one row pair at a time needs 2 loads per FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block4<const R: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    o: &mut [f32],
+    om: usize,
+    prefetch: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= R * k && w.len() >= 4 * k);
+    let mut acc = [_mm512_setzero_ps(); 16];
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut c = 0;
+    while c < k {
+        let mask: __mmask16 = if c + 16 <= k {
+            0xffff
+        } else {
+            (1u16 << (k - c)) - 1
+        };
+        if prefetch {
+            // The next block's 4 rows, one cache line each (the 4 rows of a block are one
+            // contiguous stretch, so this runs 4·k floats ahead). Prefetches never fault.
+            for j in 4..8 {
+                let p = wp.wrapping_add(j * k + c) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+        }
+        // SAFETY: masked loads touch only lanes c..min(c + 16, k) of each row, all in bounds.
+        unsafe {
+            let wv = [
+                _mm512_maskz_loadu_ps(mask, wp.add(c)),
+                _mm512_maskz_loadu_ps(mask, wp.add(k + c)),
+                _mm512_maskz_loadu_ps(mask, wp.add(2 * k + c)),
+                _mm512_maskz_loadu_ps(mask, wp.add(3 * k + c)),
+            ];
+            for r in 0..R {
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + c));
+                for j in 0..4 {
+                    acc[4 * r + j] = _mm512_fmadd_ps(wv[j], xv, acc[4 * r + j]);
+                }
+            }
+        }
+        c += 16;
+    }
+    // SAFETY: AVX-512F is enabled for this function.
+    let f = unsafe { reduce16(&acc) };
+    for j in 0..4 {
+        o[j * om..j * om + R].copy_from_slice(&f[4 * j..4 * j + R]);
+    }
+}
+
+/// AVX-512 `dots`: blocks of 4 weight rows × up to 4 input rows, explicit FMAs (Rust never
+/// contracts `a * b + c` on its own).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_avx512(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
-    use std::arch::x86_64::*;
     let n = w.len() / k;
-    let full = k - k % 16;
-    for j in 0..n {
-        let wj = &w[j * k..(j + 1) * k];
-        for r in 0..m {
-            let xr = &x[r * k..(r + 1) * k];
-            let mut a0 = _mm512_setzero_ps();
-            let mut a1 = _mm512_setzero_ps();
-            let mut c = 0;
-            while c + 32 <= full {
-                // SAFETY: c + 32 <= k, in bounds of both rows.
-                unsafe {
-                    a0 = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(wj.as_ptr().add(c)),
-                        _mm512_loadu_ps(xr.as_ptr().add(c)),
-                        a0,
-                    );
-                    a1 = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(wj.as_ptr().add(c + 16)),
-                        _mm512_loadu_ps(xr.as_ptr().add(c + 16)),
-                        a1,
-                    );
-                }
-                c += 32;
-            }
-            if c < full {
-                // SAFETY: c + 16 <= k.
-                unsafe {
-                    a0 = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(wj.as_ptr().add(c)),
-                        _mm512_loadu_ps(xr.as_ptr().add(c)),
-                        a0,
-                    );
+    let nb = n - n % 4;
+    for j0 in (0..nb).step_by(4) {
+        let wb = &w[j0 * k..(j0 + 4) * k];
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(4);
+            let xb = &x[r0 * k..(r0 + rows) * k];
+            let ob = &mut o[j0 * m + r0..];
+            // SAFETY: AVX-512F is enabled; the slices hold `rows` and 4 rows of `k`.
+            let pf = r0 == 0 && j0 + 8 <= nb;
+            unsafe {
+                match rows {
+                    4 => block4::<4>(xb, k, wb, ob, m, pf),
+                    3 => block4::<3>(xb, k, wb, ob, m, pf),
+                    2 => block4::<2>(xb, k, wb, ob, m, pf),
+                    _ => block4::<1>(xb, k, wb, ob, m, pf),
                 }
             }
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            for l in full..k {
-                s += wj[l] * xr[l];
-            }
-            o[j * m + r] = s;
+            r0 += rows;
         }
+    }
+    if nb < n {
+        dots(x, m, k, &w[nb * k..], &mut o[nb * m..]);
     }
 }
 

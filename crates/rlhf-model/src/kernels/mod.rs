@@ -18,6 +18,7 @@ pub mod logprobs;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod rope;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
