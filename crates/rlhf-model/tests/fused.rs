@@ -313,6 +313,41 @@ fn rope_matches_composed_and_fd() {
 }
 
 #[test]
+fn attention_blocked_over_several_query_blocks() {
+    // 70 queries: three blocks of the blocked path (32 + 32 + 6); row 1 left-padded by 5
+    // (its first 5 queries see no key), causal, grouped-query (2 query heads per kv head).
+    let (b, h, hk, t, d) = (2, 4, 2, 70, 8);
+    let mut pad = vec![0u8; 5];
+    pad.extend(vec![1u8; t - 5]);
+    let mask = vec![vec![1u8; t], pad];
+    let bi = bias(&mask, 0, t);
+    let ins = [
+        inp(b * h * t * d, &[b, h, t, d], 81),
+        inp(b * hk * t * d, &[b, hk, t, d], 82),
+        inp(b * hk * t * d, &[b, hk, t, d], 83),
+    ];
+    let keep: Vec<f32> = (0..b * h * t * d)
+        .map(|i| {
+            let (row, pos) = (i / (h * t * d), (i / d) % t);
+            if row == 1 && pos < 5 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let keep = Tensor::from_vec(keep, (b, h, t, d), &DEV).unwrap();
+    let rep = move |x: &Tensor| ops::repeat_kv(x, h / hk).unwrap();
+    let (b1, b2, k1, k2) = (bi.clone(), bi, keep.clone(), keep);
+    check(
+        "attention (blocked, 3 query blocks)",
+        &ins,
+        &move |x| (fused::attention(&x[0], &x[1], &x[2], &b1).unwrap() * &k1).unwrap(),
+        &move |x| (ops::attention(&x[0], &rep(&x[1]), &rep(&x[2]), &b2).unwrap() * &k2).unwrap(),
+    );
+}
+
+#[test]
 fn attention_long_rows() {
     // Longer than the vector width, head_dim 64 as in GPT-2.
     let (b, h, t, d) = (1, 2, 37, 64);
@@ -556,6 +591,94 @@ fn linear_without_bias_matches_composed_and_fd() {
                     t[0].matmul(&w).unwrap()
                 },
             );
+        }
+    }
+}
+
+/// `sgemm` (every path it dispatches to: the few-row kernel, the GEMM in parallel and on one
+/// thread) against a plain triple loop in f64: every operand layout, odd sizes, accumulate on
+/// and off.
+#[test]
+fn sgemm_matches_naive_product() {
+    use rlhf_model::kernels::gemm::{sgemm, sgemm_serial, Mat};
+    let shapes = [
+        (1, 1, 1),
+        (5, 7, 3),
+        (12, 32, 16),
+        (13, 33, 257),
+        (37, 70, 300),
+        (400, 45, 30),
+        (25, 3100, 20),
+        (130, 100, 530),
+    ];
+    for (m, n, k) in shapes {
+        let a = data(m * k, 91);
+        let b = data(k * n, 92);
+        let c0 = data(m * n, 93);
+        for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+            let am = if at {
+                Mat {
+                    data: &a,
+                    rs: 1,
+                    cs: m,
+                }
+            } else {
+                Mat {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                }
+            };
+            let bm = if bt {
+                Mat {
+                    data: &b,
+                    rs: 1,
+                    cs: k,
+                }
+            } else {
+                Mat {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                }
+            };
+            let want = |acc: bool| -> Vec<f64> {
+                let mut w = vec![0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = if acc { c0[i * n + j] as f64 } else { 0.0 };
+                        for p in 0..k {
+                            s += am.data[i * am.rs + p * am.cs] as f64
+                                * bm.data[p * bm.rs + j * bm.cs] as f64;
+                        }
+                        w[i * n + j] = s;
+                    }
+                }
+                w
+            };
+            for acc in [false, true] {
+                let w = want(acc);
+                let mut runs: Vec<(&str, Vec<f32>)> = vec![];
+                let mut c = c0.clone();
+                sgemm(m, n, k, am, bm, &mut c, acc);
+                runs.push(("sgemm", c));
+                let mut c = c0.clone();
+                sgemm_serial(m, n, k, am, bm, &mut c, acc);
+                runs.push(("sgemm_serial", c));
+                for (name, c) in runs {
+                    let e = c
+                        .iter()
+                        .zip(&w)
+                        .map(|(x, y)| (*x as f64 - y).abs() / (1.0 + y.abs()))
+                        .fold(0.0, f64::max);
+                    // f32 rounding grows with the length of the sums.
+                    let tol = 1e-6 + 4e-8 * k as f64;
+                    assert!(
+                        e < tol,
+                        "{name} m={m} n={n} k={k} at={at} bt={bt} acc={acc}: {e}"
+                    );
+                }
+            }
         }
     }
 }

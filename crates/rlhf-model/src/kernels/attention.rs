@@ -1,18 +1,22 @@
 //! Scaled dot-product attention with an additive bias (0 or [`crate::ops::MASKED`]), fused and
-//! row-at-a-time (flash-style): neither pass builds the [tq × tk] score matrix — one row of
-//! scores lives in a per-task buffer, the forward keeps only the per-row log-sum-exp, and the
-//! backward recomputes each row's probabilities from it.
+//! flash-style: neither pass builds the [tq × tk] score matrix. Training-sized calls work on
+//! blocks of 32 queries — S = Q·Kᵀ over the keys the block can see, probabilities in place,
+//! O = P·V, all products on the GEMM micro-kernels — and keep only each row's log-sum-exp; the
+//! backward recomputes a block's probabilities from it (dQ, dK, dV as in FlashAttention).
+//! Decoding (≤ 4 queries) goes row by row over the keys in place. Grouped-query attention
+//! reads each kv head for its group of query heads; k/v may be a KV cache's strided view.
 //!
-//! Masked keys (bias ≤ −1e8) are skipped; a row whose keys are all masked (a padding query)
-//! attends uniformly to every key, exactly as the composed softmax over equal scores does, and
-//! passes no gradient to q or k (its output does not depend on them; the composed op's analytic
-//! gradient there is an artefact of `-1e9 + score` rounding to `-1e9` in f32).
+//! Masked keys (bias ≤ −1e8) get probability 0; a row whose keys are all masked (a padding
+//! query) attends uniformly to every key, exactly as the composed softmax over equal scores
+//! does, and passes no gradient to q or k (its output does not depend on them; the composed
+//! op's analytic gradient there is an artefact of `-1e9 + score` rounding to `-1e9` in f32).
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{sgemm_serial, Mat};
 use super::{math, out, slice, uninit, with_f32};
 
 const MASK_BELOW: f32 = -1e8;
@@ -26,67 +30,42 @@ struct Dims {
     scale: f32,
 }
 
-/// Fill `s[..tk]` with the scaled, biased scores of query `q` against keys `kt` ([d × tk],
-/// transposed), −∞ on masked keys; returns the visible range `lo..hi` (all keys, score 0, when
-/// every key is masked).
-#[inline(always)]
-fn scores(q: &[f32], kt: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (usize, usize) {
-    scores_with(q, KeyView::Transposed(kt), bias, g, s)
-}
-
-/// The keys as given ([tk × d], for a few queries: no transpose) or transposed ([d × tk]).
-#[derive(Clone, Copy)]
-enum KeyView<'a> {
-    Rows(&'a [f32]),
-    Transposed(&'a [f32]),
-}
-
-/// Queries per (batch, head) below which the keys are not transposed (decoding).
+/// Queries per (batch, head) up to which the forward goes row by row over the keys in place
+/// (decoding); more take the blocked path, whose products run on the GEMM micro-kernels.
 const FEW_QUERIES: usize = 4;
 
+/// Query rows per block in the blocked path: a block's scores [QB × keys] are the only
+/// score-shaped buffer (never the whole [tq × tk]).
+const QB: usize = 32;
+
+/// Fill `s[lo..hi]` with the scaled, biased scores of query `q` against the key rows `k`
+/// ([tk × d]), −∞ on masked keys; returns the visible range `lo..hi` (all keys, score 0, when
+/// every key is masked).
 #[inline(always)]
-fn scores_with(q: &[f32], keys: KeyView, bias: &[f32], g: Dims, s: &mut [f32]) -> (usize, usize) {
-    let tk = g.tk;
+fn scores_rows(q: &[f32], k: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (usize, usize) {
+    let (tk, d) = (g.tk, g.d);
     let lo = bias.iter().position(|&b| b > MASK_BELOW);
     let Some(lo) = lo else {
         s[..tk].iter_mut().for_each(|x| *x = 0.0);
         return (0, tk);
     };
     let hi = tk - bias.iter().rev().position(|&b| b > MASK_BELOW).unwrap();
-    let s = &mut s[lo..hi];
-    match keys {
-        KeyView::Transposed(kt) => {
-            s.iter_mut().for_each(|x| *x = 0.0);
-            for (c, &qc) in q.iter().enumerate() {
-                let kr = &kt[c * tk + lo..c * tk + hi];
-                for (x, &kv) in s.iter_mut().zip(kr) {
-                    *x += qc * kv;
-                }
+    for j in lo..hi {
+        let kj = &k[j * d..(j + 1) * d];
+        let mut acc = [0.0f32; 16];
+        let (qc, kc) = (q.chunks_exact(16), kj.chunks_exact(16));
+        let (qr, kr) = (qc.remainder(), kc.remainder());
+        for (a, b) in qc.zip(kc) {
+            for l in 0..16 {
+                acc[l] += a[l] * b[l];
             }
         }
-        KeyView::Rows(k) => {
-            let d = g.d;
-            for (j, x) in (lo..hi).zip(s.iter_mut()) {
-                let kj = &k[j * d..(j + 1) * d];
-                let mut acc = [0.0f32; 16];
-                let (qc, kc) = (q.chunks_exact(16), kj.chunks_exact(16));
-                let (qr, kr) = (qc.remainder(), kc.remainder());
-                for (a, b) in qc.zip(kc) {
-                    for l in 0..16 {
-                        acc[l] += a[l] * b[l];
-                    }
-                }
-                let mut t = super::matmul::hsum16(&acc);
-                for (a, b) in qr.iter().zip(kr) {
-                    t += a * b;
-                }
-                *x = t;
-            }
+        let mut t = super::matmul::hsum16(&acc);
+        for (a, b) in qr.iter().zip(kr) {
+            t += a * b;
         }
-    }
-    for (x, &b) in s.iter_mut().zip(&bias[lo..hi]) {
-        *x = if b > MASK_BELOW {
-            *x * g.scale + b
+        s[j] = if bias[j] > MASK_BELOW {
+            t * g.scale + bias[j]
         } else {
             f32::NEG_INFINITY
         };
@@ -94,41 +73,22 @@ fn scores_with(q: &[f32], keys: KeyView, bias: &[f32], g: Dims, s: &mut [f32]) -
     (lo, hi)
 }
 
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    for r in 0..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}
-
 crate::multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_pair(
+    /// Forward for a few queries (decoding): one row of scores at a time, keys read in place.
+    fn fwd_rows(
         q: &[f32], k: &[f32], v: &[f32], bias: &[f32], g: Dims,
-        o: &mut [f32], lse: &mut [f32], kt: &mut [f32], s: &mut [f32],
+        o: &mut [f32], lse: &mut [f32], s: &mut [f32],
     ) {
         let (tk, d) = (g.tk, g.d);
-        let keys = if g.tq <= FEW_QUERIES {
-            KeyView::Rows(k)
-        } else {
-            transpose(k, tk, d, kt);
-            KeyView::Transposed(kt)
-        };
         for i in 0..g.tq {
-            let (lo, hi) =
-                scores_with(&q[i * d..(i + 1) * d], keys, &bias[i * tk..(i + 1) * tk], g, s);
+            let (lo, hi) = scores_rows(&q[i * d..(i + 1) * d], k, &bias[i * tk..(i + 1) * tk], g, s);
             let m = math::max(&s[lo..hi]);
-            let sum = {
-                let row = &mut s[lo..hi];
-                let mut acc = 0.0f32;
-                for x in row.iter_mut() {
-                    let e = math::exp(*x - m);
-                    *x = e;
-                    acc += e;
-                }
-                acc
-            };
+            let mut sum = 0.0f32;
+            for x in s[lo..hi].iter_mut() {
+                let e = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - m) };
+                *x = e;
+                sum += e;
+            }
             lse[i] = m + sum.ln();
             let inv = 1.0 / sum;
             let oi = &mut o[i * d..(i + 1) * d];
@@ -145,61 +105,222 @@ crate::multiversion! {
     }
 }
 
+/// The keys visible to any query of rows `i0..i1`, and whether one of those rows sees no key
+/// at all (it then attends uniformly to every key, so the block takes all keys).
+fn block_keys(bias: &[f32], tk: usize, i0: usize, i1: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (tk, 0);
+    for i in i0..i1 {
+        let row = &bias[i * tk..(i + 1) * tk];
+        match row.iter().position(|&b| b > MASK_BELOW) {
+            None => return (0, tk),
+            Some(l) => {
+                lo = lo.min(l);
+                hi = hi.max(tk - row.iter().rev().position(|&b| b > MASK_BELOW).unwrap());
+            }
+        }
+    }
+    (lo, hi)
+}
+
 crate::multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_pair(
-        q: &[f32], k: &[f32], v: &[f32], o: &[f32], go: &[f32], lse: &[f32], bias: &[f32],
-        g: Dims, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], kt: &mut [f32], vt: &mut [f32],
-        s: &mut [f32], dp: &mut [f32],
+    /// Turn a block's raw scores `s` [rows × (hi − lo)] into probabilities: with `lse` given
+    /// (backward) from it, else computing and storing it (forward). A row that sees no key
+    /// gets 1/tk everywhere; masked keys get exactly 0.
+    fn probs(
+        s: &mut [f32], bias: &[f32], g: Dims, i0: usize, lo: usize, hi: usize,
+        lse: &mut [f32], given: bool,
     ) {
-        let (tk, d) = (g.tk, g.d);
-        transpose(k, tk, d, kt);
-        transpose(v, tk, d, vt);
-        dk.iter_mut().for_each(|x| *x = 0.0);
-        dv.iter_mut().for_each(|x| *x = 0.0);
-        for i in 0..g.tq {
-            let qi = &q[i * d..(i + 1) * d];
-            let goi = &go[i * d..(i + 1) * d];
-            let (lo, hi) = scores(qi, kt, &bias[i * tk..(i + 1) * tk], g, s);
-            let l = lse[i];
-            for x in s[lo..hi].iter_mut() {
-                *x = math::exp(*x - l);
+        let (tk, w) = (g.tk, hi - lo);
+        for (ii, row) in s.chunks_mut(w).enumerate() {
+            let i = i0 + ii;
+            let brow = &bias[i * tk + lo..i * tk + hi];
+            if brow.iter().all(|&b| b <= MASK_BELOW) {
+                // (lo, hi) = (0, tk) here, see `block_keys`.
+                row.iter_mut().for_each(|x| *x = 1.0 / tk as f32);
+                lse[i] = (tk as f32).ln();
+                continue;
             }
-            let dpr = &mut dp[lo..hi];
-            dpr.iter_mut().for_each(|x| *x = 0.0);
-            for (c, &gc) in goi.iter().enumerate() {
-                for (x, &vv) in dpr.iter_mut().zip(&vt[c * tk + lo..c * tk + hi]) {
-                    *x += gc * vv;
+            for (x, &b) in row.iter_mut().zip(brow) {
+                *x = if b > MASK_BELOW { *x * g.scale + b } else { f32::NEG_INFINITY };
+            }
+            let l = if given {
+                lse[i]
+            } else {
+                let m = math::max(row);
+                let mut sum = 0.0f32;
+                for &x in row.iter() {
+                    if x != f32::NEG_INFINITY {
+                        sum += math::exp(x - m);
+                    }
                 }
+                m + sum.ln()
+            };
+            lse[i] = l;
+            for x in row.iter_mut() {
+                *x = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - l) };
             }
-            // A query that sees no key attends uniformly whatever q and k are: only v gets a
-            // gradient (the composed op's f32 forward is constant there too).
-            let all_masked = bias[i * tk..(i + 1) * tk].iter().all(|&b| b <= MASK_BELOW);
+        }
+    }
+}
+
+/// Row-major view helpers for the GEMMs below.
+fn rows(data: &[f32], rs: usize) -> Mat<'_> {
+    Mat { data, rs, cs: 1 }
+}
+fn cols(data: &[f32], cs: usize) -> Mat<'_> {
+    Mat { data, rs: 1, cs }
+}
+
+/// Blocked forward of one (batch, head) pair: per block of `QB` queries, S = Q·Kᵀ over the
+/// block's visible keys, probabilities in place, O = P·V.
+fn fwd_blocked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: &[f32],
+    g: Dims,
+    o: &mut [f32],
+    lse: &mut [f32],
+    s: &mut [f32],
+) {
+    let (tq, d) = (g.tq, g.d);
+    for i0 in (0..tq).step_by(QB) {
+        let i1 = (i0 + QB).min(tq);
+        let r = i1 - i0;
+        let (lo, hi) = block_keys(bias, g.tk, i0, i1);
+        let w = hi - lo;
+        let sb = &mut s[..r * w];
+        sgemm_serial(
+            r,
+            w,
+            d,
+            rows(&q[i0 * d..], d),
+            cols(&k[lo * d..], d),
+            sb,
+            false,
+        );
+        probs(sb, bias, g, i0, lo, hi, lse, false);
+        sgemm_serial(
+            r,
+            d,
+            w,
+            rows(sb, w),
+            rows(&v[lo * d..], d),
+            &mut o[i0 * d..i1 * d],
+            false,
+        );
+    }
+}
+
+/// Blocked backward of one (batch, head) pair (flash-attention's): per block of queries,
+/// recompute P from the saved log-sum-exp, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale,
+/// dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. A query that sees no key attends uniformly whatever
+/// q and k are: only v gets a gradient from it.
+#[allow(clippy::too_many_arguments)]
+fn bwd_blocked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    go: &[f32],
+    lse: &[f32],
+    bias: &[f32],
+    g: Dims,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    s: &mut [f32],
+    dp: &mut [f32],
+) {
+    let (tq, tk, d) = (g.tq, g.tk, g.d);
+    dk.iter_mut().for_each(|x| *x = 0.0);
+    dv.iter_mut().for_each(|x| *x = 0.0);
+    let mut lse = lse.to_vec();
+    for i0 in (0..tq).step_by(QB) {
+        let i1 = (i0 + QB).min(tq);
+        let r = i1 - i0;
+        let (lo, hi) = block_keys(bias, tk, i0, i1);
+        let w = hi - lo;
+        let (sb, db) = (&mut s[..r * w], &mut dp[..r * w]);
+        sgemm_serial(
+            r,
+            w,
+            d,
+            rows(&q[i0 * d..], d),
+            cols(&k[lo * d..], d),
+            sb,
+            false,
+        );
+        probs(sb, bias, g, i0, lo, hi, &mut lse, true);
+        sgemm_serial(
+            r,
+            w,
+            d,
+            rows(&go[i0 * d..], d),
+            cols(&v[lo * d..], d),
+            db,
+            false,
+        );
+        ds_rows(
+            sb,
+            db,
+            &o[i0 * d..i1 * d],
+            &go[i0 * d..i1 * d],
+            bias,
+            g,
+            i0,
+            lo,
+            hi,
+        );
+        sgemm_serial(
+            r,
+            d,
+            w,
+            rows(db, w),
+            rows(&k[lo * d..], d),
+            &mut dq[i0 * d..i1 * d],
+            false,
+        );
+        sgemm_serial(
+            w,
+            d,
+            r,
+            cols(db, w),
+            rows(&q[i0 * d..], d),
+            &mut dk[lo * d..hi * d],
+            true,
+        );
+        sgemm_serial(
+            w,
+            d,
+            r,
+            cols(sb, w),
+            rows(&go[i0 * d..], d),
+            &mut dv[lo * d..hi * d],
+            true,
+        );
+    }
+}
+
+crate::multiversion! {
+    /// dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale, in place of dP (0 for rows that see no key).
+    fn ds_rows(
+        p: &[f32], dp: &mut [f32], o: &[f32], go: &[f32], bias: &[f32], g: Dims,
+        i0: usize, lo: usize, hi: usize,
+    ) {
+        let (tk, d, w) = (g.tk, g.d, hi - lo);
+        for (ii, (pr, dr)) in p.chunks(w).zip(dp.chunks_mut(w)).enumerate() {
+            let i = i0 + ii;
+            if bias[i * tk..(i + 1) * tk].iter().all(|&b| b <= MASK_BELOW) {
+                dr.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
             let mut dd = 0.0f32;
-            for (a, b) in goi.iter().zip(&o[i * d..(i + 1) * d]) {
+            for (a, b) in go[ii * d..(ii + 1) * d].iter().zip(&o[ii * d..(ii + 1) * d]) {
                 dd += a * b;
             }
-            let dqi = &mut dq[i * d..(i + 1) * d];
-            dqi.iter_mut().for_each(|x| *x = 0.0);
-            for j in lo..hi {
-                let p = s[j];
-                if p == 0.0 {
-                    continue;
-                }
-                for (x, &gv) in dv[j * d..(j + 1) * d].iter_mut().zip(goi) {
-                    *x += p * gv;
-                }
-                if all_masked {
-                    continue;
-                }
-                let ds = p * (dp[j] - dd) * g.scale;
-                let kj = &k[j * d..(j + 1) * d];
-                for (x, &kv) in dqi.iter_mut().zip(kj) {
-                    *x += ds * kv;
-                }
-                for (x, &qv) in dk[j * d..(j + 1) * d].iter_mut().zip(qi) {
-                    *x += ds * qv;
-                }
+            for (x, &pv) in dr.iter_mut().zip(pr) {
+                *x = pv * (*x - dd) * g.scale;
             }
         }
     }
@@ -287,22 +408,19 @@ impl CustomOp3 for Attention {
                 .zip(lse.par_chunks_mut(tq))
                 .enumerate()
                 .for_each_init(
-                    || (vec![0.0f32; tk * d], vec![0.0f32; tk]),
-                    |(kt, s), (p, (o, lse))| {
+                    || vec![0.0f32; QB.min(tq) * tk],
+                    |s, (p, (o, lse))| {
                         let (bi, hi) = (p / h, (p % h) / rep);
                         let bsel = if bb == 1 { 0 } else { bi };
                         let (ko, vo) = (bi * ks0 + hi * ks1, bi * vs0 + hi * vs1);
-                        fwd_pair(
-                            &q[p * tq * d..(p + 1) * tq * d],
-                            &k[ko..ko + tk * d],
-                            &v[vo..vo + tk * d],
-                            &bias[bsel * tq * tk..(bsel + 1) * tq * tk],
-                            g,
-                            o,
-                            lse,
-                            kt,
-                            s,
-                        )
+                        let qp = &q[p * tq * d..(p + 1) * tq * d];
+                        let (kp, vp) = (&k[ko..ko + tk * d], &v[vo..vo + tk * d]);
+                        let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
+                        if tq <= FEW_QUERIES {
+                            fwd_rows(qp, kp, vp, bp, g, o, lse, s)
+                        } else {
+                            fwd_blocked(qp, kp, vp, bp, g, o, lse, s)
+                        }
                     },
                 );
         })?;
@@ -332,20 +450,13 @@ impl CustomOp3 for Attention {
                 .zip(dk.par_chunks_mut(tk * d).zip(dv.par_chunks_mut(tk * d)))
                 .enumerate()
                 .for_each_init(
-                    || {
-                        (
-                            vec![0.0f32; tk * d],
-                            vec![0.0f32; tk * d],
-                            vec![0.0f32; tk],
-                            vec![0.0f32; tk],
-                        )
-                    },
-                    |(kt, vt, s, dp), (p, (dq, (dk, dv)))| {
+                    || (vec![0.0f32; QB.min(tq) * tk], vec![0.0f32; QB.min(tq) * tk]),
+                    |(s, dp), (p, (dq, (dk, dv)))| {
                         let bi = if bb == 1 { 0 } else { p / h };
                         let qs = p * tq * d..(p + 1) * tq * d;
                         let kp = (p / h) * hk + (p % h) / rep;
                         let ks = kp * tk * d..(kp + 1) * tk * d;
-                        bwd_pair(
+                        bwd_blocked(
                             &q[qs.clone()],
                             &k[ks.clone()],
                             &v[ks],
@@ -357,8 +468,6 @@ impl CustomOp3 for Attention {
                             dq,
                             dk,
                             dv,
-                            kt,
-                            vt,
                             s,
                             dp,
                         )

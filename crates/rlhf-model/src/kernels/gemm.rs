@@ -1,5 +1,6 @@
-//! Thin wrapper over the `gemm` crate (the GEMM candle itself uses; built here with its
-//! AVX-512 micro-kernels, dispatched at run time) for kernels that multiply raw slices.
+//! The GEMM entry point for kernels that multiply raw slices: the `gemm` crate (the GEMM
+//! candle itself uses; built here with its AVX-512 micro-kernels, dispatched at run time);
+//! few-row products (decoding) stream the weight instead ([`small_rows`]).
 
 /// A strided matrix view: element (r, c) is at `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
@@ -11,6 +12,25 @@ pub struct Mat<'a> {
 
 /// `c[m×n]` (row-major, contiguous) = `(accumulate ? c : 0) + a[m×k] · b[k×n]`.
 pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    sgemm_impl(m, n, k, a, b, c, accumulate, true)
+}
+
+/// [`sgemm`] on the calling thread only (for kernels that are already parallel outside).
+pub fn sgemm_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    sgemm_impl(m, n, k, a, b, c, accumulate, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_impl(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -19,10 +39,10 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumu
     if k > 0 {
         assert!(a.data.len() >= span(&a, m, k) && b.data.len() >= span(&b, k, n));
     }
-    if m <= SMALL_ROWS && k > 0 && a.cs == 1 && b.cs == 1 {
+    if parallel && m <= SMALL_ROWS && k > 0 && a.cs == 1 && b.cs == 1 {
         return small_rows(m, n, k, a, b, c, accumulate);
     }
-    let par = if m * n * k >= 1 << 15 {
+    let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
