@@ -48,11 +48,6 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The cached k/v of one layer ([b, kv_heads, len, head_dim] views), if any.
-    pub fn layer(&self, layer: usize) -> Option<(Tensor, Tensor)> {
-        let l = self.layers.get(layer)?.as_ref()?;
-        Some((l.k.narrow(2, 0, l.len).ok()?, l.v.narrow(2, 0, l.len).ok()?))
-    }
     /// Append new k/v ([b, kv_heads, t, head_dim]) for one layer and return the full k/v.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;

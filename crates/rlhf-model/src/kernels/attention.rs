@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm_serial, Mat};
+use super::matmul::dot;
 use super::{math, out, slice, uninit, with_f32};
 
 const MASK_BELOW: f32 = -1e8;
@@ -44,28 +45,13 @@ const QB: usize = 32;
 #[inline(always)]
 fn scores_rows(q: &[f32], k: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (usize, usize) {
     let (tk, d) = (g.tk, g.d);
-    let lo = bias.iter().position(|&b| b > MASK_BELOW);
-    let Some(lo) = lo else {
+    let Some((lo, hi)) = visible(bias) else {
         s[..tk].iter_mut().for_each(|x| *x = 0.0);
         return (0, tk);
     };
-    let hi = tk - bias.iter().rev().position(|&b| b > MASK_BELOW).unwrap();
     for j in lo..hi {
-        let kj = &k[j * d..(j + 1) * d];
-        let mut acc = [0.0f32; 16];
-        let (qc, kc) = (q.chunks_exact(16), kj.chunks_exact(16));
-        let (qr, kr) = (qc.remainder(), kc.remainder());
-        for (a, b) in qc.zip(kc) {
-            for l in 0..16 {
-                acc[l] += a[l] * b[l];
-            }
-        }
-        let mut t = super::matmul::hsum16(&acc);
-        for (a, b) in qr.iter().zip(kr) {
-            t += a * b;
-        }
         s[j] = if bias[j] > MASK_BELOW {
-            t * g.scale + bias[j]
+            dot(q, &k[j * d..(j + 1) * d]) * g.scale + bias[j]
         } else {
             f32::NEG_INFINITY
         };
@@ -110,26 +96,33 @@ crate::multiversion! {
 fn block_keys(bias: &[f32], tk: usize, i0: usize, i1: usize) -> (usize, usize) {
     let (mut lo, mut hi) = (tk, 0);
     for i in i0..i1 {
-        let row = &bias[i * tk..(i + 1) * tk];
-        match row.iter().position(|&b| b > MASK_BELOW) {
+        match visible(&bias[i * tk..(i + 1) * tk]) {
             None => return (0, tk),
-            Some(l) => {
-                lo = lo.min(l);
-                hi = hi.max(tk - row.iter().rev().position(|&b| b > MASK_BELOW).unwrap());
-            }
+            Some((l, h)) => (lo, hi) = (lo.min(l), hi.max(h)),
         }
     }
     (lo, hi)
 }
 
+/// The keys one query row can see (first visible ..= last visible), or `None` when it sees none.
+fn visible(bias_row: &[f32]) -> Option<(usize, usize)> {
+    let lo = bias_row.iter().position(|&b| b > MASK_BELOW)?;
+    let hi = bias_row.len() - bias_row.iter().rev().position(|&b| b > MASK_BELOW)?;
+    Some((lo, hi))
+}
+
+/// The per-row log-sum-exp: computed (and stored) by the forward, given to the backward.
+enum Lse<'a> {
+    Compute(&'a mut [f32]),
+    Given(&'a [f32]),
+}
+
 crate::multiversion! {
-    /// Turn a block's raw scores `s` [rows × (hi − lo)] into probabilities: with `lse` given
-    /// (backward) from it, else computing and storing it (forward). A row that sees no key
+    /// Turn a block's raw scores `s` [rows × (hi − lo)] into probabilities, from the given
+    /// log-sum-exp (backward) or computing and storing it (forward). A row that sees no key
     /// gets 1/tk everywhere; masked keys get exactly 0.
-    fn probs(
-        s: &mut [f32], bias: &[f32], g: Dims, i0: usize, lo: usize, hi: usize,
-        lse: &mut [f32], given: bool,
-    ) {
+    fn probs(s: &mut [f32], bias: &[f32], g: Dims, i0: usize, lo: usize, hi: usize, lse: Lse<'_>) {
+        let mut lse = lse;
         let (tk, w) = (g.tk, hi - lo);
         for (ii, row) in s.chunks_mut(w).enumerate() {
             let i = i0 + ii;
@@ -137,25 +130,28 @@ crate::multiversion! {
             if brow.iter().all(|&b| b <= MASK_BELOW) {
                 // (lo, hi) = (0, tk) here, see `block_keys`.
                 row.iter_mut().for_each(|x| *x = 1.0 / tk as f32);
-                lse[i] = (tk as f32).ln();
+                if let Lse::Compute(v) = &mut lse {
+                    v[i] = (tk as f32).ln();
+                }
                 continue;
             }
             for (x, &b) in row.iter_mut().zip(brow) {
                 *x = if b > MASK_BELOW { *x * g.scale + b } else { f32::NEG_INFINITY };
             }
-            let l = if given {
-                lse[i]
-            } else {
-                let m = math::max(row);
-                let mut sum = 0.0f32;
-                for &x in row.iter() {
-                    if x != f32::NEG_INFINITY {
-                        sum += math::exp(x - m);
+            let l = match &mut lse {
+                Lse::Given(v) => v[i],
+                Lse::Compute(v) => {
+                    let m = math::max(row);
+                    let mut sum = 0.0f32;
+                    for &x in row.iter() {
+                        if x != f32::NEG_INFINITY {
+                            sum += math::exp(x - m);
+                        }
                     }
+                    v[i] = m + sum.ln();
+                    v[i]
                 }
-                m + sum.ln()
             };
-            lse[i] = l;
             for x in row.iter_mut() {
                 *x = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - l) };
             }
@@ -199,7 +195,7 @@ fn fwd_blocked(
             sb,
             false,
         );
-        probs(sb, bias, g, i0, lo, hi, lse, false);
+        probs(sb, bias, g, i0, lo, hi, Lse::Compute(&mut *lse));
         sgemm_serial(
             r,
             d,
@@ -235,7 +231,6 @@ fn bwd_blocked(
     let (tq, tk, d) = (g.tq, g.tk, g.d);
     dk.iter_mut().for_each(|x| *x = 0.0);
     dv.iter_mut().for_each(|x| *x = 0.0);
-    let mut lse = lse.to_vec();
     for i0 in (0..tq).step_by(QB) {
         let i1 = (i0 + QB).min(tq);
         let r = i1 - i0;
@@ -251,7 +246,7 @@ fn bwd_blocked(
             sb,
             false,
         );
-        probs(sb, bias, g, i0, lo, hi, &mut lse, true);
+        probs(sb, bias, g, i0, lo, hi, Lse::Given(lse));
         sgemm_serial(
             r,
             w,
@@ -370,12 +365,13 @@ fn pair_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], usize, usi
     let CpuStorage::F32(data) = s else {
         return None;
     };
-    let dims = l.dims();
     let st = l.stride();
-    if dims.len() != 4 || (st[3] != 1 && dims[3] > 1) || (st[2] != dims[3] && dims[2] > 1) {
-        return None;
-    }
-    Some((&data[l.start_offset()..], st[0], st[1]))
+    pair_rows(l.dims(), st).then(|| (&data[l.start_offset()..], st[0], st[1]))
+}
+
+/// Whether a [b, h, t, d] layout has contiguous rows of `d`, adjacent within each pair.
+fn pair_rows(dims: &[usize], st: &[usize]) -> bool {
+    dims.len() == 4 && (st[3] == 1 || dims[3] == 1) && (st[2] == dims[3] || dims[2] == 1)
 }
 
 impl CustomOp3 for Attention {
@@ -512,10 +508,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
         bias: bias.contiguous()?.detach(),
         lse: Mutex::new(vec![]),
     };
-    let rows_ok = |t: &Tensor| {
-        let (st, dims) = (t.stride(), t.dims());
-        dims.len() == 4 && (st[3] == 1 || dims[3] == 1) && (st[2] == dims[3] || dims[2] == 1)
-    };
+    let rows_ok = |t: &Tensor| pair_rows(t.dims(), t.stride());
     let k = if rows_ok(k) {
         k.clone()
     } else {

@@ -13,7 +13,7 @@ pub const SMALL_M: usize = 16;
 
 /// Tree sum of 16 lanes (log-depth, so LLVM keeps it in vector registers).
 #[inline(always)]
-pub fn hsum16(a: &[f32; 16]) -> f32 {
+fn hsum16(a: &[f32; 16]) -> f32 {
     let mut b = [0.0f32; 8];
     for l in 0..8 {
         b[l] = a[l] + a[l + 8];
@@ -25,6 +25,24 @@ pub fn hsum16(a: &[f32; 16]) -> f32 {
     (c[0] + c[2]) + (c[1] + c[3])
 }
 
+/// `a · b` in 16 lanes (vectorised by the caller's target features), then a tree sum.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = hsum16(&acc);
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
 crate::multiversion! {
     /// `o[j * m + r] = x_r · w_j` for the weight rows `w` (`n` rows of `k`).
     fn dots(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
@@ -32,20 +50,7 @@ crate::multiversion! {
         for j in 0..n {
             let wj = &w[j * k..(j + 1) * k];
             for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                let mut acc = [0.0f32; 16];
-                let (wc, xc) = (wj.chunks_exact(16), xr.chunks_exact(16));
-                let (wr, xrr) = (wc.remainder(), xc.remainder());
-                for (a, b) in wc.zip(xc) {
-                    for l in 0..16 {
-                        acc[l] += a[l] * b[l];
-                    }
-                }
-                let mut s = hsum16(&acc);
-                for (a, b) in wr.iter().zip(xrr) {
-                    s += a * b;
-                }
-                o[j * m + r] = s;
+                o[j * m + r] = dot(wj, &x[r * k..(r + 1) * k]);
             }
         }
     }
