@@ -14,7 +14,7 @@ cargo bench -q -p rlhf-model --bench speed --no-run 2>/dev/null
 BIN=$(cargo bench -p rlhf-model --bench speed --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p' | tail -1)
 field() { sed -n "s|.*RESULT $1 .*$2=\([0-9.]*\).*|\1|p" | tail -1; }
 rss() { sed -n 's/.*peak_rss_MB=\([0-9]*\).*/\1/p' | tail -1; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS"
 printf "%-11s %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train us" "torch" ratio "gen us" torch ratio "rss MB" torch
 for s in $SHAPES; do

@@ -70,6 +70,54 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `gemm`: GFLOP/s of `kernels::gemm::sgemm` on the training step's products (m = 1024 rows
+/// = 8 × 128 tokens), in the three layouts a linear layer uses: forward `x·W`, `dX = g·Wᵀ` and
+/// `dW = xᵀ·g` (best of 5 × 5 calls). `scripts/torch_gemm.py` times PyTorch on the same.
+fn gemm_rates() -> anyhow::Result<()> {
+    use rlhf_model::kernels::gemm::{sgemm, Mat};
+    fn row(data: &[f32], rs: usize) -> Mat<'_> {
+        Mat { data, rs, cs: 1 }
+    }
+    fn col(data: &[f32], cs: usize) -> Mat<'_> {
+        Mat { data, rs: 1, cs }
+    }
+    let shapes = [
+        (256, 768),
+        (256, 256),
+        (256, 1024),
+        (1024, 256),
+        (256, 8192),
+        (512, 2048),
+        (2048, 512),
+    ];
+    let m = B * T;
+    for (k, n) in shapes {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let g: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.1).collect();
+        let mut y = vec![0f32; m * n.max(k)];
+        let mut dw = vec![0f32; k * n];
+        let rate = |f: &mut dyn FnMut()| {
+            f();
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t0 = Instant::now();
+                for _ in 0..5 {
+                    f();
+                }
+                best = best.min(t0.elapsed().as_secs_f64() / 5.0);
+            }
+            2.0 * (m * k * n) as f64 / best / 1e9
+        };
+        // W [k, n] row-major (GPT-2 Conv1D).
+        let fwd = rate(&mut || sgemm(m, n, k, row(&x, k), row(&w, n), &mut y, false));
+        let dx = rate(&mut || sgemm(m, k, n, row(&g, n), col(&w, n), &mut y, false));
+        let dwr = rate(&mut || sgemm(k, n, m, col(&x, k), row(&g, n), &mut dw, false));
+        println!("RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -77,8 +125,12 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let name = args.first().map(|s| s.as_str()).unwrap_or("gpt2-v50k");
     let mode: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    if name == "gemm" {
+        rlhf_model::kernels::init_cpu_runtime();
+        return gemm_rates();
+    }
     let Some(cfg) = shapes(name) else {
-        println!("shapes: {}", NAMES.join(" "));
+        println!("shapes: {} gemm", NAMES.join(" "));
         return Ok(());
     };
     // RLHF_BENCH_STOCK=1: keep candle's element-wise barrier pool at one thread per core, as

@@ -39,23 +39,93 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// Rotate-half RoPE; the fused kernel reads a transposed view in place and returns it
-/// contiguous.
+/// Rotate-half RoPE on `[b, h, t, d]` (any strides; the fused kernel reads a transposed view in
+/// place) → contiguous `[b, h, t, d]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fusable(&[x, cos, sin]) && x.rank() == 4 && cos.rank() == 4 {
-        return kernels::rope::rope(x, cos, sin);
-    }
-    ops::rope(x, cos, sin)
+    rope_heads(x, Heads::Split, cos, sin)
 }
+
+/// [`rope`] on `x` holding its heads as `form` says: a projection's `[b, t, h·d]` output
+/// (`Merged(h)`) is read in place, with no reshape or transpose node → `[b, h, t, d]`.
+pub fn rope_heads(x: &Tensor, form: Heads, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fusable(&[x, cos, sin]) && cos.rank() == 4 {
+        return kernels::rope::rope(x, form, cos, sin);
+    }
+    ops::rope(&split_heads(x, form)?, cos, sin)
+}
+
+pub use crate::kernels::attention::Heads;
 
 /// Attention; k/v may have fewer heads than q (grouped-query attention: the fused kernel reads
 /// each kv head for its group of query heads, the composed path repeats them).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if fusable(&[q, k, v, bias]) && q.rank() == 4 && bias.rank() == 4 {
-        return kernels::attention::attention(q, k, v, bias);
+    let s = Heads::Split;
+    attention_forms((q, s), (k, s), (v, s), bias, s)
+}
+
+/// `[b, t, h·d]` → `[b, h, t, d]` (`Merged`), or as is (`Split`): the composed path's view.
+fn split_heads(x: &Tensor, form: Heads) -> Result<Tensor> {
+    match form {
+        Heads::Split => Ok(x.clone()),
+        Heads::Merged(h) => {
+            let (b, t, w) = x.dims3()?;
+            x.reshape((b, t, h, w / h))?.transpose(1, 2)
+        }
     }
+}
+
+/// Attention with each of q/k/v holding its heads as its [`Heads`] says — a projection's
+/// `[b, t, h·d]` output is read in place, no reshape or transpose node — and the output
+/// `[b, h, tq, d]` (`out` = `Split`) or `[b, tq, h·d]` (`Merged(h)`, ready for the output
+/// projection).
+pub fn attention_forms(
+    q: (&Tensor, Heads),
+    k: (&Tensor, Heads),
+    v: (&Tensor, Heads),
+    bias: &Tensor,
+    out: Heads,
+) -> Result<Tensor> {
+    if fusable(&[q.0, k.0, v.0, bias]) && bias.rank() == 4 {
+        return kernels::attention::attention_forms(q, k, v, bias, out);
+    }
+    let (q, k, v) = (
+        split_heads(q.0, q.1)?,
+        split_heads(k.0, k.1)?,
+        split_heads(v.0, v.1)?,
+    );
     let rep = q.dim(1)? / k.dim(1)?;
-    ops::attention(q, &ops::repeat_kv(k, rep)?, &ops::repeat_kv(v, rep)?, bias)
+    let y = ops::attention(
+        &q,
+        &ops::repeat_kv(&k, rep)?,
+        &ops::repeat_kv(&v, rep)?,
+        bias,
+    )?;
+    match out {
+        Heads::Split => Ok(y),
+        Heads::Merged(_) => {
+            let (b, h, t, d) = y.dims4()?;
+            y.transpose(1, 2)?.reshape((b, t, h * d))
+        }
+    }
+}
+
+/// Attention on a packed projection `[b, t, (h + 2·hk)·d]` (q heads, then k, then v: GPT-2's
+/// c_attn output) → `[b, t, h·d]`, without splitting it into graph nodes.
+pub fn attention_packed(qkv: &Tensor, h: usize, hk: usize, bias: &Tensor) -> Result<Tensor> {
+    if fusable(&[qkv, bias]) && bias.rank() == 4 {
+        return kernels::attention::attention_packed(qkv, h, hk, bias);
+    }
+    let (_, _, w) = qkv.dims3()?;
+    let d = w / (h + 2 * hk);
+    let part = |first: usize, n: usize| qkv.narrow(2, first * d, n * d);
+    let m = Heads::Merged;
+    attention_forms(
+        (&part(0, h)?, m(h)),
+        (&part(h, hk)?, m(hk)),
+        (&part(h + hk, hk)?, m(hk)),
+        bias,
+        m(h),
+    )
 }
 
 /// Per-token log-probabilities of `targets`: logits [n, V], targets [n] → [n].

@@ -7,6 +7,7 @@ use candle_core::{Tensor, D};
 
 use crate::backbone::{Backbone, Ctx, KvCache};
 use crate::config::Gpt2Config;
+use crate::fused::Heads;
 use crate::linear::Linear;
 use crate::params::Param;
 use crate::weights::{Builder, Init};
@@ -120,19 +121,27 @@ impl Backbone for Gpt2 {
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln_1.forward(&x)?;
             let qkv = blk.c_attn.forward(&h)?; // [b, t, 3d]
-            let split = |i: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(D::Minus1, i * d, d)?
-                    .reshape((bsz, t, nh, hd))?
-                    .transpose(1, 2)?)
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(li, k.contiguous()?, v.contiguous()?)?,
-                None => (k, v),
-            };
-            let y = crate::fused::attention(&q, &k, &v, &ctx.bias)?;
-            let y = y.transpose(1, 2)?.reshape((bsz, t, d))?;
+            let y = match cache.as_deref_mut() {
+                // Training and prompt scoring: attention reads q, k and v inside qkv.
+                None => crate::fused::attention_packed(&qkv, nh, nh, &ctx.bias)?,
+                Some(c) => {
+                    let split = |i: usize| -> Result<Tensor> {
+                        Ok(qkv
+                            .narrow(D::Minus1, i * d, d)?
+                            .reshape((bsz, t, nh, hd))?
+                            .transpose(1, 2)?)
+                    };
+                    let (k, v) = c.append(li, split(1)?.contiguous()?, split(2)?.contiguous()?)?;
+                    let s = Heads::Split;
+                    crate::fused::attention_forms(
+                        (&split(0)?, s),
+                        (&k, s),
+                        (&v, s),
+                        &ctx.bias,
+                        Heads::Merged(nh),
+                    )?
+                }
+            }; // [b, t, d]
             x = (x + blk.c_proj.forward(&y)?)?;
             let h = blk.ln_2.forward(&x)?;
             let h = crate::fused::gelu_tanh(&blk.c_fc.forward(&h)?)?;

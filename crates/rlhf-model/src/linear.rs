@@ -115,16 +115,21 @@ impl Linear {
         Ok(if self.transposed { w } else { w.t()? })
     }
 
-    /// y = x W (+ b) (+ scale · x Aᵀ Bᵀ). `x`: [..., in].
+    /// y = x W (+ b) (+ scale · x Aᵀ Bᵀ). `x`: [..., in] → [..., out]. The fused ops take the
+    /// leading dimensions as rows, so the f32 CPU path adds no reshape nodes to the graph (each
+    /// would cost a zero-fill and an add of its gradient in candle's backward).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (din, dout) = self.in_out();
         let n: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((n, din))?;
         let w = self.weight.t();
         let bias = self.bias.as_ref().map(|b| b.t());
-        let fast =
-            crate::kernels::fusable(&[&x2, &w]) && bias.as_ref().is_none_or(|b| b.rank() == 1);
+        let fast = crate::kernels::fusable(&[x, &w]) && bias.as_ref().is_none_or(|b| b.rank() == 1);
+        let x2 = if fast {
+            x.clone()
+        } else {
+            x.reshape((n, din))?
+        };
         let mut y = match &bias {
             // One fused op: bias written first, the GEMM accumulates onto it.
             Some(b) if fast && n > crate::kernels::matmul::SMALL_M => {
@@ -158,6 +163,9 @@ impl Linear {
                 let d = (d * l.scale)?;
                 y = (y + d)?;
             }
+        }
+        if fast {
+            return Ok(y);
         }
         let mut out = dims;
         *out.last_mut().unwrap() = dout;

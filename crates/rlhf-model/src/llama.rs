@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use crate::backbone::{Backbone, Ctx, KvCache};
 use crate::config::{Family, LlamaConfig};
+use crate::fused::Heads;
 use crate::linear::Linear;
 use crate::ops;
 use crate::params::Param;
@@ -115,26 +116,35 @@ impl Backbone for Llama {
             .reshape((bsz, t, d))?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = crate::fused::rms_norm(&x, &l.input_norm.t(), eps)?;
-            let q =
-                l.q.forward(&h)?
-                    .reshape((bsz, t, nh, hd))?
-                    .transpose(1, 2)?;
-            let k =
-                l.k.forward(&h)?
-                    .reshape((bsz, t, nkv, hd))?
-                    .transpose(1, 2)?;
-            let v =
-                l.v.forward(&h)?
-                    .reshape((bsz, t, nkv, hd))?
-                    .transpose(1, 2)?;
-            let q = crate::fused::rope(&q, &cos, &sin)?;
-            let k = crate::fused::rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(li, k, v.contiguous()?)?,
-                None => (k, v),
+            // q and k: RoPE reads the projections' [b, t, h·hd] outputs in place; v is read
+            // in place by attention, which writes [b, t, h·hd] for the output projection.
+            let q = crate::fused::rope_heads(&l.q.forward(&h)?, Heads::Merged(nh), &cos, &sin)?;
+            let k = crate::fused::rope_heads(&l.k.forward(&h)?, Heads::Merged(nkv), &cos, &sin)?;
+            let v = l.v.forward(&h)?;
+            let s = Heads::Split;
+            let y = match cache.as_deref_mut() {
+                Some(c) => {
+                    let v = v
+                        .reshape((bsz, t, nkv, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let (k, v) = c.append(li, k, v)?;
+                    crate::fused::attention_forms(
+                        (&q, s),
+                        (&k, s),
+                        (&v, s),
+                        &ctx.bias,
+                        Heads::Merged(nh),
+                    )?
+                }
+                None => crate::fused::attention_forms(
+                    (&q, s),
+                    (&k, s),
+                    (&v, Heads::Merged(nkv)),
+                    &ctx.bias,
+                    Heads::Merged(nh),
+                )?,
             };
-            let y = crate::fused::attention(&q, &k, &v, &ctx.bias)?;
-            let y = y.transpose(1, 2)?.reshape((bsz, t, nh * hd))?;
             x = (x + l.o.forward(&y)?)?;
             let h = crate::fused::rms_norm(&x, &l.post_norm.t(), eps)?;
             let g = crate::fused::swiglu(&l.gate.forward(&h)?, &l.up.forward(&h)?)?;

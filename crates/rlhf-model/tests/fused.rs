@@ -291,12 +291,21 @@ fn rope_matches_composed_and_fd() {
     let pos = vec![vec![0u32, 1, 2], vec![5, 6, 7]];
     let (cos, sin) = ops::rope_tables(&pos, d, 10000.0, &DEV).unwrap();
     let ins = [inp(b * t * h * d, &[b, t, h, d], 51)];
-    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos, sin);
+    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos.clone(), sin.clone());
     check(
         "rope (transposed input)",
         &ins,
         &move |x| fused::rope(&x[0].transpose(1, 2).unwrap(), &c1, &s1).unwrap(),
         &move |x| ops::rope(&x[0].transpose(1, 2).unwrap(), &c2, &s2).unwrap(),
+    );
+    // The projection's own [b, t, h·d] output, read in place as h heads.
+    let ins = [inp(b * t * h * d, &[b, t, h * d], 53)];
+    let (c1, s1, c2, s2) = (cos.clone(), sin.clone(), cos, sin);
+    check(
+        "rope (merged heads)",
+        &ins,
+        &move |x| fused::rope_heads(&x[0], fused::Heads::Merged(h), &c1, &s1).unwrap(),
+        &move |x| ops::rope(&heads(&x[0], h), &c2, &s2).unwrap(),
     );
     // Contiguous input, head_dim 64 (vector path).
     let (b, h, t, d) = (1, 2, 5, 64);
@@ -345,6 +354,136 @@ fn attention_blocked_over_several_query_blocks() {
         &move |x| (fused::attention(&x[0], &x[1], &x[2], &b1).unwrap() * &k1).unwrap(),
         &move |x| (ops::attention(&x[0], &rep(&x[1]), &rep(&x[2]), &b2).unwrap() * &k2).unwrap(),
     );
+}
+
+/// `[b, t, h·d]` → `[b, h, t, d]`, composed.
+fn heads(x: &Tensor, h: usize) -> Tensor {
+    let (b, t, w) = x.dims3().unwrap();
+    x.reshape((b, t, h, w / h))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+}
+
+/// `[b, h, t, d]` → `[b, t, h·d]`, composed.
+fn merge(y: &Tensor) -> Tensor {
+    let (b, h, t, d) = y.dims4().unwrap();
+    y.transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap()
+}
+
+/// Zero the outputs of row 1's first `pad` queries ([b, t, w] output): a padding query's
+/// output is masked out of any real loss, and its gradient is not the composed op's.
+fn keep_merged(b: usize, t: usize, w: usize, pad: usize) -> Tensor {
+    let keep: Vec<f32> = (0..b * t * w)
+        .map(|i| {
+            if i / (t * w) == 1 && (i / w) % t < pad {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(keep, (b, t, w), &DEV).unwrap()
+}
+
+#[test]
+fn attention_packed_matches_composed_and_fd() {
+    // GPT-2's c_attn output [b, t, 3·h·d] read in place, output [b, t, h·d]; 37 queries (two
+    // blocks), row 1 left-padded by 3. Then grouped-query packing (4 q heads, 2 kv heads).
+    for (h, hk, t, seed) in [(2, 2, 37, 61), (4, 2, 6, 62)] {
+        let (b, d, pad) = (2, 4, 3);
+        let mut row = vec![0u8; pad];
+        row.extend(vec![1u8; t - pad]);
+        let bi = bias(&[vec![1u8; t], row], 0, t);
+        let w = (h + 2 * hk) * d;
+        let ins = [inp(b * t * w, &[b, t, w], seed)];
+        let keep = keep_merged(b, t, h * d, pad);
+        let rep = move |x: &Tensor| ops::repeat_kv(x, h / hk).unwrap();
+        let (b1, b2, k1, k2) = (bi.clone(), bi, keep.clone(), keep);
+        check(
+            &format!("packed attention (h {h}, hk {hk})"),
+            &ins,
+            &move |x| (fused::attention_packed(&x[0], h, hk, &b1).unwrap() * &k1).unwrap(),
+            &move |x| {
+                let part =
+                    |first: usize, n: usize| heads(&x[0].narrow(2, first * d, n * d).unwrap(), n);
+                let (q, k, v) = (part(0, h), rep(&part(h, hk)), rep(&part(h + hk, hk)));
+                (merge(&ops::attention(&q, &k, &v, &b2).unwrap()) * &k2).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn attention_forms_match_composed_and_fd() {
+    use rlhf_model::fused::Heads::{Merged, Split};
+    // Llama's call: q and k [b, h, t, d] (RoPE's output), v the projection's [b, t, hk·d],
+    // output [b, t, h·d]; grouped-query, row 1 left-padded by 2.
+    let (b, h, hk, t, d, pad) = (2, 4, 2, 7, 4, 2);
+    let mut row = vec![0u8; pad];
+    row.extend(vec![1u8; t - pad]);
+    let bi = bias(&[vec![1u8; t], row], 0, t);
+    let ins = [
+        inp(b * h * t * d, &[b, h, t, d], 71),
+        inp(b * hk * t * d, &[b, hk, t, d], 72),
+        inp(b * t * hk * d, &[b, t, hk * d], 73),
+    ];
+    let keep = keep_merged(b, t, h * d, pad);
+    let rep = move |x: &Tensor| ops::repeat_kv(x, h / hk).unwrap();
+    let (b1, b2, k1, k2) = (bi.clone(), bi.clone(), keep.clone(), keep);
+    check(
+        "attention (v merged, output merged)",
+        &ins,
+        &move |x| {
+            let y = fused::attention_forms(
+                (&x[0], Split),
+                (&x[1], Split),
+                (&x[2], Merged(hk)),
+                &b1,
+                Merged(h),
+            );
+            (y.unwrap() * &k1).unwrap()
+        },
+        &move |x| {
+            let y = ops::attention(&x[0], &rep(&x[1]), &rep(&heads(&x[2], hk)), &b2).unwrap();
+            (merge(&y) * &k2).unwrap()
+        },
+    );
+    // Every input merged, output split; no padding, so nothing masked.
+    let bi = bias(&[vec![1u8; t], vec![1u8; t]], 0, t);
+    let ins = [
+        inp(b * t * h * d, &[b, t, h * d], 74),
+        inp(b * t * hk * d, &[b, t, hk * d], 75),
+        inp(b * t * hk * d, &[b, t, hk * d], 76),
+    ];
+    let (b1, b2) = (bi.clone(), bi);
+    check(
+        "attention (inputs merged, output split)",
+        &ins,
+        &move |x| {
+            let m = |i: usize, n: usize| (&x[i], Merged(n));
+            fused::attention_forms(m(0, h), m(1, hk), m(2, hk), &b1, Split).unwrap()
+        },
+        &move |x| {
+            let (q, k, v) = (
+                heads(&x[0], h),
+                rep(&heads(&x[1], hk)),
+                rep(&heads(&x[2], hk)),
+            );
+            ops::attention(&q, &k, &v, &b2).unwrap()
+        },
+    );
+    // A wrong output head count is an error, not a silent reshape.
+    let x = Tensor::zeros((b, h, t, d), DType::F32, &DEV).unwrap();
+    let kv = Tensor::zeros((b, hk, t, d), DType::F32, &DEV).unwrap();
+    let e = fused::attention_forms(
+        (&x, Split),
+        (&kv, Split),
+        (&kv, Split),
+        &bias(&[vec![1u8; t], vec![1u8; t]], 0, t),
+        Merged(3),
+    );
+    assert!(e.is_err());
 }
 
 #[test]
@@ -444,6 +583,20 @@ fn matmul_nt_matches_matmul() {
             &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
         );
     }
+    // A [b, t, k] input (decoding: one new token per sequence) → [b, t, n].
+    let (k, n) = (37, 30);
+    check(
+        "matmul_nt (3-d input)",
+        &[inp(3 * k, &[3, 1, k], 66), inp(n * k, &[n, k], 62)],
+        &|t| matmul_nt_op(&t[0], &t[1]).unwrap(),
+        &move |t| {
+            let x = t[0].reshape((3, k)).unwrap();
+            x.matmul(&t[1].t().unwrap())
+                .unwrap()
+                .reshape((3, 1, n))
+                .unwrap()
+        },
+    );
     // The decode kernel's blocks (4 weight rows × up to 4 input rows) and every tail: input
     // rows 1..=17 (17 takes the GEMM), weight rows not a multiple of 4, k not a multiple of 16.
     for m in 1..=17 {
@@ -566,6 +719,29 @@ fn linear_bias_matches_composed_and_fd() {
                     t[1].t().unwrap()
                 };
                 t[0].matmul(&w).unwrap().broadcast_add(&t[2]).unwrap()
+            },
+        );
+        // A [b, t, k] input: the leading dimensions are rows, the output is [b, t, n].
+        check(
+            "linear_bias (3-d input)",
+            &[
+                inp(3 * 4 * k, &[3, 4, k], 96),
+                inp(n * k, &wshape, 94),
+                inp(n, &[n], 95),
+            ],
+            &move |t| {
+                let y = linear_bias(&t[0], &t[1], &t[2], transposed).unwrap();
+                assert_eq!(y.dims(), [3, 4, n]);
+                y
+            },
+            &move |t| {
+                let w = if transposed {
+                    t[1].clone()
+                } else {
+                    t[1].t().unwrap()
+                };
+                let y = t[0].reshape((12, k)).unwrap().matmul(&w).unwrap();
+                y.broadcast_add(&t[2]).unwrap().reshape((3, 4, n)).unwrap()
             },
         );
     }

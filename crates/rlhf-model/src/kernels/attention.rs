@@ -6,6 +6,12 @@
 //! Decoding (≤ 4 queries) goes row by row over the keys in place. Grouped-query attention
 //! reads each kv head for its group of query heads; k/v may be a KV cache's strided view.
 //!
+//! Every operand is read where it lies: a head's rows may be strided ([`Rows`]), so q/k/v can
+//! come straight from a projection's `[b, t, h·d]` output (or GPT-2's packed `[b, t, 3·d]`
+//! c_attn output) and the output can be written as `[b, t, h·d]` for the next projection. The
+//! models then need no reshape, transpose, narrow or copy around attention — each of those is a
+//! graph node whose gradient candle's backward zero-fills and adds (the narrow's also pads).
+//!
 //! Masked keys (bias ≤ −1e8) get probability 0; a row whose keys are all masked (a padding
 //! query) attends uniformly to every key, exactly as the composed softmax over equal scores
 //! does, and passes no gradient to q or k (its output does not depend on them; the composed
@@ -13,12 +19,12 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm_serial, Mat};
 use super::matmul::dot;
-use super::{math, out, slice, uninit, with_f32};
+use super::{contiguous_strides, math, out, uninit, with_f32};
 
 const MASK_BELOW: f32 = -1e8;
 
@@ -39,11 +45,142 @@ const FEW_QUERIES: usize = 4;
 /// score-shaped buffer (never the whole [tq × tk]).
 const QB: usize = 32;
 
+/// How a tensor holds its heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heads {
+    /// `[b, h, t, d]`, any strides whose rows of `d` are contiguous (a transposed projection, a
+    /// KV cache's narrowed buffer).
+    Split,
+    /// `[b, t, h·d]` with this many heads side by side: a projection's own output.
+    Merged(usize),
+}
+
+/// Where a tensor's rows lie: row `t` of head `h` in batch `b` starts at
+/// `off + b·s0 + h·s1 + t·s2`, and its `d` floats are contiguous.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    off: usize,
+    s0: usize,
+    s1: usize,
+    s2: usize,
+}
+
+impl Rows {
+    fn at(&self, b: usize, h: usize, t: usize) -> usize {
+        self.off + b * self.s0 + h * self.s1 + t * self.s2
+    }
+}
+
+/// `[b, h, t, d]` and the rows of a tensor of shape `dims`, strides `st`, offset `off`, read
+/// as `form`; `None` if its rows of `d` are not contiguous.
+fn rows_of(
+    dims: &[usize],
+    st: &[usize],
+    off: usize,
+    form: Heads,
+) -> Result<Option<([usize; 4], Rows)>> {
+    Ok(match form {
+        Heads::Split => {
+            let [b, h, t, d] = dims else {
+                candle_core::bail!("attention: expected [b, h, t, d], got {dims:?}")
+            };
+            let ok = st[3] == 1 || *d == 1;
+            ok.then_some((
+                [*b, *h, *t, *d],
+                Rows {
+                    off,
+                    s0: st[0],
+                    s1: st[1],
+                    s2: st[2],
+                },
+            ))
+        }
+        Heads::Merged(h) => {
+            let [b, t, w] = dims else {
+                candle_core::bail!("attention: expected [b, t, h·d], got {dims:?}")
+            };
+            if h == 0 || w % h != 0 {
+                candle_core::bail!("attention: {w} columns are not {h} heads")
+            }
+            let d = w / h;
+            let ok = st[2] == 1 || *w == 1;
+            ok.then_some((
+                [*b, h, *t, d],
+                Rows {
+                    off,
+                    s0: st[0],
+                    s1: d,
+                    s2: st[1],
+                },
+            ))
+        }
+    })
+}
+
+/// [`rows_of`] for a contiguous tensor of shape `dims`.
+fn rows_contiguous(dims: &[usize], form: Heads) -> Result<([usize; 4], Rows)> {
+    Ok(rows_of(dims, &contiguous_strides(dims), 0, form)?.expect("contiguous rows"))
+}
+
+/// An operand: all of its storage and where its rows lie in it.
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    data: &'a [f32],
+    rows: Rows,
+}
+
+impl<'a> Src<'a> {
+    /// The data from row `t` of pair (b, h) on; its rows are `self.rows.s2` apart.
+    fn from(&self, b: usize, h: usize, t: usize) -> &'a [f32] {
+        &self.data[self.rows.at(b, h, t)..]
+    }
+}
+
+/// A destination written by several tasks at once, each to rows no other task writes.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    len: usize,
+    rows: Rows,
+}
+
+// SAFETY: tasks write disjoint rows (see `put`); the buffer outlives the parallel section.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    fn new(buf: &mut [f32], rows: Rows) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            rows,
+        }
+    }
+    /// Copy `src` ([n × d], contiguous) to rows `t0..t0+n` of pair (b, h).
+    ///
+    /// # Safety
+    /// No other task may write or read these rows concurrently.
+    unsafe fn put(&self, b: usize, h: usize, t0: usize, d: usize, src: &[f32]) {
+        for (i, r) in src.chunks_exact(d).enumerate() {
+            let at = self.rows.at(b, h, t0 + i);
+            assert!(at + d <= self.len);
+            std::ptr::copy_nonoverlapping(r.as_ptr(), self.ptr.add(at), d);
+        }
+    }
+}
+
 /// Fill `s[lo..hi]` with the scaled, biased scores of query `q` against the key rows `k`
-/// ([tk × d]), −∞ on masked keys; returns the visible range `lo..hi` (all keys, score 0, when
+/// (`ks` apart), −∞ on masked keys; returns the visible range `lo..hi` (all keys, score 0, when
 /// every key is masked).
 #[inline(always)]
-fn scores_rows(q: &[f32], k: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (usize, usize) {
+fn scores_rows(
+    q: &[f32],
+    k: &[f32],
+    ks: usize,
+    bias: &[f32],
+    g: Dims,
+    s: &mut [f32],
+) -> (usize, usize) {
     let (tk, d) = (g.tk, g.d);
     let Some((lo, hi)) = visible(bias) else {
         s[..tk].iter_mut().for_each(|x| *x = 0.0);
@@ -51,7 +188,7 @@ fn scores_rows(q: &[f32], k: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (u
     };
     for j in lo..hi {
         s[j] = if bias[j] > MASK_BELOW {
-            dot(q, &k[j * d..(j + 1) * d]) * g.scale + bias[j]
+            dot(q, &k[j * ks..j * ks + d]) * g.scale + bias[j]
         } else {
             f32::NEG_INFINITY
         };
@@ -61,13 +198,15 @@ fn scores_rows(q: &[f32], k: &[f32], bias: &[f32], g: Dims, s: &mut [f32]) -> (u
 
 crate::multiversion! {
     /// Forward for a few queries (decoding): one row of scores at a time, keys read in place.
+    /// `o` is [tq × d], contiguous.
     fn fwd_rows(
-        q: &[f32], k: &[f32], v: &[f32], bias: &[f32], g: Dims,
+        q: &[f32], qs: usize, k: &[f32], ks: usize, v: &[f32], vs: usize, bias: &[f32], g: Dims,
         o: &mut [f32], lse: &mut [f32], s: &mut [f32],
     ) {
         let (tk, d) = (g.tk, g.d);
         for i in 0..g.tq {
-            let (lo, hi) = scores_rows(&q[i * d..(i + 1) * d], k, &bias[i * tk..(i + 1) * tk], g, s);
+            let brow = &bias[i * tk..(i + 1) * tk];
+            let (lo, hi) = scores_rows(&q[i * qs..i * qs + d], k, ks, brow, g, s);
             let m = math::max(&s[lo..hi]);
             let mut sum = 0.0f32;
             for x in s[lo..hi].iter_mut() {
@@ -82,7 +221,7 @@ crate::multiversion! {
             for j in lo..hi {
                 let p = s[j] * inv;
                 if p != 0.0 {
-                    for (x, &vv) in oi.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                    for (x, &vv) in oi.iter_mut().zip(&v[j * vs..j * vs + d]) {
                         *x += p * vv;
                     }
                 }
@@ -168,11 +307,15 @@ fn cols(data: &[f32], cs: usize) -> Mat<'_> {
 }
 
 /// Blocked forward of one (batch, head) pair: per block of `QB` queries, S = Q·Kᵀ over the
-/// block's visible keys, probabilities in place, O = P·V.
+/// block's visible keys, probabilities in place, O = P·V. q/k/v rows are `qs`/`ks`/`vs` apart;
+/// `o` is [tq × d], contiguous.
 fn fwd_blocked(
     q: &[f32],
+    qs: usize,
     k: &[f32],
+    ks: usize,
     v: &[f32],
+    vs: usize,
     bias: &[f32],
     g: Dims,
     o: &mut [f32],
@@ -190,8 +333,8 @@ fn fwd_blocked(
             r,
             w,
             d,
-            rows(&q[i0 * d..], d),
-            cols(&k[lo * d..], d),
+            rows(&q[i0 * qs..], qs),
+            cols(&k[lo * ks..], ks),
             sb,
             false,
         );
@@ -201,24 +344,34 @@ fn fwd_blocked(
             d,
             w,
             rows(sb, w),
-            rows(&v[lo * d..], d),
+            rows(&v[lo * vs..], vs),
             &mut o[i0 * d..i1 * d],
             false,
         );
     }
 }
 
+/// One pair's operands for the backward: q/k/v/o/dO rows and their strides.
+struct PairIn<'a> {
+    q: &'a [f32],
+    qs: usize,
+    k: &'a [f32],
+    ks: usize,
+    v: &'a [f32],
+    vs: usize,
+    o: &'a [f32],
+    os: usize,
+    go: &'a [f32],
+    gs: usize,
+}
+
 /// Blocked backward of one (batch, head) pair (flash-attention's): per block of queries,
 /// recompute P from the saved log-sum-exp, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale,
 /// dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. A query that sees no key attends uniformly whatever
-/// q and k are: only v gets a gradient from it.
-#[allow(clippy::too_many_arguments)]
+/// q and k are: only v gets a gradient from it. `dq` [tq × d] is overwritten; `dk`, `dv`
+/// [tk × d] are added to (a kv head sums over its group of query heads).
 fn bwd_blocked(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    go: &[f32],
+    x: &PairIn,
     lse: &[f32],
     bias: &[f32],
     g: Dims,
@@ -229,38 +382,24 @@ fn bwd_blocked(
     dp: &mut [f32],
 ) {
     let (tq, tk, d) = (g.tq, g.tk, g.d);
-    dk.iter_mut().for_each(|x| *x = 0.0);
-    dv.iter_mut().for_each(|x| *x = 0.0);
     for i0 in (0..tq).step_by(QB) {
         let i1 = (i0 + QB).min(tq);
         let r = i1 - i0;
         let (lo, hi) = block_keys(bias, tk, i0, i1);
         let w = hi - lo;
         let (sb, db) = (&mut s[..r * w], &mut dp[..r * w]);
-        sgemm_serial(
-            r,
-            w,
-            d,
-            rows(&q[i0 * d..], d),
-            cols(&k[lo * d..], d),
-            sb,
-            false,
-        );
+        let qb = rows(&x.q[i0 * x.qs..], x.qs);
+        let gob = rows(&x.go[i0 * x.gs..], x.gs);
+        sgemm_serial(r, w, d, qb, cols(&x.k[lo * x.ks..], x.ks), sb, false);
         probs(sb, bias, g, i0, lo, hi, Lse::Given(lse));
-        sgemm_serial(
-            r,
-            w,
-            d,
-            rows(&go[i0 * d..], d),
-            cols(&v[lo * d..], d),
-            db,
-            false,
-        );
+        sgemm_serial(r, w, d, gob, cols(&x.v[lo * x.vs..], x.vs), db, false);
         ds_rows(
             sb,
             db,
-            &o[i0 * d..i1 * d],
-            &go[i0 * d..i1 * d],
+            &x.o[i0 * x.os..],
+            x.os,
+            &x.go[i0 * x.gs..],
+            x.gs,
             bias,
             g,
             i0,
@@ -272,36 +411,21 @@ fn bwd_blocked(
             d,
             w,
             rows(db, w),
-            rows(&k[lo * d..], d),
+            rows(&x.k[lo * x.ks..], x.ks),
             &mut dq[i0 * d..i1 * d],
             false,
         );
-        sgemm_serial(
-            w,
-            d,
-            r,
-            cols(db, w),
-            rows(&q[i0 * d..], d),
-            &mut dk[lo * d..hi * d],
-            true,
-        );
-        sgemm_serial(
-            w,
-            d,
-            r,
-            cols(sb, w),
-            rows(&go[i0 * d..], d),
-            &mut dv[lo * d..hi * d],
-            true,
-        );
+        sgemm_serial(w, d, r, cols(db, w), qb, &mut dk[lo * d..hi * d], true);
+        sgemm_serial(w, d, r, cols(sb, w), gob, &mut dv[lo * d..hi * d], true);
     }
 }
 
 crate::multiversion! {
     /// dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale, in place of dP (0 for rows that see no key).
+    /// `o`/`go` start at the block's first row, rows `os`/`gs` apart.
     fn ds_rows(
-        p: &[f32], dp: &mut [f32], o: &[f32], go: &[f32], bias: &[f32], g: Dims,
-        i0: usize, lo: usize, hi: usize,
+        p: &[f32], dp: &mut [f32], o: &[f32], os: usize, go: &[f32], gs: usize, bias: &[f32],
+        g: Dims, i0: usize, lo: usize, hi: usize,
     ) {
         let (tk, d, w) = (g.tk, g.d, hi - lo);
         for (ii, (pr, dr)) in p.chunks(w).zip(dp.chunks_mut(w)).enumerate() {
@@ -311,7 +435,7 @@ crate::multiversion! {
                 continue;
             }
             let mut dd = 0.0f32;
-            for (a, b) in go[ii * d..(ii + 1) * d].iter().zip(&o[ii * d..(ii + 1) * d]) {
+            for (a, b) in go[ii * gs..ii * gs + d].iter().zip(&o[ii * os..ii * os + d]) {
                 dd += a * b;
             }
             for (x, &pv) in dr.iter_mut().zip(pr) {
@@ -321,32 +445,27 @@ crate::multiversion! {
     }
 }
 
-struct Attention {
-    bias: Tensor,
-    /// Per-row log-sum-exp of the forward, for the backward.
-    lse: Mutex<Vec<f32>>,
+/// Sizes of one call: batch, query heads, kv heads (dividing `h`: query head `i` reads kv
+/// head `i / (h / hk)`), and the per-pair geometry.
+#[derive(Clone, Copy)]
+struct Geo {
+    b: usize,
+    h: usize,
+    hk: usize,
+    g: Dims,
 }
 
-/// (batch, query heads, key/value heads, geometry). Grouped-query attention: `h` query heads
-/// share `hk` key/value heads, query head `i` reading kv head `i / (h / hk)`.
-fn dims(q: &Layout, k: &Layout, v: &Layout, bias: &Tensor) -> Result<(usize, usize, usize, Dims)> {
-    let (b, h, tq, d) = q.shape().dims4()?;
-    let (bk, hk, tk, dk) = k.shape().dims4()?;
-    if (bk, dk) != (b, d) || hk == 0 || h % hk != 0 || v.dims() != k.dims() {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )
+fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], bias: &Tensor) -> Result<Geo> {
+    let [b, h, tq, d] = q;
+    let [bk, hk, tk, dk] = k;
+    if (bk, dk) != (b, d) || hk == 0 || h % hk != 0 || v != k {
+        candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} (as [b, h, t, d])")
     }
     let (bb, one, btq, btk) = bias.dims4()?;
     if (one, btq, btk) != (1, tq, tk) || (bb != b && bb != 1) {
         candle_core::bail!(
-            "attention: bias {:?} for q {:?}, k {:?}",
-            bias.dims(),
-            q.dims(),
-            k.dims()
+            "attention: bias {:?} for q {q:?}, k {k:?} (as [b, h, t, d])",
+            bias.dims()
         )
     }
     let g = Dims {
@@ -355,23 +474,126 @@ fn dims(q: &Layout, k: &Layout, v: &Layout, bias: &Tensor) -> Result<(usize, usi
         d,
         scale: 1.0 / (d as f32).sqrt(),
     };
-    Ok((b, h, hk, g))
+    Ok(Geo { b, h, hk, g })
 }
 
-/// The data of a [b, h, t, d] input whose rows of `d` are contiguous and whose `t` rows of one
-/// (batch, head) pair are adjacent, with the pair strides: a KV cache's narrowed view qualifies
-/// without a copy. `None` for other layouts.
-fn pair_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], usize, usize)> {
+/// The output's shape for `form` (`Merged` here always holds the query head count).
+fn out_shape(geo: Geo, form: Heads) -> Vec<usize> {
+    let Geo { b, h, g, .. } = geo;
+    match form {
+        Heads::Split => vec![b, h, g.tq, g.d],
+        Heads::Merged(_) => vec![b, g.tq, h * g.d],
+    }
+}
+
+/// The forward over every (batch, query head) pair: the output (contiguous, `form`) and the
+/// per-row log-sum-exp [b·h·tq].
+fn forward(
+    geo: Geo,
+    q: Src,
+    k: Src,
+    v: Src,
+    bias: &[f32],
+    bb: usize,
+    form: Heads,
+) -> Result<(Vec<f32>, Vec<usize>, Vec<f32>)> {
+    let Geo { b, h, hk, g } = geo;
+    let (tq, tk, d) = (g.tq, g.tk, g.d);
+    let rep = h / hk;
+    let shape = out_shape(geo, form);
+    let (_, orows) = rows_contiguous(&shape, form)?;
+    let mut o = uninit(b * h * tq * d);
+    let mut lse = vec![0.0f32; b * h * tq];
+    let dst = Dst::new(&mut o, orows);
+    lse.par_chunks_mut(tq.max(1)).enumerate().for_each_init(
+        || (vec![0.0f32; QB.min(tq) * tk], uninit(tq * d)),
+        |(s, ob), (p, lse)| {
+            let (bi, hi) = (p / h, p % h);
+            let (ki, bsel) = (hi / rep, if bb == 1 { 0 } else { bi });
+            let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
+            let (qp, kp, vp) = (q.from(bi, hi, 0), k.from(bi, ki, 0), v.from(bi, ki, 0));
+            let (qs, ks, vs) = (q.rows.s2, k.rows.s2, v.rows.s2);
+            if tq <= FEW_QUERIES {
+                fwd_rows(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s)
+            } else {
+                fwd_blocked(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s)
+            }
+            // SAFETY: pair (bi, hi)'s output rows are written by this task only.
+            unsafe { dst.put(bi, hi, 0, d, ob) };
+        },
+    );
+    Ok((o, shape, lse))
+}
+
+/// The backward over every (batch, kv head) pair, each summing dK/dV over its group of query
+/// heads: writes dq, dk, dv through their destinations (every row of each exactly once).
+fn backward(
+    geo: Geo,
+    (q, k, v, o, go): (Src, Src, Src, Src, Src),
+    lse: &[f32],
+    bias: &[f32],
+    bb: usize,
+    (dq, dk, dv): (Dst, Dst, Dst),
+) {
+    let Geo { b, h, hk, g } = geo;
+    let (tq, tk, d) = (g.tq, g.tk, g.d);
+    let rep = h / hk;
+    (0..b * hk).into_par_iter().for_each_init(
+        || {
+            let n = QB.min(tq) * tk;
+            (vec![0.0f32; n], vec![0.0f32; n], uninit(tq * d))
+        },
+        |(s, dp, dqb), kp| {
+            let (bi, ki) = (kp / hk, kp % hk);
+            let bsel = if bb == 1 { 0 } else { bi };
+            let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
+            let mut dkb = vec![0.0f32; tk * d];
+            let mut dvb = vec![0.0f32; tk * d];
+            for hi in ki * rep..(ki + 1) * rep {
+                let x = PairIn {
+                    q: q.from(bi, hi, 0),
+                    qs: q.rows.s2,
+                    k: k.from(bi, ki, 0),
+                    ks: k.rows.s2,
+                    v: v.from(bi, ki, 0),
+                    vs: v.rows.s2,
+                    o: o.from(bi, hi, 0),
+                    os: o.rows.s2,
+                    go: go.from(bi, hi, 0),
+                    gs: go.rows.s2,
+                };
+                let p = bi * h + hi;
+                let l = &lse[p * tq..(p + 1) * tq];
+                bwd_blocked(&x, l, bp, g, dqb, &mut dkb, &mut dvb, s, dp);
+                // SAFETY: query pair (bi, hi) belongs to this kv pair's task only.
+                unsafe { dq.put(bi, hi, 0, d, dqb) };
+            }
+            // SAFETY: kv pair (bi, ki) is this task's.
+            unsafe {
+                dk.put(bi, ki, 0, d, &dkb);
+                dv.put(bi, ki, 0, d, &dvb);
+            }
+        },
+    );
+}
+
+/// The attention op on three tensors, each holding its heads as its [`Heads`] says.
+struct Attention {
+    bias: Tensor,
+    forms: [Heads; 3],
+    out: Heads,
+    /// Per-row log-sum-exp of the forward, for the backward.
+    lse: Mutex<Vec<f32>>,
+}
+
+fn src<'a>(s: &'a CpuStorage, l: &Layout, form: Heads) -> Result<([usize; 4], Src<'a>)> {
     let CpuStorage::F32(data) = s else {
-        return None;
+        candle_core::bail!("attention: f32 only")
     };
-    let st = l.stride();
-    pair_rows(l.dims(), st).then(|| (&data[l.start_offset()..], st[0], st[1]))
-}
-
-/// Whether a [b, h, t, d] layout has contiguous rows of `d`, adjacent within each pair.
-fn pair_rows(dims: &[usize], st: &[usize]) -> bool {
-    dims.len() == 4 && (st[3] == 1 || dims[3] == 1) && (st[2] == dims[3] || dims[2] == 1)
+    match rows_of(l.dims(), l.stride(), l.start_offset(), form)? {
+        Some((dims, rows)) => Ok((dims, Src { data, rows })),
+        None => candle_core::bail!("attention: rows of {:?} must be contiguous", l.dims()),
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -387,41 +609,19 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, hk, g) = dims(l1, l2, l3, &self.bias)?;
-        let q = slice(s1, l1, "attention")?;
-        let (Some((k, ks0, ks1)), Some((v, vs0, vs1))) = (pair_view(s2, l2), pair_view(s3, l3))
-        else {
-            candle_core::bail!("attention: k/v rows must be contiguous")
-        };
+        let (qd, q) = src(s1, l1, self.forms[0])?;
+        let (kd, k) = src(s2, l2, self.forms[1])?;
+        let (vd, v) = src(s3, l3, self.forms[2])?;
+        let geo = geometry(qd, kd, vd, &self.bias)?;
+        if self.out != Heads::Split && self.out != Heads::Merged(geo.h) {
+            candle_core::bail!("attention: output {:?} for {} query heads", self.out, geo.h)
+        }
         let bb = self.bias.dim(0)?;
-        let (tq, tk, d) = (g.tq, g.tk, g.d);
-        let rep = h / hk;
-        let mut o = uninit(b * h * tq * d);
-        let mut lse = vec![0.0f32; b * h * tq];
-        with_f32(&[&self.bias], |bs| {
-            let bias = bs[0];
-            o.par_chunks_mut(tq * d)
-                .zip(lse.par_chunks_mut(tq))
-                .enumerate()
-                .for_each_init(
-                    || vec![0.0f32; QB.min(tq) * tk],
-                    |s, (p, (o, lse))| {
-                        let (bi, hi) = (p / h, (p % h) / rep);
-                        let bsel = if bb == 1 { 0 } else { bi };
-                        let (ko, vo) = (bi * ks0 + hi * ks1, bi * vs0 + hi * vs1);
-                        let qp = &q[p * tq * d..(p + 1) * tq * d];
-                        let (kp, vp) = (&k[ko..ko + tk * d], &v[vo..vo + tk * d]);
-                        let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
-                        if tq <= FEW_QUERIES {
-                            fwd_rows(qp, kp, vp, bp, g, o, lse, s)
-                        } else {
-                            fwd_blocked(qp, kp, vp, bp, g, o, lse, s)
-                        }
-                    },
-                );
-        })?;
+        let (o, shape, lse) = with_f32(&[&self.bias], |bs| {
+            forward(geo, q, k, v, bs[0], bb, self.out)
+        })??;
         *self.lse.lock().unwrap() = lse;
-        out(o, l1.shape())
+        out(o, &Shape::from(shape))
     }
     fn bwd(
         &self,
@@ -431,50 +631,27 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, hk, g) = dims(q.layout(), k.layout(), v.layout(), &self.bias)?;
-        let (tq, tk, d) = (g.tq, g.tk, g.d);
-        let rep = h / hk;
+        let [fq, fk, fv] = self.forms;
+        let (qd, qr) = rows_contiguous(q.dims(), fq)?;
+        let (kd, kr) = rows_contiguous(k.dims(), fk)?;
+        let (vd, vr) = rows_contiguous(v.dims(), fv)?;
+        let geo = geometry(qd, kd, vd, &self.bias)?;
+        let (_, or) = rows_contiguous(res.dims(), self.out)?;
         let bb = self.bias.dim(0)?;
         let lse = self.lse.lock().unwrap();
-        let mut dq = uninit(b * h * tq * d);
-        // Per query head; summed over each group of `rep` heads below.
-        let mut dk = uninit(b * h * tk * d);
-        let mut dv = uninit(b * h * tk * d);
+        let mut dq = uninit(q.elem_count());
+        let mut dk = uninit(k.elem_count());
+        let mut dv = uninit(v.elem_count());
+        let dsts = (
+            Dst::new(&mut dq, qr),
+            Dst::new(&mut dk, kr),
+            Dst::new(&mut dv, vr),
+        );
         with_f32(&[q, k, v, res, grad, &self.bias], |t| {
-            let (q, k, v, o, go, bias) = (t[0], t[1], t[2], t[3], t[4], t[5]);
-            dq.par_chunks_mut(tq * d)
-                .zip(dk.par_chunks_mut(tk * d).zip(dv.par_chunks_mut(tk * d)))
-                .enumerate()
-                .for_each_init(
-                    || (vec![0.0f32; QB.min(tq) * tk], vec![0.0f32; QB.min(tq) * tk]),
-                    |(s, dp), (p, (dq, (dk, dv)))| {
-                        let bi = if bb == 1 { 0 } else { p / h };
-                        let qs = p * tq * d..(p + 1) * tq * d;
-                        let kp = (p / h) * hk + (p % h) / rep;
-                        let ks = kp * tk * d..(kp + 1) * tk * d;
-                        bwd_blocked(
-                            &q[qs.clone()],
-                            &k[ks.clone()],
-                            &v[ks],
-                            &o[qs.clone()],
-                            &go[qs],
-                            &lse[p * tq..(p + 1) * tq],
-                            &bias[bi * tq * tk..(bi + 1) * tq * tk],
-                            g,
-                            dq,
-                            dk,
-                            dv,
-                            s,
-                            dp,
-                        )
-                    },
-                );
+            let at = |i: usize, rows: Rows| Src { data: t[i], rows };
+            let ins = (at(0, qr), at(1, kr), at(2, vr), at(3, or), at(4, or));
+            backward(geo, ins, &lse, t[5], bb, dsts)
         })?;
-        let (dk, dv) = if rep == 1 {
-            (dk, dv)
-        } else {
-            (group_sum(&dk, rep, tk * d), group_sum(&dv, rep, tk * d))
-        };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -484,40 +661,136 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Sum consecutive groups of `rep` blocks of `n` floats: [p·rep, n] → [p, n].
-fn group_sum(x: &[f32], rep: usize, n: usize) -> Vec<f32> {
-    let mut o = uninit(x.len() / rep);
-    o.par_chunks_mut(n)
-        .zip(x.par_chunks(n * rep))
-        .for_each(|(o, g)| {
-            o.copy_from_slice(&g[..n]);
-            for blk in g[n..].chunks(n) {
-                for (a, &b) in o.iter_mut().zip(blk) {
-                    *a += b;
-                }
-            }
-        });
-    o
+/// Whether `t` can be read in place as `form` (rows of `d` contiguous).
+fn readable(t: &Tensor, form: Heads) -> bool {
+    matches!(rows_of(t.dims(), t.stride(), 0, form), Ok(Some(_)))
 }
 
-/// Fused attention: q [b,h,tq,d], k/v [b,hk,tk,d] with `hk` dividing `h` (grouped-query
-/// attention without repeating k/v), bias [b or 1, 1, tq, tk]. k and v may be views whose
-/// (batch, head) blocks are strided, as a preallocated KV cache's are: they are not copied.
+/// Fused attention: q `[b, h, tq, d]`, k/v `[b, hk, tk, d]` with `hk` dividing `h` (grouped-
+/// query attention without repeating k/v), bias `[b or 1, 1, tq, tk]` → `[b, h, tq, d]`. Any
+/// of q/k/v may be a strided view (a transposed projection, a KV cache's buffer): read in place.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let s = Heads::Split;
+    attention_forms((q, s), (k, s), (v, s), bias, s)
+}
+
+/// [`attention`] with each of q/k/v in its own [`Heads`] form, and the output `[b, h, tq, d]`
+/// (`out` = `Split`) or `[b, tq, h·d]` (`Merged(h)`, the next projection's input).
+pub fn attention_forms(
+    (q, fq): (&Tensor, Heads),
+    (k, fk): (&Tensor, Heads),
+    (v, fv): (&Tensor, Heads),
+    bias: &Tensor,
+    out: Heads,
+) -> Result<Tensor> {
     let op = Attention {
         bias: bias.contiguous()?.detach(),
+        forms: [fq, fk, fv],
+        out,
         lse: Mutex::new(vec![]),
     };
-    let rows_ok = |t: &Tensor| pair_rows(t.dims(), t.stride());
-    let k = if rows_ok(k) {
-        k.clone()
-    } else {
-        k.contiguous()?
+    let fit = |t: &Tensor, f: Heads| -> Result<Tensor> {
+        if readable(t, f) {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
     };
-    let v = if rows_ok(v) {
-        v.clone()
-    } else {
-        v.contiguous()?
+    fit(q, fq)?.apply_op3(&fit(k, fk)?, &fit(v, fv)?, op)
+}
+
+/// Attention straight from a packed projection `[b, t, (h + 2·hk)·d]` (GPT-2's c_attn output:
+/// q heads, then k heads, then v heads) → `[b, t, h·d]`: one graph node where splitting the
+/// projection would take nine (three narrows, reshapes and transposes).
+struct Packed {
+    bias: Tensor,
+    h: usize,
+    hk: usize,
+    lse: Mutex<Vec<f32>>,
+}
+
+impl Packed {
+    /// The geometry and the rows of q, k, v inside a packed tensor of shape `dims`, strides `st`.
+    fn split(&self, dims: &[usize], st: &[usize], off: usize) -> Result<(Geo, [Rows; 3])> {
+        let (h, hk) = (self.h, self.hk);
+        let [b, t, w] = dims else {
+            candle_core::bail!("packed attention: expected [b, t, (h+2hk)·d], got {dims:?}")
+        };
+        let heads = h + 2 * hk;
+        if w % heads != 0 || (st[2] != 1 && *w > 1) {
+            candle_core::bail!("packed attention: {dims:?} as {h} + 2·{hk} heads, strides {st:?}")
+        }
+        let d = w / heads;
+        let r = |first_head: usize| Rows {
+            off: off + first_head * d,
+            s0: st[0],
+            s1: d,
+            s2: st[1],
+        };
+        let geo = geometry([*b, h, *t, d], [*b, hk, *t, d], [*b, hk, *t, d], &self.bias)?;
+        Ok((geo, [r(0), r(h), r(h + hk)]))
+    }
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("packed attention: f32 only")
+        };
+        let (geo, [qr, kr, vr]) = self.split(l.dims(), l.stride(), l.start_offset())?;
+        let at = |rows: Rows| Src { data, rows };
+        let bb = self.bias.dim(0)?;
+        let (o, shape, lse) = with_f32(&[&self.bias], |bs| {
+            forward(
+                geo,
+                at(qr),
+                at(kr),
+                at(vr),
+                bs[0],
+                bb,
+                Heads::Merged(self.h),
+            )
+        })??;
+        *self.lse.lock().unwrap() = lse;
+        out(o, &Shape::from(shape))
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (geo, [qr, kr, vr]) = self.split(x.dims(), &contiguous_strides(x.dims()), 0)?;
+        let (_, or) = rows_contiguous(res.dims(), Heads::Merged(self.h))?;
+        let bb = self.bias.dim(0)?;
+        let lse = self.lse.lock().unwrap();
+        // dq, dk and dv fill disjoint columns of one gradient: every element written once.
+        let mut dx = uninit(x.elem_count());
+        let dsts = (
+            Dst::new(&mut dx, qr),
+            Dst::new(&mut dx, kr),
+            Dst::new(&mut dx, vr),
+        );
+        with_f32(&[x, res, grad, &self.bias], |t| {
+            let at = |i: usize, rows: Rows| Src { data: t[i], rows };
+            let ins = (at(0, qr), at(0, kr), at(0, vr), at(1, or), at(2, or));
+            backward(geo, ins, &lse, t[3], bb, dsts)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Fused attention on a packed `[b, t, (h + 2·hk)·d]` projection (q heads, k heads, v heads)
+/// → `[b, t, h·d]`.
+pub fn attention_packed(qkv: &Tensor, h: usize, hk: usize, bias: &Tensor) -> Result<Tensor> {
+    let op = Packed {
+        bias: bias.contiguous()?.detach(),
+        h,
+        hk,
+        lse: Mutex::new(vec![]),
     };
-    q.contiguous()?.apply_op3(&k, &v, op)
+    let x = if qkv.rank() == 3 && (qkv.stride()[2] == 1 || qkv.dim(2)? == 1) {
+        qkv.clone()
+    } else {
+        qkv.contiguous()?
+    };
+    x.apply_op1(op)
 }

@@ -2,7 +2,7 @@
 //! one token per sequence) take a dot-product kernel that streams each weight row once instead
 //! of packing the whole weight for a GEMM every step; more rows take the GEMM.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
@@ -197,6 +197,21 @@ fn dots_any(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
     dots(x, m, k, w, o)
 }
 
+/// `(rows, k)` of an input `[..., k]` (rank ≥ 1): every leading dimension is a row.
+fn rows_k(dims: &[usize]) -> Result<(usize, usize)> {
+    match dims.split_last() {
+        Some((&k, lead)) => Ok((lead.iter().product(), k)),
+        None => candle_core::bail!("linear: a scalar input"),
+    }
+}
+
+/// The output shape of `x [..., k]` mapped to `n` columns: `[..., n]`.
+fn with_last(dims: &[usize], n: usize) -> Shape {
+    let mut d = dims.to_vec();
+    *d.last_mut().expect("rank >= 1") = n;
+    Shape::from(d)
+}
+
 /// `x [m, k] · w[n, k]ᵀ → [m, n]` into `o`.
 pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f32]) {
     if m == 0 || n == 0 || k == 0 {
@@ -249,7 +264,7 @@ impl CustomOp2 for MatmulNt {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
+        let (m, k) = rows_k(l1.dims())?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("matmul_nt: {:?} x {:?}ᵀ", l1.dims(), l2.dims())
@@ -257,7 +272,7 @@ impl CustomOp2 for MatmulNt {
         let (x, w) = (slice(s1, l1, "matmul_nt")?, slice(s2, l2, "matmul_nt")?);
         let mut o = uninit(m * n);
         matmul_nt(x, w, m, k, n, &mut o);
-        out(o, &Shape::from((m, n)))
+        out(o, &with_last(l1.dims(), n))
     }
     fn bwd(
         &self,
@@ -266,7 +281,7 @@ impl CustomOp2 for MatmulNt {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_k(x.dims())?;
         let n = w.dim(0)?;
         let (want_x, want_w) = (x.track_op(), w.track_op());
         let (dx, dw) = with_f32(&[x, w, g], |t| {
@@ -318,7 +333,7 @@ impl CustomOp2 for MatmulNt {
             (dx, dw)
         })?;
         Ok((
-            dx.map(|v| Tensor::from_vec(v, (m, k), x.device()))
+            dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()))
                 .transpose()?,
             dw.map(|v| Tensor::from_vec(v, (n, k), w.device()))
                 .transpose()?,
@@ -326,7 +341,7 @@ impl CustomOp2 for MatmulNt {
     }
 }
 
-/// `x [m, k] · w [n, k]ᵀ` (f32, CPU).
+/// `x [..., k] · w [n, k]ᵀ → [..., n]` (f32, CPU).
 pub fn matmul_nt_op(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, MatmulNt)
 }
@@ -364,7 +379,7 @@ fn linear_fwd(
     bias: Option<(&CpuStorage, &Layout)>,
     transposed: bool,
 ) -> Result<(CpuStorage, Shape)> {
-    let (m, k) = l1.shape().dims2()?;
+    let (m, k) = rows_k(l1.dims())?;
     let (a, b) = l2.shape().dims2()?;
     let (k2, n) = if transposed { (a, b) } else { (b, a) };
     if k != k2 || bias.is_some_and(|(_, l3)| l3.dims() != [n]) {
@@ -398,7 +413,7 @@ fn linear_fwd(
         &mut o,
         bias.is_some(),
     );
-    out(o, &Shape::from((m, n)))
+    out(o, &with_last(l1.dims(), n))
 }
 
 impl candle_core::CustomOp3 for LinearBias {
@@ -424,14 +439,15 @@ impl candle_core::CustomOp3 for LinearBias {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_k(x.dims())?;
         let n = b.dim(0)?;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let tr = self.transposed;
         let (dx, dw, db) = linear_grads(x, w, g, (m, k, n), tr, (want_x, want_w, want_b))?;
         let dev = x.device();
         Ok((
-            dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
+            dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
+                .transpose()?,
             dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
                 .transpose()?,
             db.map(|v| Tensor::from_vec(v, n, dev)).transpose()?,
@@ -439,7 +455,7 @@ impl candle_core::CustomOp3 for LinearBias {
     }
 }
 
-/// `x [m, k] · W + b` with W [k, n] (`transposed`) or [n, k], bias [n] (f32, CPU).
+/// `x [..., k] · W + b → [..., n]` with W [k, n] (`transposed`) or [n, k], bias [n] (f32, CPU).
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
@@ -546,8 +562,8 @@ impl candle_core::CustomOp2 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
-        let n = g.dim(1)?;
+        let (m, k) = rows_k(x.dims())?;
+        let n = g.dim(D::Minus1)?;
         let (dx, dw, _) = linear_grads(
             x,
             w,
@@ -558,14 +574,16 @@ impl candle_core::CustomOp2 for Linear {
         )?;
         let dev = x.device();
         Ok((
-            dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
+            dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
+                .transpose()?,
             dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
                 .transpose()?,
         ))
     }
 }
 
-/// `x [m, k] · W` with W [k, n] (`transposed`) or [n, k] (f32, CPU), multi-threaded.
+/// `x [..., k] · W → [..., n]` with W [k, n] (`transposed`) or [n, k] (f32, CPU),
+/// multi-threaded. Leading dimensions are rows: no reshape (and no graph node for one).
 pub fn linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Linear { transposed })

@@ -102,6 +102,15 @@ pub(crate) fn out(v: Vec<f32>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
     Ok((CpuStorage::F32(v), shape.clone()))
 }
 
+/// The strides of a contiguous tensor of shape `dims`.
+pub(crate) fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        st[i] = st[i + 1] * dims[i + 1];
+    }
+    st
+}
+
 /// A Vec of `n` f32 whose contents the caller overwrites entirely.
 #[allow(clippy::uninit_vec)]
 pub(crate) fn uninit(n: usize) -> Vec<f32> {

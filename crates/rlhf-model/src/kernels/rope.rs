@@ -1,7 +1,8 @@
 //! Rotate-half RoPE, fused forward and backward. The input may be a strided view — the usual
-//! `[b, t, h, d] → [b, h, t, d]` transpose of a projection — and is read in place; the output
-//! is contiguous `[b, h, t, d]`, so the transpose's copy and the composed version's five
-//! temporaries (two halves, a negation, a concatenation, two products) all disappear.
+//! `[b, t, h, d] → [b, h, t, d]` transpose of a projection — or the projection's `[b, t, h·d]`
+//! output itself, and is read in place; the output is contiguous `[b, h, t, d]`, so the
+//! reshape and transpose nodes, the copy and the composed version's five temporaries (two
+//! halves, a negation, a concatenation, two products) all disappear.
 //!
 //! `y = x·cos + rot(x)·sin` with `rot(x) = [−x₂, x₁]`; the backward is its transpose:
 //! `dx = g·cos + rotᵀ(g·sin)`, `rotᵀ(u) = [u₂, −u₁]`. cos/sin are constants (no gradient).
@@ -9,12 +10,14 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{out, uninit, with_f32};
+use super::attention::Heads;
+use super::{contiguous_strides, out, uninit, with_f32};
 
 struct Rope {
     /// [b, 1, t, d] each, contiguous.
     cos: Tensor,
     sin: Tensor,
+    form: Heads,
 }
 
 /// One row: `y = x·c + rot(x)·s` (`back`: `y = x·c + rotᵀ(x·s)`).
@@ -39,43 +42,77 @@ fn row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32], back: bool) {
 }
 
 crate::multiversion! {
-    /// All rows of one (batch, head) pair; `x` starts at the pair, rows `xs` apart.
-    fn pair(x: &[f32], xs: usize, c: &[f32], s: &[f32], y: &mut [f32], d: usize, back: bool) {
-        for (ti, yr) in y.chunks_mut(d).enumerate() {
-            let o = ti * d;
-            row(&x[ti * xs..ti * xs + d], &c[o..o + d], &s[o..o + d], yr, back);
+    /// All rows of one batch: row `ti` of head `hi` is read at `hi·hs + ti·ts` of `x`, and
+    /// written to `y` (this batch's block) pair-major (`[h, t, d]`) or, `merged`, `[t, h, d]`.
+    fn batch(
+        x: &[f32], hs: usize, ts: usize, c: &[f32], s: &[f32], y: &mut [f32],
+        hd: (usize, usize, usize), back: bool, merged: bool,
+    ) {
+        let (h, t, d) = hd;
+        for hi in 0..h {
+            for ti in 0..t {
+                let xo = hi * hs + ti * ts;
+                let yo = if merged { (ti * h + hi) * d } else { (hi * t + ti) * d };
+                let tab = ti * d..(ti + 1) * d;
+                row(&x[xo..xo + d], &c[tab.clone()], &s[tab], &mut y[yo..yo + d], back);
+            }
         }
     }
 }
 
+/// Every row of `x`, whose pair rows lie at strides `[batch, head, time]`; the output is
+/// contiguous `[b, h, t, d]`, or `[b, t, h·d]` when `merged`.
 fn run(
     x: &[f32],
     strides: [usize; 3],
-    dims: (usize, usize, usize, usize),
+    dims: Dims4,
     cos: &[f32],
     sin: &[f32],
     back: bool,
+    merged: bool,
 ) -> Vec<f32> {
     let (b, h, t, d) = dims;
     let mut y = uninit(b * h * t * d);
-    if d == 0 || t == 0 {
+    if y.is_empty() {
         return y;
     }
-    y.par_chunks_mut(t * d).enumerate().for_each(|(p, y)| {
-        let (bi, hi) = (p / h, p % h);
-        let base = bi * strides[0] + hi * strides[1];
+    y.par_chunks_mut(h * t * d).enumerate().for_each(|(bi, y)| {
         let tab = bi * t * d..(bi + 1) * t * d;
-        pair(
-            &x[base..],
+        batch(
+            &x[bi * strides[0]..],
+            strides[1],
             strides[2],
             &cos[tab.clone()],
             &sin[tab],
             y,
-            d,
+            (h, t, d),
             back,
+            merged,
         )
     });
     y
+}
+
+/// `(b, h, t, d)`.
+type Dims4 = (usize, usize, usize, usize);
+
+/// `[b, h, t, d]` and the pair-row strides of `x` read as `form`.
+fn geometry(dims: &[usize], st: &[usize], form: Heads) -> Result<(Dims4, [usize; 3])> {
+    match (form, dims) {
+        (Heads::Split, &[b, h, t, d]) => {
+            if st[3] != 1 && d > 1 {
+                candle_core::bail!("rope: the last dimension must be contiguous")
+            }
+            Ok(((b, h, t, d), [st[0], st[1], st[2]]))
+        }
+        (Heads::Merged(h), &[b, t, w]) if h > 0 && w % h == 0 => {
+            if st[2] != 1 && w > 1 {
+                candle_core::bail!("rope: the last dimension must be contiguous")
+            }
+            Ok(((b, h, t, w / h), [st[0], w / h, st[1]]))
+        }
+        _ => candle_core::bail!("rope: {dims:?} as {form:?}"),
+    }
 }
 
 impl CustomOp1 for Rope {
@@ -86,30 +123,42 @@ impl CustomOp1 for Rope {
         let CpuStorage::F32(data) = s else {
             candle_core::bail!("rope: f32 only")
         };
-        let (b, h, t, d) = l.shape().dims4()?;
-        let st = l.stride();
-        if st[3] != 1 && d > 1 {
-            candle_core::bail!("rope: the last dimension must be contiguous")
-        }
+        let (dims, st) = geometry(l.dims(), l.stride(), self.form)?;
         let x = &data[l.start_offset()..];
         let y = with_f32(&[&self.cos, &self.sin], |cs| {
-            run(x, [st[0], st[1], st[2]], (b, h, t, d), cs[0], cs[1], false)
+            run(x, st, dims, cs[0], cs[1], false, false)
         })?;
-        out(y, l.shape())
+        let (b, h, t, d) = dims;
+        out(y, &Shape::from((b, h, t, d)))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let (b, h, t, d) = x.dims4()?;
+        let ((b, h, t, d), _) = geometry(x.dims(), &contiguous_strides(x.dims()), self.form)?;
+        let merged = matches!(self.form, Heads::Merged(_));
         let dx = with_f32(&[g, &self.cos, &self.sin], |v| {
-            run(v[0], [h * t * d, t * d, d], (b, h, t, d), v[1], v[2], true)
+            run(
+                v[0],
+                [h * t * d, t * d, d],
+                (b, h, t, d),
+                v[1],
+                v[2],
+                true,
+                merged,
+            )
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
-/// Fused rotate-half RoPE: `x` [b, h, t, d] (any strides with a contiguous last dimension),
-/// `cos`/`sin` [b, 1, t, d] → contiguous [b, h, t, d].
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _, t, d) = x.dims4()?;
+/// Fused rotate-half RoPE: `x` `[b, h, t, d]` (`Split`: any strides with a contiguous last
+/// dimension) or `[b, t, h·d]` (`Merged(h)`: a projection's output), `cos`/`sin` `[b, 1, t, d]`
+/// → contiguous `[b, h, t, d]`.
+pub fn rope(x: &Tensor, form: Heads, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = if geometry(x.dims(), x.stride(), form).is_ok() {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    let ((b, _, t, d), _) = geometry(x.dims(), x.stride(), form)?;
     if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
         candle_core::bail!(
             "rope: x {:?}, cos {:?}, sin {:?}",
@@ -118,13 +167,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin.dims()
         )
     }
-    let x = if x.stride()[3] == 1 || d == 1 {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
     x.apply_op1(Rope {
         cos: cos.contiguous()?.detach(),
         sin: sin.contiguous()?.detach(),
+        form,
     })
 }
