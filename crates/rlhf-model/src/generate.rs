@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::CausalLM;
@@ -75,17 +76,19 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
     } else {
         1.0
     };
-    let scaled: Vec<f32> = logits.iter().map(|x| x / t).collect();
-    let m = crate::kernels::math::max(&scaled);
-    let lse = m + crate::kernels::math::sum_exp_sub(&scaled, m).ln();
+    // Dividing by 1 is exact: at T = 1 (and greedy) the logits are used as they are.
+    let owned: Vec<f32>;
+    let scaled: &[f32] = if t == 1.0 {
+        logits
+    } else {
+        owned = logits.iter().map(|x| x / t).collect();
+        &owned
+    };
+    let m = crate::kernels::math::max(scaled);
+    let lse = m + crate::kernels::math::sum_exp_sub(scaled, m).ln();
     if cfg.temperature <= 0.0 {
-        let (i, _) = scaled
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
-            );
+        // The first index holding the maximum.
+        let i = scaled.iter().position(|&x| x == m).unwrap_or(0);
         return (i as u32, scaled[i] - lse);
     }
     let mut idx: Vec<usize> = (0..scaled.len()).collect();
@@ -178,13 +181,19 @@ pub fn generate(
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
         let logits: Vec<f32> = model.lm_logits(&last)?.flatten_all()?.to_vec1()?;
+        // Rows sample in parallel, each with its own RNG: the same draws as one at a time.
+        let picks: Vec<Option<(u32, f32)>> = rngs
+            .par_iter_mut()
+            .zip(logits.par_chunks(v))
+            .zip(out.finished.par_iter())
+            .map(|((rng, row), &done)| (!done).then(|| sample_row(row, cfg, rng)))
+            .collect();
         let mut next = Vec::with_capacity(b);
-        for r in 0..b {
-            if out.finished[r] {
+        for (r, pick) in picks.into_iter().enumerate() {
+            let Some((tok, lp)) = pick else {
                 next.push(cfg.pad_id);
                 continue;
-            }
-            let (tok, lp) = sample_row(&logits[r * v..(r + 1) * v], cfg, &mut rngs[r]);
+            };
             out.tokens[r].push(tok);
             out.logprobs[r].push(lp);
             if cfg.eos_ids.contains(&tok) {

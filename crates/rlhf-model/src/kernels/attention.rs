@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::gemm::{sgemm_serial, Mat};
 use super::matmul::dot;
-use super::{contiguous_strides, math, out, uninit, with_f32};
+use super::{contiguous_strides, math, out, uninit, with_f32, SharedOut};
 
 const MASK_BELOW: f32 = -1e8;
 
@@ -139,20 +139,14 @@ impl<'a> Src<'a> {
 /// A destination written by several tasks at once, each to rows no other task writes.
 #[derive(Clone, Copy)]
 struct Dst {
-    ptr: *mut f32,
-    len: usize,
+    out: SharedOut,
     rows: Rows,
 }
-
-// SAFETY: tasks write disjoint rows (see `put`); the buffer outlives the parallel section.
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
 
 impl Dst {
     fn new(buf: &mut [f32], rows: Rows) -> Self {
         Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
+            out: SharedOut::new(buf),
             rows,
         }
     }
@@ -162,9 +156,8 @@ impl Dst {
     /// No other task may write or read these rows concurrently.
     unsafe fn put(&self, b: usize, h: usize, t0: usize, d: usize, src: &[f32]) {
         for (i, r) in src.chunks_exact(d).enumerate() {
-            let at = self.rows.at(b, h, t0 + i);
-            assert!(at + d <= self.len);
-            std::ptr::copy_nonoverlapping(r.as_ptr(), self.ptr.add(at), d);
+            // SAFETY: the caller's contract.
+            unsafe { self.out.write(self.rows.at(b, h, t0 + i), r) };
         }
     }
 }
@@ -186,14 +179,64 @@ fn scores_rows(
         s[..tk].iter_mut().for_each(|x| *x = 0.0);
         return (0, tk);
     };
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512F; rows lo..hi of `k` are in bounds (the caller's view).
+        unsafe { dots_avx512(q, k, ks, lo, hi, s) };
+    } else {
+        for j in lo..hi {
+            s[j] = dot(q, &k[j * ks..j * ks + d]);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for j in lo..hi {
+        s[j] = dot(q, &k[j * ks..j * ks + d]);
+    }
     for j in lo..hi {
         s[j] = if bias[j] > MASK_BELOW {
-            dot(q, &k[j * ks..j * ks + d]) * g.scale + bias[j]
+            s[j] * g.scale + bias[j]
         } else {
             f32::NEG_INFINITY
         };
     }
     (lo, hi)
+}
+
+/// `s[j] = q · k_j` for keys `lo..hi` (rows `ks` apart): four keys at a time, explicit FMAs and
+/// one horizontal sum per key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    assert!(hi == lo || (hi - 1) * ks + d <= k.len());
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let mut j = lo;
+    while j < hi {
+        let n = (hi - j).min(4);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut c = 0;
+        while c < d {
+            let mask: __mmask16 = if c + 16 <= d {
+                0xffff
+            } else {
+                (1u16 << (d - c)) - 1
+            };
+            // SAFETY: masked loads touch lanes c..min(c + 16, d) of q and of rows j..j+n.
+            unsafe {
+                let qv = _mm512_maskz_loadu_ps(mask, qp.add(c));
+                for (i, a) in acc.iter_mut().enumerate().take(n) {
+                    let kv = _mm512_maskz_loadu_ps(mask, kp.add((j + i) * ks + c));
+                    *a = _mm512_fmadd_ps(qv, kv, *a);
+                }
+            }
+            c += 16;
+        }
+        for (i, a) in acc.iter().enumerate().take(n) {
+            s[j + i] = _mm512_reduce_add_ps(*a);
+        }
+        j += n;
+    }
 }
 
 crate::multiversion! {
@@ -208,12 +251,7 @@ crate::multiversion! {
             let brow = &bias[i * tk..(i + 1) * tk];
             let (lo, hi) = scores_rows(&q[i * qs..i * qs + d], k, ks, brow, g, s);
             let m = math::max(&s[lo..hi]);
-            let mut sum = 0.0f32;
-            for x in s[lo..hi].iter_mut() {
-                let e = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - m) };
-                *x = e;
-                sum += e;
-            }
+            let sum = math::exp_sub_in_place(&mut s[lo..hi], m);
             lse[i] = m + sum.ln();
             let inv = 1.0 / sum;
             let oi = &mut o[i * d..(i + 1) * d];

@@ -69,6 +69,27 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
+    /// `x[i] = exp(x[i] - sub)` in place (−∞ becomes 0), returning the sum.
+    pub fn exp_sub_in_place(x: &mut [f32], sub: f32) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let mut c = x.chunks_exact_mut(16);
+        for xs in &mut c {
+            for k in 0..16 {
+                let e = exp(xs[k] - sub);
+                xs[k] = e;
+                acc[k] += e;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for xv in c.into_remainder() {
+            *xv = exp(*xv - sub);
+            s += *xv;
+        }
+        s
+    }
+}
+
+crate::multiversion! {
     /// Sum of `exp(x[i] - sub)`.
     pub fn sum_exp_sub(x: &[f32], sub: f32) -> f32 {
         let mut acc = [0.0f32; 16];

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
-use super::{out, slice, uninit, with_f32};
+use super::{out, slice, uninit, with_f32, SharedOut};
 
 /// At most this many rows take the dot-product kernel.
 pub const SMALL_M: usize = 16;
@@ -219,17 +219,24 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f3
         return;
     }
     if m <= SMALL_M {
-        // Tasks own disjoint column blocks: compute oᵀ [n, m] by row blocks, then transpose.
+        // Tasks own disjoint column blocks of `o`: each computes its block transposed
+        // ([cols, m], in L1) and writes it into place.
         const CH: usize = 128;
-        let mut ot = uninit(n * m);
-        ot.par_chunks_mut(CH * m)
-            .zip(w.par_chunks(CH * k))
-            .for_each(|(ot, wc)| dots_any(x, m, k, wc, ot));
-        for (j, col) in ot.chunks(m).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                o[r * n + j] = v;
-            }
-        }
+        let dst = SharedOut::new(&mut o[..m * n]);
+        w.par_chunks(CH * k).enumerate().for_each_init(
+            || uninit(CH * m),
+            |buf, (ci, wc)| {
+                let cols = wc.len() / k;
+                let bt = &mut buf[..cols * m];
+                dots_any(x, m, k, wc, bt);
+                for r in 0..m {
+                    for (jj, col) in bt.chunks_exact(m).enumerate() {
+                        // SAFETY: columns ci·CH.. of every row belong to this task only.
+                        unsafe { dst.set(r * n + ci * CH + jj, col[r]) };
+                    }
+                }
+            },
+        );
     } else {
         sgemm(
             m,

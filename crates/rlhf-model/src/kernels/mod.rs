@@ -111,6 +111,48 @@ pub(crate) fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
     st
 }
 
+/// An output buffer that parallel tasks write at once, each to elements no other task touches
+/// (for layouts where the tasks' parts are not contiguous slices).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: every user writes disjoint elements from each task (their `# Safety` contract), and
+// the buffer outlives the parallel section that writes it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+    /// Copy `src` to elements `at..at + src.len()` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other task may access these elements concurrently.
+    #[inline]
+    pub(crate) unsafe fn write(&self, at: usize, src: &[f32]) {
+        assert!(at + src.len() <= self.len);
+        // SAFETY: in bounds (checked above); exclusive per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) }
+    }
+    /// Set element `at` (bounds-checked).
+    ///
+    /// # Safety
+    /// As [`Self::write`].
+    #[inline]
+    pub(crate) unsafe fn set(&self, at: usize, v: f32) {
+        assert!(at < self.len);
+        // SAFETY: as above.
+        unsafe { *self.ptr.add(at) = v }
+    }
+}
+
 /// A Vec of `n` f32 whose contents the caller overwrites entirely.
 #[allow(clippy::uninit_vec)]
 pub(crate) fn uninit(n: usize) -> Vec<f32> {
