@@ -71,8 +71,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// `gemm`: GFLOP/s of `kernels::gemm::sgemm` on the training step's products (m = 1024 rows
-/// = 8 × 128 tokens), in the three layouts a linear layer uses: forward `x·W`, `dX = g·Wᵀ` and
-/// `dW = xᵀ·g` (best of 5 × 5 calls). `scripts/torch_gemm.py` times PyTorch on the same.
+/// = 8 × 128 tokens), in the layouts a linear layer uses: with a GPT-2 [k, n] weight forward
+/// `x·W`, `dX = g·Wᵀ`, `dW = xᵀ·g`; with an HF [n, k] weight forward `x·Wᵀ` and `dW = gᵀ·x`
+/// (best of 5 × 5 calls). `scripts/torch_gemm.py` times PyTorch on the first three.
 fn gemm_rates() -> anyhow::Result<()> {
     use rlhf_model::kernels::gemm::{sgemm, Mat};
     fn row(data: &[f32], rs: usize) -> Mat<'_> {
@@ -113,7 +114,12 @@ fn gemm_rates() -> anyhow::Result<()> {
         let fwd = rate(&mut || sgemm(m, n, k, row(&x, k), row(&w, n), &mut y, false));
         let dx = rate(&mut || sgemm(m, k, n, row(&g, n), col(&w, n), &mut y, false));
         let dwr = rate(&mut || sgemm(k, n, m, col(&x, k), row(&g, n), &mut dw, false));
-        println!("RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0}");
+        // HF [n, k] weight: forward x · Wᵀ (b column-major) and dW = gᵀ · x.
+        let nt = rate(&mut || sgemm(m, n, k, row(&x, k), col(&w, k), &mut y, false));
+        let dwt = rate(&mut || sgemm(n, k, m, col(&g, n), row(&x, k), &mut dw, false));
+        println!(
+            "RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
+        );
     }
     // Decoding's LM head: 8 rows against a [50257, 256] weight (51 MB), evicted from the caches
     // before each call as a decoding step's other work does; median of 20.
