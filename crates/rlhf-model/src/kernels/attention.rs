@@ -24,7 +24,9 @@ use rayon::prelude::*;
 
 use super::gemm::{sgemm_serial, Mat};
 use super::matmul::dot;
-use super::{contiguous_strides, math, out, uninit, with_f32, SharedOut};
+#[cfg(target_arch = "x86_64")]
+use super::matmul::tail_mask;
+use super::{math, out, uninit, with_f32, SharedOut};
 
 const MASK_BELOW: f32 = -1e8;
 
@@ -58,11 +60,11 @@ pub enum Heads {
 /// Where a tensor's rows lie: row `t` of head `h` in batch `b` starts at
 /// `off + b·s0 + h·s1 + t·s2`, and its `d` floats are contiguous.
 #[derive(Clone, Copy, Debug)]
-struct Rows {
-    off: usize,
-    s0: usize,
-    s1: usize,
-    s2: usize,
+pub(crate) struct Rows {
+    pub(crate) off: usize,
+    pub(crate) s0: usize,
+    pub(crate) s1: usize,
+    pub(crate) s2: usize,
 }
 
 impl Rows {
@@ -72,8 +74,8 @@ impl Rows {
 }
 
 /// `[b, h, t, d]` and the rows of a tensor of shape `dims`, strides `st`, offset `off`, read
-/// as `form`; `None` if its rows of `d` are not contiguous.
-fn rows_of(
+/// as `form`; `None` if its rows of `d` are not contiguous. (RoPE reads its input the same way.)
+pub(crate) fn rows_of(
     dims: &[usize],
     st: &[usize],
     off: usize,
@@ -118,8 +120,9 @@ fn rows_of(
 }
 
 /// [`rows_of`] for a contiguous tensor of shape `dims`.
-fn rows_contiguous(dims: &[usize], form: Heads) -> Result<([usize; 4], Rows)> {
-    Ok(rows_of(dims, &contiguous_strides(dims), 0, form)?.expect("contiguous rows"))
+pub(crate) fn rows_contiguous(dims: &[usize], form: Heads) -> Result<([usize; 4], Rows)> {
+    let st = Layout::contiguous(dims).stride().to_vec();
+    Ok(rows_of(dims, &st, 0, form)?.expect("contiguous rows"))
 }
 
 /// An operand: all of its storage and where its rows lie in it.
@@ -174,24 +177,12 @@ fn scores_rows(
     g: Dims,
     s: &mut [f32],
 ) -> (usize, usize) {
-    let (tk, d) = (g.tk, g.d);
+    let tk = g.tk;
     let Some((lo, hi)) = visible(bias) else {
         s[..tk].iter_mut().for_each(|x| *x = 0.0);
         return (0, tk);
     };
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
-        // SAFETY: the CPU has AVX-512F; rows lo..hi of `k` are in bounds (the caller's view).
-        unsafe { dots_avx512(q, k, ks, lo, hi, s) };
-    } else {
-        for j in lo..hi {
-            s[j] = dot(q, &k[j * ks..j * ks + d]);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for j in lo..hi {
-        s[j] = dot(q, &k[j * ks..j * ks + d]);
-    }
+    key_dots(q, k, ks, lo, hi, s);
     for j in lo..hi {
         s[j] = if bias[j] > MASK_BELOW {
             s[j] * g.scale + bias[j]
@@ -202,8 +193,21 @@ fn scores_rows(
     (lo, hi)
 }
 
-/// `s[j] = q · k_j` for keys `lo..hi` (rows `ks` apart): four keys at a time, explicit FMAs and
-/// one horizontal sum per key.
+/// `s[j] = q · k_j` for keys `lo..hi` (rows `ks` apart).
+#[inline(always)]
+fn key_dots(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512F; `dots_avx512` checks the rows' bounds.
+        return unsafe { dots_avx512(q, k, ks, lo, hi, s) };
+    }
+    let d = q.len();
+    for j in lo..hi {
+        s[j] = dot(q, &k[j * ks..j * ks + d]);
+    }
+}
+
+/// [`key_dots`] with AVX-512: four keys at a time, explicit FMAs and one horizontal sum per key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_avx512(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: &mut [f32]) {
@@ -217,11 +221,7 @@ unsafe fn dots_avx512(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: 
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut c = 0;
         while c < d {
-            let mask: __mmask16 = if c + 16 <= d {
-                0xffff
-            } else {
-                (1u16 << (d - c)) - 1
-            };
+            let mask = tail_mask(c, d);
             // SAFETY: masked loads touch lanes c..min(c + 16, d) of q and of rows j..j+n.
             unsafe {
                 let qv = _mm512_maskz_loadu_ps(mask, qp.add(c));
@@ -579,14 +579,15 @@ fn backward(
     (0..b * hk).into_par_iter().for_each_init(
         || {
             let n = QB.min(tq) * tk;
-            (vec![0.0f32; n], vec![0.0f32; n], uninit(tq * d))
+            let kv = || vec![0.0f32; tk * d];
+            (vec![0.0f32; n], vec![0.0f32; n], uninit(tq * d), kv(), kv())
         },
-        |(s, dp, dqb), kp| {
+        |(s, dp, dqb, dkb, dvb), kp| {
             let (bi, ki) = (kp / hk, kp % hk);
             let bsel = if bb == 1 { 0 } else { bi };
             let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
-            let mut dkb = vec![0.0f32; tk * d];
-            let mut dvb = vec![0.0f32; tk * d];
+            dkb.fill(0.0);
+            dvb.fill(0.0);
             for hi in ki * rep..(ki + 1) * rep {
                 let x = PairIn {
                     q: q.from(bi, hi, 0),
@@ -602,14 +603,14 @@ fn backward(
                 };
                 let p = bi * h + hi;
                 let l = &lse[p * tq..(p + 1) * tq];
-                bwd_blocked(&x, l, bp, g, dqb, &mut dkb, &mut dvb, s, dp);
+                bwd_blocked(&x, l, bp, g, dqb, dkb, dvb, s, dp);
                 // SAFETY: query pair (bi, hi) belongs to this kv pair's task only.
                 unsafe { dq.put(bi, hi, 0, d, dqb) };
             }
             // SAFETY: kv pair (bi, ki) is this task's.
             unsafe {
-                dk.put(bi, ki, 0, d, &dkb);
-                dv.put(bi, ki, 0, d, &dvb);
+                dk.put(bi, ki, 0, d, dkb);
+                dv.put(bi, ki, 0, d, dvb);
             }
         },
     );
@@ -705,15 +706,10 @@ fn readable(t: &Tensor, form: Heads) -> bool {
 }
 
 /// Fused attention: q `[b, h, tq, d]`, k/v `[b, hk, tk, d]` with `hk` dividing `h` (grouped-
-/// query attention without repeating k/v), bias `[b or 1, 1, tq, tk]` → `[b, h, tq, d]`. Any
-/// of q/k/v may be a strided view (a transposed projection, a KV cache's buffer): read in place.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let s = Heads::Split;
-    attention_forms((q, s), (k, s), (v, s), bias, s)
-}
-
-/// [`attention`] with each of q/k/v in its own [`Heads`] form, and the output `[b, h, tq, d]`
-/// (`out` = `Split`) or `[b, tq, h·d]` (`Merged(h)`, the next projection's input).
+/// query attention without repeating k/v), bias `[b or 1, 1, tq, tk]`; each of q/k/v in its own
+/// [`Heads`] form (a strided view — a transposed projection, a KV cache's buffer — or a
+/// projection's `[b, t, h·d]` output, read in place), the output `[b, h, tq, d]` (`out` =
+/// `Split`) or `[b, tq, h·d]` (`Merged(h)`, the next projection's input).
 pub fn attention_forms(
     (q, fq): (&Tensor, Heads),
     (k, fk): (&Tensor, Heads),
@@ -796,7 +792,8 @@ impl CustomOp1 for Packed {
         out(o, &Shape::from(shape))
     }
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (geo, [qr, kr, vr]) = self.split(x.dims(), &contiguous_strides(x.dims()), 0)?;
+        let st = Layout::contiguous(x.dims()).stride().to_vec();
+        let (geo, [qr, kr, vr]) = self.split(x.dims(), &st, 0)?;
         let (_, or) = rows_contiguous(res.dims(), Heads::Merged(self.h))?;
         let bb = self.bias.dim(0)?;
         let lse = self.lse.lock().unwrap();

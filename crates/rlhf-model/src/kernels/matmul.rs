@@ -100,6 +100,17 @@ unsafe fn reduce16(a: &[std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     out
 }
 
+/// The lanes of the 16-float step at `c` that lie below `len` (all 16 but at the tail).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn tail_mask(c: usize, len: usize) -> std::arch::x86_64::__mmask16 {
+    if c + 16 <= len {
+        0xffff
+    } else {
+        (1u16 << (len - c)) - 1
+    }
+}
+
 /// One block: `R` (≤ 4) input rows against 4 weight rows, 16 accumulators in registers
 /// (8 loads per 16 FMAs, where one row pair at a time needs 2 loads per FMA).
 #[cfg(target_arch = "x86_64")]
@@ -119,11 +130,7 @@ unsafe fn block4<const R: usize>(
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut c = 0;
     while c < k {
-        let mask: __mmask16 = if c + 16 <= k {
-            0xffff
-        } else {
-            (1u16 << (k - c)) - 1
-        };
+        let mask = tail_mask(c, k);
         if prefetch {
             // The next block's 4 rows, one cache line each (the 4 rows of a block are one
             // contiguous stretch, so this runs 4·k floats ahead). Prefetches never fault.
@@ -224,16 +231,18 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f3
         const CH: usize = 128;
         let dst = SharedOut::new(&mut o[..m * n]);
         w.par_chunks(CH * k).enumerate().for_each_init(
-            || uninit(CH * m),
-            |buf, (ci, wc)| {
+            || (uninit(CH * m), uninit(CH)),
+            |(buf, run), (ci, wc)| {
                 let cols = wc.len() / k;
                 let bt = &mut buf[..cols * m];
                 dots_any(x, m, k, wc, bt);
                 for r in 0..m {
-                    for (jj, col) in bt.chunks_exact(m).enumerate() {
-                        // SAFETY: columns ci·CH.. of every row belong to this task only.
-                        unsafe { dst.set(r * n + ci * CH + jj, col[r]) };
-                    }
+                    let run = &mut run[..cols];
+                    run.iter_mut()
+                        .zip(bt.chunks_exact(m))
+                        .for_each(|(v, col)| *v = col[r]);
+                    // SAFETY: columns ci·CH.. of every row belong to this task only.
+                    unsafe { dst.write(r * n + ci * CH, run) };
                 }
             },
         );

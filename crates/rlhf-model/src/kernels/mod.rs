@@ -102,15 +102,6 @@ pub(crate) fn out(v: Vec<f32>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
     Ok((CpuStorage::F32(v), shape.clone()))
 }
 
-/// The strides of a contiguous tensor of shape `dims`.
-pub(crate) fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * dims[i + 1];
-    }
-    st
-}
-
 /// An output buffer that parallel tasks write at once, each to elements no other task touches
 /// (for layouts where the tasks' parts are not contiguous slices).
 #[derive(Clone, Copy)]
@@ -140,16 +131,6 @@ impl SharedOut {
         assert!(at + src.len() <= self.len);
         // SAFETY: in bounds (checked above); exclusive per the contract.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) }
-    }
-    /// Set element `at` (bounds-checked).
-    ///
-    /// # Safety
-    /// As [`Self::write`].
-    #[inline]
-    pub(crate) unsafe fn set(&self, at: usize, v: f32) {
-        assert!(at < self.len);
-        // SAFETY: as above.
-        unsafe { *self.ptr.add(at) = v }
     }
 }
 

@@ -10,8 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::attention::Heads;
-use super::{contiguous_strides, out, uninit, with_f32};
+use super::attention::{rows_contiguous, rows_of, Heads};
+use super::{out, uninit, with_f32};
 
 struct Rope {
     /// [b, 1, t, d] each, contiguous.
@@ -96,22 +96,12 @@ fn run(
 /// `(b, h, t, d)`.
 type Dims4 = (usize, usize, usize, usize);
 
-/// `[b, h, t, d]` and the pair-row strides of `x` read as `form`.
+/// `[b, h, t, d]` and the pair-row strides of a tensor (shape `dims`, strides `st`) read as
+/// `form` — the rows attention reads, offset aside.
 fn geometry(dims: &[usize], st: &[usize], form: Heads) -> Result<(Dims4, [usize; 3])> {
-    match (form, dims) {
-        (Heads::Split, &[b, h, t, d]) => {
-            if st[3] != 1 && d > 1 {
-                candle_core::bail!("rope: the last dimension must be contiguous")
-            }
-            Ok(((b, h, t, d), [st[0], st[1], st[2]]))
-        }
-        (Heads::Merged(h), &[b, t, w]) if h > 0 && w % h == 0 => {
-            if st[2] != 1 && w > 1 {
-                candle_core::bail!("rope: the last dimension must be contiguous")
-            }
-            Ok(((b, h, t, w / h), [st[0], w / h, st[1]]))
-        }
-        _ => candle_core::bail!("rope: {dims:?} as {form:?}"),
+    match rows_of(dims, st, 0, form)? {
+        Some(([b, h, t, d], r)) => Ok(((b, h, t, d), [r.s0, r.s1, r.s2])),
+        None => candle_core::bail!("rope: the last dimension must be contiguous"),
     }
 }
 
@@ -132,7 +122,7 @@ impl CustomOp1 for Rope {
         out(y, &Shape::from((b, h, t, d)))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let ((b, h, t, d), _) = geometry(x.dims(), &contiguous_strides(x.dims()), self.form)?;
+        let ([b, h, t, d], _) = rows_contiguous(x.dims(), self.form)?;
         let merged = matches!(self.form, Heads::Merged(_));
         let dx = with_f32(&[g, &self.cos, &self.sin], |v| {
             run(
