@@ -2,7 +2,7 @@
 `cargo bench -p rlhf-model --bench speed -- SHAPE [MODE]`, same batch (8 x 128), same token ids
 (the LCG), AdamW, 2 threads. Prints RESULT lines in the same format.
 
-    /tmp/torchvenv/bin/python scripts/torch_bench.py SHAPE [MODE]     # MODE 1 train, 2 gen, 3 both
+    /tmp/torchvenv/bin/python scripts/torch_bench.py SHAPE [MODE]     # MODE 1 train, 2 greedy gen, 8 sampled gen (bits add)
 
 For the GPT-2 shapes this is the model of /work/shared/bench/torch_gpt_baseline.py (tanh-GELU,
 tied head, scaled_dot_product_attention); the Llama shapes add RMSNorm, rotate-half RoPE, GQA
@@ -121,14 +121,17 @@ if mode & 1:
         losses.append(l)
     med = statistics.median(times); toks = B * T
     print(f"RESULT train median_step={med:.4f}s tok/s={toks/med:.0f} GFLOP/s(6N)={6*nparams*toks/med/1e9:.1f} loss0={losses[0]:.3f} peak_rss_MB={rss_mb():.0f}")
-if mode & 2:
+for bit, label in ((2, "gen64"), (8, "gen64-sample")):
+    if not mode & bit: continue
+    torch.manual_seed(1)
     m.eval(); prompt = lcg(B * 64, 7).view(B, 64); best = float("inf")
     with torch.inference_mode():
         for _ in range(3):
             t0 = time.perf_counter(); seq = prompt; nxt_in = prompt; cache = [None] * NL; off = 0
             for _ in range(64):
                 h = m.hidden(nxt_in, off, cache)
-                nxt = m.logits(h[:, -1]).argmax(-1, keepdim=True)
+                lg = m.logits(h[:, -1])
+                nxt = lg.argmax(-1, keepdim=True) if bit == 2 else torch.multinomial(torch.softmax(lg, -1), 1)
                 off += nxt_in.shape[1]; seq = torch.cat([seq, nxt], 1); nxt_in = nxt
             best = min(best, time.perf_counter() - t0)
-    print(f"RESULT gen64 kv_cache=True time={best:.3f}s new_tok/s={B*64/best:.0f} first-row-tokens={seq[0,64:70].tolist()} peak_rss_MB={rss_mb():.0f}")
+    print(f"RESULT {label} kv_cache=True time={best:.3f}s new_tok/s={B*64/best:.0f} first-row-tokens={seq[0,64:70].tolist()} peak_rss_MB={rss_mb():.0f}")

@@ -243,12 +243,18 @@ fn main() -> anyhow::Result<()> {
             peak_rss_mb()
         );
     }
-    if mode & 2 != 0 {
+    // Mode 2: greedy decoding; mode 8: sampling at T = 1 (top-k and top-p off, as in PPO's
+    // rollouts), seeded.
+    for (bit, label, temperature) in [(2, "gen64", 0.0), (8, "gen64-sample", 1.0)] {
+        if mode & bit == 0 {
+            continue;
+        }
         let prompt = lcg(B * 64, 7, vocab);
         let prompts: Vec<Vec<u32>> = prompt.chunks(64).map(|c| c.to_vec()).collect();
         let gc = GenerationConfig {
             max_new_tokens: 64,
-            temperature: 0.0,
+            temperature,
+            seed: 1,
             use_cache: true,
             ..Default::default()
         };
@@ -261,7 +267,7 @@ fn main() -> anyhow::Result<()> {
             first = g.tokens[0][..6].to_vec();
         }
         println!(
-            "RESULT gen64 kv_cache=True time={best:.3}s new_tok/s={:.0} first-row-tokens={first:?} peak_rss_MB={:.0}",
+            "RESULT {label} kv_cache=True time={best:.3}s new_tok/s={:.0} first-row-tokens={first:?} peak_rss_MB={:.0}",
             (B * 64) as f64 / best,
             peak_rss_mb()
         );

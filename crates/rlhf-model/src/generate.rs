@@ -85,19 +85,59 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
         &owned
     };
     let m = crate::kernels::math::max(scaled);
-    let lse = m + crate::kernels::math::sum_exp_sub(scaled, m).ln();
     if cfg.temperature <= 0.0 {
+        let lse = m + crate::kernels::math::sum_exp_sub(scaled, m).ln();
         // The first index holding the maximum.
         let i = scaled.iter().position(|&x| x == m).unwrap_or(0);
         return (i as u32, scaled[i] - lse);
     }
-    let mut idx: Vec<usize> = (0..scaled.len()).collect();
-    idx.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-    if cfg.top_k > 0 {
-        idx.truncate(cfg.top_k);
+    if cfg.top_k == 0 && cfg.top_p >= 1.0 {
+        // The whole distribution: one vectorised pass for exp(x − max) and one scan of the
+        // cumulative mass in vocabulary order — no sort of the vocabulary.
+        let mut e = scaled.to_vec();
+        let z = crate::kernels::math::exp_sub_in_place(&mut e, m);
+        let target = rng.random::<f32>() * z;
+        let mut c = 0.0;
+        let mut pick = e.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+        for (i, &p) in e.iter().enumerate() {
+            c += p;
+            if target < c {
+                pick = i;
+                break;
+            }
+        }
+        return (pick as u32, scaled[pick] - (m + z.ln()));
     }
-    let mut probs: Vec<f32> = idx.iter().map(|&i| (scaled[i] - m).exp()).collect();
-    let z: f32 = probs.iter().sum();
+    // The same exp as the vectorised sums, so candidate masses and totals agree.
+    use crate::kernels::math::exp;
+    let lse = m + crate::kernels::math::sum_exp_sub(scaled, m).ln();
+    // Truncated sampling walks the tokens from the most likely down (ties: lower id first), but
+    // only as far as it needs: the top `n` are selected in O(vocab) and only they are sorted.
+    // Top-k needs k; top-p alone starts at 256 and grows until their mass reaches top-p.
+    let key = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
+    let v = scaled.len();
+    let mut idx: Vec<usize> = (0..v).collect();
+    let mut n = if cfg.top_k > 0 {
+        cfg.top_k.min(v)
+    } else {
+        256.min(v)
+    };
+    let z_all = (cfg.top_k == 0).then(|| crate::kernels::math::sum_exp_sub(scaled, m));
+    loop {
+        if n < v {
+            idx.select_nth_unstable_by(n - 1, key);
+        }
+        idx[..n].sort_unstable_by(key);
+        let Some(z) = z_all else { break };
+        let mass: f32 = idx[..n].iter().map(|&i| exp(scaled[i] - m)).sum();
+        if n == v || mass / z >= cfg.top_p as f32 {
+            break;
+        }
+        n = (n * 4).min(v);
+    }
+    idx.truncate(n);
+    let mut probs: Vec<f32> = idx.iter().map(|&i| exp(scaled[i] - m)).collect();
+    let z = z_all.unwrap_or_else(|| probs.iter().sum());
     probs.iter_mut().for_each(|p| *p /= z);
     if cfg.top_p < 1.0 {
         let mut c = 0.0;

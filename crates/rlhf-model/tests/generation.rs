@@ -141,3 +141,146 @@ fn sampled_logprobs_match_a_full_forward() {
         assert!((got - want).abs() < 1e-4, "token {j}: {got} vs {want}");
     }
 }
+
+/// The distribution `sample_row` should draw from, in f64: softmax(logits / T) over the tokens
+/// from the most likely down (ties: lower id first), cut to the top k, then to the shortest
+/// prefix whose mass reaches top-p, renormalised.
+fn processed_distribution(logits: &[f32], cfg: &GenerationConfig) -> Vec<f64> {
+    let x: Vec<f64> = logits.iter().map(|&l| l as f64 / cfg.temperature).collect();
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    let m = x[idx[0]];
+    let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let zk: f64 = idx.iter().map(|&i| (x[i] - m).exp()).sum();
+    let zk = if cfg.top_k > 0 { zk } else { z };
+    let mut keep = idx.len();
+    let mut c = 0.0;
+    for (j, &i) in idx.iter().enumerate() {
+        c += (x[i] - m).exp() / zk;
+        if c >= cfg.top_p {
+            keep = j + 1;
+            break;
+        }
+    }
+    idx.truncate(keep);
+    let zn: f64 = idx.iter().map(|&i| (x[i] - m).exp()).sum();
+    let mut p = vec![0.0; x.len()];
+    for &i in &idx {
+        p[i] = (x[i] - m).exp() / zn;
+    }
+    p
+}
+
+/// `sample_row` draws each token at its processed probability (plain, top-k, top-p, both;
+/// tied logits included) and returns log softmax(logits / T) of the token it drew.
+#[test]
+fn sample_row_draws_the_processed_distribution() {
+    use rand::SeedableRng;
+    use rlhf_model::generate::sample_row;
+    let logits = [1.0f32, 2.5, 0.3, 2.5, -1.0, 1.7, 0.9, 2.0];
+    let configs = [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9)];
+    for (temperature, top_k, top_p) in configs {
+        let cfg = GenerationConfig {
+            temperature,
+            top_k,
+            top_p,
+            ..Default::default()
+        };
+        let want = processed_distribution(&logits, &cfg);
+        let lse = {
+            let x: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
+            let m = x.iter().cloned().fold(f64::MIN, f64::max);
+            m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let draws = 100_000;
+        let mut count = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            let (t, lp) = sample_row(&logits, &cfg, &mut rng);
+            count[t as usize] += 1;
+            let exact = logits[t as usize] as f64 / temperature - lse;
+            assert!((lp as f64 - exact).abs() < 1e-5, "logprob {lp} vs {exact}");
+        }
+        for (i, (&c, &p)) in count.iter().zip(&want).enumerate() {
+            let f = c as f64 / draws as f64;
+            let sd = (p * (1.0 - p) / draws as f64).sqrt();
+            assert!(
+                (f - p).abs() <= 5.0 * sd + 1e-4,
+                "T={temperature} k={top_k} p={top_p} token {i}: drawn {f:.4}, want {p:.4}"
+            );
+            if p == 0.0 {
+                assert_eq!(c, 0, "token {i} is outside the kept set");
+            }
+        }
+    }
+}
+
+/// At a GPT-2-sized vocabulary, top-k and top-p select their candidates without sorting the
+/// whole vocabulary: every draw must still land in the exact kept set, for a peaked
+/// distribution (a small nucleus) and a flat one (a nucleus of most of the vocabulary, which
+/// makes the candidate search grow to the full vocabulary).
+#[test]
+fn truncated_sampling_keeps_the_exact_set_at_full_vocabulary() {
+    use rand::SeedableRng;
+    use rlhf_model::generate::sample_row;
+    let v = 50257;
+    let mut s = 42u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let peaked: Vec<f32> = (0..v).map(|_| 12.0 * next().powi(8)).collect();
+    let flat: Vec<f32> = (0..v).map(|_| 0.5 * next()).collect();
+    for (name, logits) in [("peaked", &peaked), ("flat", &flat)] {
+        for (top_k, top_p) in [(50, 1.0), (0, 0.9), (200, 0.5)] {
+            let cfg = GenerationConfig {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                ..Default::default()
+            };
+            // Lenient at the cut by a hair of mass (f32 sums against f64).
+            let inner = processed_distribution(
+                logits,
+                &GenerationConfig {
+                    top_p: top_p - 1e-5,
+                    ..cfg.clone()
+                },
+            );
+            let outer = processed_distribution(
+                logits,
+                &GenerationConfig {
+                    top_p: (top_p + 1e-5).min(1.0),
+                    ..cfg.clone()
+                },
+            );
+            let kept = outer.iter().filter(|&&p| p > 0.0).count();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..300 {
+                let (t, _) = sample_row(logits, &cfg, &mut rng);
+                assert!(
+                    outer[t as usize] > 0.0,
+                    "{name} k={top_k} p={top_p}: token {t} outside the kept set of {kept}"
+                );
+                seen.insert(t);
+            }
+            let core = inner.iter().filter(|&&p| p > 0.0).count();
+            assert!(core >= 2, "{name} k={top_k} p={top_p}: {core} kept");
+            if core > 10_000 {
+                // 300 draws from ≥ 10k near-equal tokens are almost all distinct (a search that
+                // stopped at 256 candidates would repeat about 120 of them).
+                assert!(
+                    seen.len() > 280,
+                    "{name} p={top_p}: {} distinct of 300",
+                    seen.len()
+                );
+            }
+        }
+    }
+}
