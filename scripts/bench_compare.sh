@@ -2,7 +2,8 @@
 # Side-by-side CPU throughput: our bench and PyTorch on the same shapes, one process each
 # (so peak RSS is per shape), alternating, in one session. Prints the ratios.
 #   scripts/bench_compare.sh [SHAPE...]      (default: all shapes)
-# PYTHON=/path/to/python (default /tmp/torchvenv/bin/python), MODE=1|2|3 (default 3),
+# PYTHON=/path/to/python (default /tmp/torchvenv/bin/python), MODE bits: 1 train, 2 greedy
+# generation, 8 sampled generation (default 3; 11 for all three),
 # REPS=N (default 1): N alternations per shape; the table then shows medians of each side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,20 +17,22 @@ field() { sed -n "s|.*RESULT $1 .*$2=\([0-9.]*\).*|\1|p" | tail -1; }
 rss() { sed -n 's/.*peak_rss_MB=\([0-9]*\).*/\1/p' | tail -1; }
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS"
-printf "%-11s %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train us" "torch" ratio "gen us" torch ratio "rss MB" torch
+printf "%-11s %9s %9s %6s | %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train t/s" "torch" ratio "gen t/s" torch ratio "sample t/s" torch ratio "rss MB" torch
 for s in $SHAPES; do
-  A=""; B=""; C=""; D=""; R=""; Q=""
+  A=""; B=""; C=""; D=""; E=""; F=""; R=""; Q=""
   for _ in $(seq "$REPS"); do
     ours=$("$BIN" "$s" "$MODE"); theirs=$("$PY" scripts/torch_bench.py "$s" "$MODE")
     [ -n "${RAW:-}" ] && printf '%s\n%s\n' "$ours" "$theirs" >> "$RAW"
     A="$A $(echo "$ours" | field train 'tok/s')"; B="$B $(echo "$theirs" | field train 'tok/s')"
     C="$C $(echo "$ours" | field gen64 'new_tok/s')"; D="$D $(echo "$theirs" | field gen64 'new_tok/s')"
+    E="$E $(echo "$ours" | field gen64-sample 'new_tok/s')"; F="$F $(echo "$theirs" | field gen64-sample 'new_tok/s')"
     R="$R $(echo "$ours" | rss)"; Q="$Q $(echo "$theirs" | rss)"
   done
   a=$(echo "$A" | median); b=$(echo "$B" | median); c=$(echo "$C" | median); d=$(echo "$D" | median)
+  e=$(echo "$E" | median); f=$(echo "$F" | median)
   r=$(echo "$R" | median); q=$(echo "$Q" | median)
   ratio() { [ -n "$1" ] && [ -n "$2" ] && awk "BEGIN{printf \"%.2f\", $1/$2}" || echo -; }
-  printf "%-11s %9s %9s %6s | %9s %9s %6s | %7s %7s\n" "$s" "${a:--}" "${b:--}" "$(ratio "$a" "$b")" \
-    "${c:--}" "${d:--}" "$(ratio "$c" "$d")" "${r:--}" "${q:--}"
+  printf "%-11s %9s %9s %6s | %9s %9s %6s | %9s %9s %6s | %7s %7s\n" "$s" "${a:--}" "${b:--}" "$(ratio "$a" "$b")" \
+    "${c:--}" "${d:--}" "$(ratio "$c" "$d")" "${e:--}" "${f:--}" "$(ratio "$e" "$f")" "${r:--}" "${q:--}"
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

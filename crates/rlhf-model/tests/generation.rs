@@ -180,7 +180,11 @@ fn processed_distribution(logits: &[f32], cfg: &GenerationConfig) -> Vec<f64> {
 fn sample_row_draws_the_processed_distribution() {
     use rand::SeedableRng;
     use rlhf_model::generate::sample_row;
-    let logits = [1.0f32, 2.5, 0.3, 2.5, -1.0, 1.7, 0.9, 2.0];
+    // 40 tokens: two full 16-lane blocks of the vectorised exp and a remainder; tokens i and
+    // i + 23 tie, so ties straddle the top-k and top-p cuts.
+    let logits: Vec<f32> = (0..40)
+        .map(|i| ((i * 37 % 23) as f32) / 8.0 - 0.4)
+        .collect();
     let configs = [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9)];
     for (temperature, top_k, top_p) in configs {
         let cfg = GenerationConfig {
