@@ -34,3 +34,13 @@ for k, n in SHAPES:
     b = rate(lambda: torch.matmul(g, w.t(), out=dx), fl)
     c = rate(lambda: torch.matmul(x.t(), g, out=dw), fl)
     print(f"RESULT gemm m={M} k={k} n={n} fwd={a:.0f} dx={b:.0f} dw={c:.0f}")
+    # Scaling: the forward product on one thread and on all, alternating (best of 7 x 5 each).
+    nt = torch.get_num_threads(); best = {1: float("inf"), nt: float("inf")}
+    for _ in range(7):
+        for th in (1, nt):
+            torch.set_num_threads(th); t = time.perf_counter()
+            for _ in range(5): torch.matmul(x, w, out=y)
+            best[th] = min(best[th], (time.perf_counter() - t) / 5)
+    torch.set_num_threads(nt)
+    print(f"RESULT gemm-threads m={M} k={k} n={n} fwd_1thread={fl / best[1] / 1e9:.0f} "
+          f"fwd_{nt}threads={fl / best[nt] / 1e9:.0f} scaling={best[1] / best[nt]:.2f}")

@@ -75,7 +75,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `x·W`, `dX = g·Wᵀ`, `dW = xᵀ·g`; with an HF [n, k] weight forward `x·Wᵀ` and `dW = gᵀ·x`
 /// (best of 5 × 5 calls). `scripts/torch_gemm.py` times PyTorch on the first three.
 fn gemm_rates() -> anyhow::Result<()> {
-    use rlhf_model::kernels::gemm::{sgemm, Mat};
+    use rlhf_model::kernels::gemm::{sgemm, sgemm_serial, Mat};
     fn row(data: &[f32], rs: usize) -> Mat<'_> {
         Mat { data, rs, cs: 1 }
     }
@@ -119,6 +119,36 @@ fn gemm_rates() -> anyhow::Result<()> {
         let dwt = rate(&mut || sgemm(n, k, m, col(&g, n), row(&x, k), &mut dw, false));
         println!(
             "RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
+        );
+        // Scaling to all threads: the forward product on one thread and on all, alternating
+        // (best of 7 × 5 calls each), so both see the same host.
+        let (mut one, mut all) = (f64::MAX, f64::MAX);
+        for _ in 0..7 {
+            for serial in [true, false] {
+                let t0 = Instant::now();
+                for _ in 0..5 {
+                    let (a, b) = (row(&x, k), row(&w, n));
+                    if serial {
+                        sgemm_serial(m, n, k, a, b, &mut y, false);
+                    } else {
+                        sgemm(m, n, k, a, b, &mut y, false);
+                    }
+                }
+                let t = t0.elapsed().as_secs_f64() / 5.0;
+                if serial {
+                    one = one.min(t);
+                } else {
+                    all = all.min(t);
+                }
+            }
+        }
+        let gf = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
+        println!(
+            "RESULT gemm-threads m={m} k={k} n={n} fwd_1thread={:.0} fwd_{}threads={:.0} scaling={:.2}",
+            gf(one),
+            rayon::current_num_threads(),
+            gf(all),
+            one / all
         );
     }
     // Decoding's LM head: 8 rows against a [50257, 256] weight (51 MB), evicted from the caches
