@@ -1,7 +1,8 @@
 //! Training-step and generation throughput on CPU.
 //!
 //! `cargo bench -p rlhf-model --bench speed -- SHAPE [MODE]` where SHAPE is one of the names in
-//! [`shapes`] (or `list`), MODE 1 = training step, 2 = KV-cache generation, 3 = both (default).
+//! [`shapes`] (or `list`), MODE a sum of bits: 1 = training step, 2 = greedy KV-cache
+//! generation, 8 = sampled generation at T = 1 (default 3; 4 = run the training step longer).
 //! Prints `RESULT` lines in the format of `scripts/torch_bench.py`, so `scripts/bench_compare.sh`
 //! can put them side by side. One shape per process, so the peak RSS is that shape's.
 
