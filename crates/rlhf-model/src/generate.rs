@@ -156,7 +156,13 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
     }
     let u: f32 = rng.random();
     let mut c = 0.0;
-    let mut pick = idx[idx.len() - 1];
+    // If rounding leaves the cumulative mass just below u, the last kept token with any mass
+    // (never a masked, −∞ one).
+    let last = probs
+        .iter()
+        .rposition(|&p| p > 0.0)
+        .unwrap_or(probs.len() - 1);
+    let mut pick = idx[last];
     for (j, p) in probs.iter().enumerate() {
         c += p;
         if u < c {

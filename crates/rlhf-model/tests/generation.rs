@@ -288,3 +288,68 @@ fn truncated_sampling_keeps_the_exact_set_at_full_vocabulary() {
         }
     }
 }
+
+/// An RNG at the top of its range: `random::<f32>()` gives 1 − 2⁻²⁴, where f32 rounding can
+/// leave the cumulative mass below u.
+struct TopRng;
+impl rand::RngCore for TopRng {
+    fn next_u32(&mut self) -> u32 {
+        u32::MAX
+    }
+    fn next_u64(&mut self) -> u64 {
+        u64::MAX
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        dst.fill(0xff)
+    }
+}
+
+/// Masked tokens (logit −∞) are never drawn, in any mode, even when u sits at the very top of
+/// its range and the kept set includes masked tokens (top-k larger than the unmasked count).
+#[test]
+fn masked_tokens_are_never_drawn() {
+    use rlhf_model::generate::sample_row;
+    use rlhf_model::kernels::math::exp;
+    let u_top: f32 = 1.0 - 2f32.powi(-24);
+    // Find logits whose top-k probabilities, normalised and summed in f32 the way the sampler
+    // does, fall short of u_top: there the draw runs off the end of the kept list, which ends
+    // with the masked tokens.
+    let mut s = 7u64;
+    let mut found = None;
+    for _ in 0..10_000 {
+        let mut logits: Vec<f32> = (0..20)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 3.0
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let mut sorted = logits.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let mut probs: Vec<f32> = sorted.iter().map(|&x| exp(x - m)).collect();
+        let z: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+        let c: f32 = probs.iter().sum();
+        if c < u_top {
+            logits.extend([f32::NEG_INFINITY; 5]);
+            found = Some(logits);
+            break;
+        }
+    }
+    let logits = found.expect("some logits sum short of u_top in f32");
+    for (temperature, top_k, top_p) in [(1.0, 25, 1.0), (1.0, 0, 1.0), (1.0, 25, 0.999_999)] {
+        let cfg = GenerationConfig {
+            temperature,
+            top_k,
+            top_p,
+            ..Default::default()
+        };
+        let (t, lp) = sample_row(&logits, &cfg, &mut TopRng);
+        assert!(
+            logits[t as usize].is_finite() && lp.is_finite(),
+            "T={temperature} k={top_k} p={top_p}: drew masked token {t}"
+        );
+    }
+}
