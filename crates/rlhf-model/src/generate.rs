@@ -96,21 +96,13 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
         // cumulative mass in vocabulary order — no sort of the vocabulary.
         let mut e = scaled.to_vec();
         let z = crate::kernels::math::exp_sub_in_place(&mut e, m);
-        let target = rng.random::<f32>() * z;
-        let mut c = 0.0;
-        let mut pick = e.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-        for (i, &p) in e.iter().enumerate() {
-            c += p;
-            if target < c {
-                pick = i;
-                break;
-            }
-        }
+        let pick = draw(&e, rng.random::<f32>() * z);
         return (pick as u32, scaled[pick] - (m + z.ln()));
     }
-    // The same exp as the vectorised sums, so candidate masses and totals agree.
+    // The same exp as the vectorised sum, so candidate masses and the total agree.
     use crate::kernels::math::exp;
-    let lse = m + crate::kernels::math::sum_exp_sub(scaled, m).ln();
+    let z_full = crate::kernels::math::sum_exp_sub(scaled, m);
+    let lse = m + z_full.ln();
     // Truncated sampling walks the tokens from the most likely down (ties: lower id first), but
     // only as far as it needs: the top `n` are selected in O(vocab) and only they are sorted.
     // Top-k needs k; top-p alone starts at 256 and grows until their mass reaches top-p.
@@ -122,21 +114,23 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
     } else {
         256.min(v)
     };
-    let z_all = (cfg.top_k == 0).then(|| crate::kernels::math::sum_exp_sub(scaled, m));
+    // Top-k renormalises over its k; top-p alone over the whole vocabulary.
+    let z_all = (cfg.top_k == 0).then_some(z_full);
+    let mut probs: Vec<f32>;
     loop {
         if n < v {
             idx.select_nth_unstable_by(n - 1, key);
         }
         idx[..n].sort_unstable_by(key);
+        probs = idx[..n].iter().map(|&i| exp(scaled[i] - m)).collect();
         let Some(z) = z_all else { break };
-        let mass: f32 = idx[..n].iter().map(|&i| exp(scaled[i] - m)).sum();
+        let mass: f32 = probs.iter().sum();
         if n == v || mass / z >= cfg.top_p as f32 {
             break;
         }
         n = (n * 4).min(v);
     }
     idx.truncate(n);
-    let mut probs: Vec<f32> = idx.iter().map(|&i| exp(scaled[i] - m)).collect();
     let z = z_all.unwrap_or_else(|| probs.iter().sum());
     probs.iter_mut().for_each(|p| *p /= z);
     if cfg.top_p < 1.0 {
@@ -154,23 +148,24 @@ pub fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) ->
         let z: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= z);
     }
-    let u: f32 = rng.random();
+    let pick = idx[draw(&probs, rng.random())];
+    (pick as u32, scaled[pick] - lse)
+}
+
+/// The first index at which the running sum of `weights` exceeds `target`. If rounding leaves
+/// the total just below `target`, the last index with any weight (never a masked, −∞ token).
+fn draw(weights: &[f32], target: f32) -> usize {
     let mut c = 0.0;
-    // If rounding leaves the cumulative mass just below u, the last kept token with any mass
-    // (never a masked, −∞ one).
-    let last = probs
-        .iter()
-        .rposition(|&p| p > 0.0)
-        .unwrap_or(probs.len() - 1);
-    let mut pick = idx[last];
-    for (j, p) in probs.iter().enumerate() {
-        c += p;
-        if u < c {
-            pick = idx[j];
-            break;
+    for (i, &w) in weights.iter().enumerate() {
+        c += w;
+        if target < c {
+            return i;
         }
     }
-    (pick as u32, scaled[pick] - lse)
+    weights
+        .iter()
+        .rposition(|&w| w > 0.0)
+        .unwrap_or(weights.len().saturating_sub(1))
 }
 
 /// Generate continuations for a batch of tokenised prompts.
