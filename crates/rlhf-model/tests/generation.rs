@@ -222,6 +222,14 @@ fn sample_row_draws_the_processed_distribution() {
     }
 }
 
+/// A uniform draw in [0, 1) from a 64-bit LCG (deterministic test data).
+fn unit(s: &mut u64) -> f32 {
+    *s = s
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*s >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// At a GPT-2-sized vocabulary, top-k and top-p select their candidates without sorting the
 /// whole vocabulary: every draw must still land in the exact kept set, for a peaked
 /// distribution (a small nucleus) and a flat one (a nucleus of most of the vocabulary, which
@@ -232,12 +240,7 @@ fn truncated_sampling_keeps_the_exact_set_at_full_vocabulary() {
     use rlhf_model::generate::sample_row;
     let v = 50257;
     let mut s = 42u64;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (s >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut next = || unit(&mut s);
     let peaked: Vec<f32> = (0..v).map(|_| 12.0 * next().powi(8)).collect();
     let flat: Vec<f32> = (0..v).map(|_| 0.5 * next()).collect();
     for (name, logits) in [("peaked", &peaked), ("flat", &flat)] {
@@ -317,14 +320,7 @@ fn masked_tokens_are_never_drawn() {
     let mut s = 7u64;
     let mut found = None;
     for _ in 0..10_000 {
-        let mut logits: Vec<f32> = (0..20)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 3.0
-            })
-            .collect();
+        let mut logits: Vec<f32> = (0..20).map(|_| unit(&mut s) * 3.0).collect();
         let m = logits.iter().cloned().fold(f32::MIN, f32::max);
         let mut sorted = logits.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
