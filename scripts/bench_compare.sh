@@ -5,6 +5,8 @@
 # PYTHON=/path/to/python (default /tmp/torchvenv/bin/python), MODE bits: 1 train, 2 greedy
 # generation, 8 sampled generation (default 3; 11 for all three),
 # REPS=N (default 1): N alternations per shape; the table then shows medians of each side.
+# MATMUL=bf16: ours with BF16 matmuls on AMX (RLHF_MATMUL=bf16) against PyTorch under
+# torch.autocast(bfloat16) (AUTOCAST=bf16); generation is f32 on both sides either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-/tmp/torchvenv/bin/python}
@@ -16,12 +18,16 @@ BIN=$(cargo bench -p rlhf-model --bench speed --no-run 2>&1 | sed -n 's/.*Execut
 field() { sed -n "s|.*RESULT $1 .*$2=\([0-9.]*\).*|\1|p" | tail -1; }
 rss() { sed -n 's/.*peak_rss_MB=\([0-9]*\).*/\1/p' | tail -1; }
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
-echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS"
+echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS; matmul: ${MATMUL:-f32}"
 printf "%-11s %9s %9s %6s | %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train t/s" "torch" ratio "gen t/s" torch ratio "sample t/s" torch ratio "rss MB" torch
 for s in $SHAPES; do
   A=""; B=""; C=""; D=""; E=""; F=""; R=""; Q=""
   for _ in $(seq "$REPS"); do
-    ours=$("$BIN" "$s" "$MODE"); theirs=$("$PY" scripts/torch_bench.py "$s" "$MODE")
+    if [ "${MATMUL:-f32}" = bf16 ]; then
+      ours=$(RLHF_MATMUL=bf16 "$BIN" "$s" "$MODE"); theirs=$(AUTOCAST=bf16 "$PY" scripts/torch_bench.py "$s" "$MODE")
+    else
+      ours=$("$BIN" "$s" "$MODE"); theirs=$("$PY" scripts/torch_bench.py "$s" "$MODE")
+    fi
     [ -n "${RAW:-}" ] && printf '%s\n%s\n' "$ours" "$theirs" >> "$RAW"
     A="$A $(echo "$ours" | field train 'tok/s')"; B="$B $(echo "$theirs" | field train 'tok/s')"
     C="$C $(echo "$ours" | field gen64 'new_tok/s')"; D="$D $(echo "$theirs" | field gen64 'new_tok/s')"

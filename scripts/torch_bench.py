@@ -3,12 +3,13 @@
 (the LCG), AdamW, 2 threads. Prints RESULT lines in the same format.
 
     /tmp/torchvenv/bin/python scripts/torch_bench.py SHAPE [MODE]     # MODE 1 train, 2 greedy gen, 8 sampled gen (bits add)
+    AUTOCAST=bf16 ... scripts/torch_bench.py SHAPE 1                    # training under autocast(bfloat16)
 
 For the GPT-2 shapes this is the model of /work/shared/bench/torch_gpt_baseline.py (tanh-GELU,
 tied head, scaled_dot_product_attention); the Llama shapes add RMSNorm, rotate-half RoPE, GQA
 and SwiGLU. Run it next to ours in the same session (scripts/bench_compare.sh does).
 """
-import math, resource, statistics, sys, time
+import math, os, resource, statistics, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 torch.set_num_threads(2); torch.manual_seed(0)
@@ -20,6 +21,9 @@ SHAPES = {  # name: (arch, vocab, layers, d, heads, kv_heads, inner)
     "llama-d512": ("llama", 32000, 6, 512, 8, 4, 1376),
 }
 name = sys.argv[1] if len(sys.argv) > 1 else "gpt2-v50k"
+# AUTOCAST=bf16: the training step under torch.autocast(bfloat16) (matmuls in BF16 on AMX/oneDNN),
+# the counterpart of our RLHF_MATMUL=bf16.
+AUTOCAST = os.environ.get("AUTOCAST") == "bf16"
 mode = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 ARCH, V, NL, C, NH, NKV, INNER = SHAPES[name]
 HD, B, T, NPOS = C // NH, 8, 128, 1024
@@ -114,7 +118,8 @@ if mode & 1:
     times, losses = [], []
     for step in range(13):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(m.logits(m.hidden(x)).view(-1, V), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST):
+            loss = F.cross_entropy(m.logits(m.hidden(x)).view(-1, V).float(), y)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         l = loss.item(); dt = time.perf_counter() - t0
         if 2 <= step < 12: times.append(dt)

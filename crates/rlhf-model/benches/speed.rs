@@ -121,6 +121,20 @@ fn gemm_rates() -> anyhow::Result<()> {
         println!(
             "RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
         );
+        // The same five products in BF16 on AMX (`MatmulPrecision::Bf16`), where the CPU has it.
+        if rlhf_model::kernels::amx::available() {
+            use rlhf_model::kernels::gemm::{set_matmul_precision, MatmulPrecision};
+            set_matmul_precision(MatmulPrecision::Bf16).map_err(anyhow::Error::msg)?;
+            let fwd = rate(&mut || sgemm(m, n, k, row(&x, k), row(&w, n), &mut y, false));
+            let dx = rate(&mut || sgemm(m, k, n, row(&g, n), col(&w, n), &mut y, false));
+            let dwr = rate(&mut || sgemm(k, n, m, col(&x, k), row(&g, n), &mut dw, false));
+            let nt = rate(&mut || sgemm(m, n, k, row(&x, k), col(&w, k), &mut y, false));
+            let dwt = rate(&mut || sgemm(n, k, m, col(&g, n), row(&x, k), &mut dw, false));
+            set_matmul_precision(MatmulPrecision::F32).map_err(anyhow::Error::msg)?;
+            println!(
+                "RESULT gemm-bf16 m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
+            );
+        }
         // Scaling to all threads: the forward product on one thread and on all, alternating
         // (best of 7 × 5 calls each), so both see the same host.
         let (mut one, mut all) = (f64::MAX, f64::MAX);
@@ -206,8 +220,9 @@ fn main() -> anyhow::Result<()> {
     let vocab = model.config.vocab_size();
     let nparams: usize = model.params.iter().map(|p| p.var().elem_count()).sum();
     println!(
-        "rlhf {name} threads={} vocab={vocab} params={nparams}",
-        rayon::current_num_threads()
+        "rlhf {name} threads={} vocab={vocab} params={nparams} matmul={:?}",
+        rayon::current_num_threads(),
+        rlhf_model::kernels::gemm::matmul_precision()
     );
     let dev = Device::Cpu;
     if mode & 1 != 0 {

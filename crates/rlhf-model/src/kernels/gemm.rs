@@ -10,6 +10,47 @@ pub struct Mat<'a> {
     pub cs: usize,
 }
 
+/// The precision of the products [`sgemm`] computes (process-wide; decoding's few-row products
+/// and the attention kernel's products are always f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// f32 inputs and sums (the default).
+    #[default]
+    F32,
+    /// Inputs rounded to BF16, sums in f32, on Intel AMX ([`super::amx`]): mixed precision, as
+    /// `torch.autocast(bfloat16)` does for matmuls. Needs a CPU with AMX-BF16.
+    Bf16,
+}
+
+static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set the precision of every later [`sgemm`]. Asking for BF16 where the CPU lacks AMX-BF16 is
+/// an error, and the precision stays as it was.
+pub fn set_matmul_precision(p: MatmulPrecision) -> Result<(), String> {
+    if p == MatmulPrecision::Bf16 && !super::amx::available() {
+        return Err(
+            "BF16 matmuls need Intel AMX-BF16 (Xeon Sapphire Rapids or later) \
+                    and a Linux kernel that grants it; this CPU or kernel lacks it"
+                .into(),
+        );
+    }
+    BF16.store(
+        p == MatmulPrecision::Bf16,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(())
+}
+
+/// The precision set by [`set_matmul_precision`].
+pub fn matmul_precision() -> MatmulPrecision {
+    if BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    }
+}
+
 /// `c[m×n]` (row-major, contiguous) = `(accumulate ? c : 0) + a[m×k] · b[k×n]`.
 pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
     sgemm_impl(m, n, k, a, b, c, accumulate, true)
@@ -41,6 +82,9 @@ fn sgemm_impl(
     }
     if parallel && m <= SMALL_ROWS && k > 0 && a.cs == 1 && b.cs == 1 {
         return small_rows(m, n, k, a, b, c, accumulate);
+    }
+    if parallel && k > 0 && BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        return super::amx::sgemm_bf16(m, n, k, a, b, c, accumulate);
     }
     let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())

@@ -10,6 +10,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod adamw;
+pub mod amx;
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
@@ -152,6 +153,8 @@ pub(crate) fn uninit(n: usize) -> Vec<f32> {
 ///   we set it to 1 (the element-wise ops left to candle are memory-bound anyway).
 /// - glibc keeps freed large buffers for reuse instead of unmapping them: a training step
 ///   allocates and frees the same sizes every step, and fresh mmaps cost ~10% in page faults.
+/// - `RLHF_MATMUL=bf16` sets the matmul precision to BF16 on AMX
+///   ([`gemm::set_matmul_precision`]); where the CPU lacks AMX it says so and stays f32.
 pub fn init_cpu_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -159,6 +162,15 @@ pub fn init_cpu_runtime() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
         tune_allocator();
+        match std::env::var("RLHF_MATMUL").as_deref() {
+            Ok("bf16") => {
+                if let Err(e) = gemm::set_matmul_precision(gemm::MatmulPrecision::Bf16) {
+                    eprintln!("warning: RLHF_MATMUL=bf16 ignored, matmuls stay f32: {e}");
+                }
+            }
+            Ok("f32") | Err(_) => {}
+            Ok(other) => eprintln!("warning: RLHF_MATMUL={other} unknown (f32 or bf16); using f32"),
+        }
     });
 }
 

@@ -1,0 +1,504 @@
+//! Matrix products in BF16 on Intel AMX (Sapphire Rapids and later), accumulated in f32: the
+//! opt-in mixed-precision path of [`super::gemm::sgemm`] (see [`super::gemm::MatmulPrecision`]).
+//!
+//! Operands stay f32 everywhere else (weights, activations, gradients, AdamW state); each product
+//! rounds its two inputs to BF16 (round to nearest even) while packing them into AMX tiles, and
+//! the tile unit accumulates in f32. This is the numeric recipe of `torch.autocast(bfloat16)`
+//! for matmuls, with one difference: the output stays f32 rather than being rounded to BF16.
+//!
+//! The kernel: `c` in blocks of 32 × 32 (four 16 × 16 f32 accumulator tiles), `a` packed as
+//! 16 × 32 BF16 tiles (row tiles × k tiles, each tile one contiguous KiB), `b` packed the same
+//! way in AMX's pair-interleaved ("VNNI") layout: row `p` of a `b` tile holds, for 16 columns,
+//! the pairs (k = 2p, k = 2p + 1). Edges are zero-padded, so every tile is full. Rayon tasks
+//! take 32-row blocks of `c`; the tile registers are configured at the start of each task and
+//! released at its end.
+
+use super::gemm::Mat;
+use rayon::prelude::*;
+
+/// One 64-byte line of a tile: 32 BF16 values (the alignment keeps tile loads on cache lines).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+const ZERO_LINE: Line = Line([0; 32]);
+/// Lines per tile (16 rows of 64 bytes).
+const TILE: usize = 16;
+
+/// Whether this CPU and kernel run AMX-BF16: the CPUID bits, and the kernel's permission for
+/// the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once per process).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    if __cpuid_count(0, 0).eax < 7 {
+        return false;
+    }
+    let l7 = __cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (l7.edx >> 22 & 1 == 1, l7.edx >> 24 & 1 == 1);
+    if !(amx_bf16 && amx_tile && super::has_avx512() && is_x86_feature_detected!("avx512bf16")) {
+        return false;
+    }
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain system call; it only changes which register state this process may use.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 → BF16, rounding to nearest even; NaN stays a (quiet) NaN. (The vector packing uses
+/// `vcvtne2ps2bf16`, which rounds the same way but also flushes f32 denormals to zero.)
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The value a BF16 product sees for `x` (for references in tests).
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// Row tile of `a` (rows `r0..r0 + 16`, all k tiles) into `out` (`kt` tiles of 16 lines):
+/// line `r` of k tile `t` holds `a[r0 + r, 32t .. 32t + 32]`, rows past `m` and columns past
+/// `k` zero.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512-BF16 (implied by [`available`]); `a` covers `m × k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a_tile(a: Mat, m: usize, k: usize, r0: usize, out: &mut [Line]) {
+    use std::arch::x86_64::*;
+    let kt = out.len() / TILE;
+    let rows = 16.min(m.saturating_sub(r0));
+    if rows == 0 {
+        // A padding tile (m rounds up to 32 rows).
+        out.fill(ZERO_LINE);
+        return;
+    }
+    let inter = interleave_halves();
+    for t in 0..kt {
+        let c0 = t * 32;
+        let cn = 32.min(k - c0);
+        let tile = &mut out[t * TILE..(t + 1) * TILE];
+        tile[rows..].fill(ZERO_LINE);
+        if a.cs == 1 {
+            // Row-major: each line is 32 consecutive values of one row.
+            let (m0, m1) = (mask16(cn), mask16(cn.saturating_sub(16)));
+            for (r, line) in tile[..rows].iter_mut().enumerate() {
+                let base = (r0 + r) * a.rs + c0;
+                assert!(base + cn <= a.data.len());
+                // SAFETY: the masked loads read only `a.data[base..base + cn]` (checked).
+                unsafe {
+                    let p = a.data.as_ptr().add(base);
+                    let lo = _mm512_maskz_loadu_ps(m0, p);
+                    let hi = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    let v = _mm512_cvtne2ps_pbh(hi, lo);
+                    _mm512_store_si512(
+                        line.0.as_mut_ptr().cast(),
+                        std::mem::transmute::<__m512bh, __m512i>(v),
+                    );
+                }
+            }
+        } else if a.rs == 1 {
+            // Column-major (a transposed view): for each pair of columns, 16 rows of each
+            // (contiguous), rounded and interleaved into one u32 per row; then a 16 × 16 u32
+            // transpose puts pair `q` of row `r` in slot `q` of line `r`.
+            let mr = mask16(rows);
+            let mut pairs = [[0u32; 16]; 16];
+            for (q, pr) in pairs.iter_mut().enumerate() {
+                let col = |c: usize| {
+                    if c >= cn {
+                        return _mm512_setzero_ps();
+                    }
+                    let base = r0 + (c0 + c) * a.cs;
+                    assert!(base + rows <= a.data.len());
+                    // SAFETY: the masked load reads only `a.data[base..base + rows]` (checked).
+                    unsafe { _mm512_maskz_loadu_ps(mr, a.data.as_ptr().add(base)) }
+                };
+                let (x0, x1) = (col(2 * q), col(2 * q + 1));
+                // SAFETY: register-only ops and an unaligned store into a local array.
+                unsafe {
+                    let v: __m512i =
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+                    let v = _mm512_permutexvar_epi16(inter, v);
+                    _mm512_storeu_si512(pr.as_mut_ptr().cast(), v);
+                }
+            }
+            for (r, line) in tile[..rows].iter_mut().enumerate() {
+                for (q, pr) in pairs.iter().enumerate() {
+                    line.0[2 * q] = pr[r] as u16;
+                    line.0[2 * q + 1] = (pr[r] >> 16) as u16;
+                }
+            }
+        } else {
+            // Any other strides: element by element.
+            for (r, line) in tile[..rows].iter_mut().enumerate() {
+                let base = (r0 + r) * a.rs + c0 * a.cs;
+                for c in 0..32 {
+                    line.0[c] = if c < cn {
+                        bf16_bits(a.data[base + c * a.cs])
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `vpermw` indices interleaving the two 16-lane halves: [lo0, hi0, lo1, hi1, …].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn interleave_halves() -> std::arch::x86_64::__m512i {
+    let idx: [u16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as u16);
+    // SAFETY: an unaligned load of a local array.
+    unsafe { std::arch::x86_64::_mm512_loadu_si512(idx.as_ptr().cast()) }
+}
+
+/// `n` ones from the bottom (n ≤ 16 used; more saturates).
+#[inline(always)]
+fn mask16(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// Column tile of `b` (columns `c0..c0 + 16`, all k tiles) into `out` in the pair-interleaved
+/// layout: line `p` of k tile `t` holds `(b[32t + 2p, c], b[32t + 2p + 1, c])` for c in 0..16.
+///
+/// # Safety
+/// As [`pack_a_tile`]; `b` covers `k × n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_tile(b: Mat, k: usize, n: usize, c0: usize, out: &mut [Line]) {
+    use std::arch::x86_64::*;
+    let kt = out.len() / TILE;
+    if c0 >= n {
+        // A padding tile (n rounds up to 32 columns).
+        out.fill(ZERO_LINE);
+        return;
+    }
+    let cn = 16.min(n - c0);
+    let inter = interleave_halves();
+    for t in 0..kt {
+        let tile = &mut out[t * TILE..(t + 1) * TILE];
+        if b.cs == 1 {
+            // Row-major: rows 2p and 2p + 1, 16 columns each, interleaved.
+            let m0 = mask16(cn);
+            for (p, line) in tile.iter_mut().enumerate() {
+                let row = t * 32 + 2 * p;
+                let load = |r: usize| {
+                    if r >= k {
+                        return _mm512_setzero_ps();
+                    }
+                    let base = r * b.rs + c0;
+                    assert!(base + cn <= b.data.len());
+                    // SAFETY: the masked load reads only `b.data[base..base + cn]` (checked).
+                    unsafe { _mm512_maskz_loadu_ps(m0, b.data.as_ptr().add(base)) }
+                };
+                let (r0, r1) = (load(row), load(row + 1));
+                // SAFETY: register-only ops and an aligned store into the 64-byte line.
+                unsafe {
+                    let v: __m512i =
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(r1, r0));
+                    let v = _mm512_permutexvar_epi16(inter, v);
+                    _mm512_store_si512(line.0.as_mut_ptr().cast(), v);
+                }
+            }
+        } else {
+            // Strided columns (a transposed view): each column's 32 k values at once.
+            if cn < 16 {
+                tile.fill(ZERO_LINE);
+            }
+            let kn = 32.min(k - t * 32);
+            let (m0, m1) = (mask16(kn), mask16(kn.saturating_sub(16)));
+            for c in 0..cn {
+                let mut pairs = [0u32; 16];
+                if b.rs == 1 {
+                    let base = t * 32 + (c0 + c) * b.cs;
+                    assert!(base + kn <= b.data.len());
+                    // SAFETY: the masked loads read only `b.data[base..base + kn]` (checked).
+                    unsafe {
+                        let p = b.data.as_ptr().add(base);
+                        let lo = _mm512_maskz_loadu_ps(m0, p);
+                        let hi = _mm512_maskz_loadu_ps(m1, p.add(16));
+                        let v = _mm512_cvtne2ps_pbh(hi, lo);
+                        _mm512_storeu_si512(
+                            pairs.as_mut_ptr().cast(),
+                            std::mem::transmute::<__m512bh, __m512i>(v),
+                        );
+                    }
+                } else {
+                    for (i, q) in pairs.iter_mut().enumerate() {
+                        let at = |r: usize| {
+                            if r < k {
+                                bf16_bits(b.data[r * b.rs + (c0 + c) * b.cs]) as u32
+                            } else {
+                                0
+                            }
+                        };
+                        *q = at(t * 32 + 2 * i) | at(t * 32 + 2 * i + 1) << 16;
+                    }
+                }
+                for (line, &q) in tile.iter_mut().zip(&pairs) {
+                    line.0[2 * c] = q as u16;
+                    line.0[2 * c + 1] = (q >> 16) as u16;
+                }
+            }
+        }
+    }
+}
+
+/// The tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    fn all_full() -> Self {
+        let mut c = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for i in 0..8 {
+            c.colsb[i] = 64;
+            c.rows[i] = 16;
+        }
+        c
+    }
+}
+
+/// The 32 × 32 f32 block at `out` (rows `ld` floats apart) = (`accumulate` ? itself : 0) + the
+/// product of two packed row tiles of `a` (`a0`, `a1`) and two packed column tiles of `b`
+/// (`b0`, `b1`) over `kt` k tiles.
+///
+/// # Safety
+/// AMX is available and the tile configuration of [`TileConfig::all_full`] is loaded on this
+/// thread; each of `a0`, `a1`, `b0`, `b1` points to `kt ≥ 1` contiguous packed tiles; `out` is
+/// valid for 32 rows of 32 floats, `ld` apart, that no one else accesses meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn block_32x32(
+    a0: *const Line,
+    a1: *const Line,
+    b0: *const Line,
+    b1: *const Line,
+    kt: usize,
+    out: *mut f32,
+    ld: usize,
+    accumulate: bool,
+) {
+    debug_assert!(kt > 0);
+    let os = ld * 4;
+    // SAFETY: per the contract; the four 16 × 16 quadrants of `out` are read (when
+    // accumulating) and written with a row stride of `ld` floats.
+    unsafe {
+        let (o0, o1, o2, o3) = (out, out.add(16), out.add(16 * ld), out.add(16 * ld + 16));
+        if accumulate {
+            std::arch::asm!(
+                "tileloadd tmm0, [{o0} + {os}*1]",
+                "tileloadd tmm1, [{o1} + {os}*1]",
+                "tileloadd tmm2, [{o2} + {os}*1]",
+                "tileloadd tmm3, [{o3} + {os}*1]",
+                o0 = in(reg) o0, o1 = in(reg) o1, o2 = in(reg) o2, o3 = in(reg) o3,
+                os = in(reg) os,
+                options(nostack, readonly)
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        std::arch::asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {kt}",
+            "jnz 2b",
+            "tilestored [{o0} + {os}*1], tmm0",
+            "tilestored [{o1} + {os}*1], tmm1",
+            "tilestored [{o2} + {os}*1], tmm2",
+            "tilestored [{o3} + {os}*1], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            kt = inout(reg) kt => _,
+            s = in(reg) 64usize,
+            os = in(reg) os,
+            o0 = in(reg) o0,
+            o1 = in(reg) o1,
+            o2 = in(reg) o2,
+            o3 = in(reg) o3,
+            options(nostack)
+        );
+    }
+}
+
+/// A Vec of `n` lines whose contents the caller overwrites entirely.
+#[allow(clippy::uninit_vec)]
+fn lines_uninit(n: usize) -> Vec<Line> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `Line` is plain u16s (no invalid bit patterns); every line is written by the
+    // packing before the kernel reads it.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `c[m×n]` (row-major, contiguous) = `(accumulate ? c : 0) + a[m×k] · b[k×n]`, with `a` and
+/// `b` rounded to BF16 and the sums in f32. Parallel over rayon's threads.
+///
+/// # Panics
+/// If AMX is not [`available`] (callers check), or an operand is too short for its view.
+pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    assert!(
+        available(),
+        "sgemm_bf16: AMX-BF16 is not available on this CPU"
+    );
+    assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let span = |x: &Mat, r: usize, cc: usize| (r - 1) * x.rs + (cc - 1) * x.cs + 1;
+    assert!(a.data.len() >= span(&a, m, k) && b.data.len() >= span(&b, k, n));
+    let kt = k.div_ceil(32);
+    let (mb, nb) = (m.div_ceil(32), n.div_ceil(32));
+    // Packed operands: 2·mb row tiles of `a`, 2·nb column tiles of `b`, kt tiles each.
+    let per = kt * TILE;
+    let mut pa = lines_uninit(2 * mb * per);
+    let mut pb = lines_uninit(2 * nb * per);
+    pa.par_chunks_mut(per)
+        .enumerate()
+        // SAFETY: `available` implies the features; the views were checked above.
+        .for_each(|(i, out)| unsafe { pack_a_tile(a, m, k, i * 16, out) });
+    pb.par_chunks_mut(per)
+        .enumerate()
+        // SAFETY: as above.
+        .for_each(|(j, out)| unsafe { pack_b_tile(b, k, n, j * 16, out) });
+    let (pa, pb) = (&pa, &pb);
+    // Tasks: groups of row blocks × groups of column blocks. A group's packed columns of `b`
+    // (≤ 512 KiB) stay in L2 while its row blocks pass; each row block's two tiles of `a` stay
+    // in L1 while the columns pass. Enough groups of rows for ≥ 4 tasks per thread.
+    let panel = 2 * kt * TILE * 64;
+    let nper = ((512 << 10) / panel).clamp(1, nb);
+    let ngroups = nb.div_ceil(nper);
+    let want = (4 * rayon::current_num_threads()).div_ceil(ngroups);
+    let mper = mb.div_ceil(want.clamp(1, mb));
+    let mgroups = mb.div_ceil(mper);
+    let cp = CPtr(c.as_mut_ptr());
+    (0..mgroups * ngroups).into_par_iter().for_each(|task| {
+        let (gi, gj) = (task / ngroups, task % ngroups);
+        let cp = &cp;
+        let cfg = TileConfig::all_full();
+        let mut buf = [0f32; 32 * 32];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX is available (asserted above); the configuration outlives its use.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+        }
+        for ib in gi * mper..((gi + 1) * mper).min(mb) {
+            let (r0, rows) = (ib * 32, 32.min(m - ib * 32));
+            let a0 = pa[2 * ib * per..].as_ptr();
+            let a1 = pa[(2 * ib + 1) * per..].as_ptr();
+            for jb in gj * nper..((gj + 1) * nper).min(nb) {
+                let b0 = pb[2 * jb * per..].as_ptr();
+                let b1 = pb[(2 * jb + 1) * per..].as_ptr();
+                let (c0, cols) = (jb * 32, 32.min(n - jb * 32));
+                if rows == 32 && cols == 32 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the tiles are configured on this thread; each pointer starts `kt`
+                    // packed tiles inside `pa` / `pb`; the block (rows r0.., columns c0..,
+                    // 32 × 32, inside c's m × n) belongs to this task alone.
+                    unsafe {
+                        block_32x32(a0, a1, b0, b1, kt, cp.0.add(r0 * n + c0), n, accumulate);
+                    }
+                    continue;
+                }
+                // An edge block: through `buf`.
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, with `buf` (32 × 32) as the block.
+                unsafe {
+                    block_32x32(a0, a1, b0, b1, kt, buf.as_mut_ptr(), 32, false);
+                }
+                for r in 0..rows {
+                    // SAFETY: row r0 + r, columns c0..c0 + cols lie inside c's m × n and in
+                    // this task's block.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(cp.0.add((r0 + r) * n + c0), cols)
+                    };
+                    let src = &buf[r * 32..r * 32 + cols];
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: releases this thread's tile state (the kernel then need not save it).
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    });
+}
+
+/// `c`'s data for tasks that each write their own blocks of it.
+struct CPtr(*mut f32);
+// SAFETY: the tasks of `sgemm_bf16` write disjoint blocks, and `c` outlives them.
+unsafe impl Sync for CPtr {}

@@ -1,0 +1,297 @@
+//! BF16 products on AMX (`kernels::amx`, `MatmulPrecision::Bf16`): against an f64 reference on
+//! the BF16-rounded inputs, for every operand layout, edge sizes and accumulation; and a short
+//! training run in BF16 against the same run in f32. The precision is process-wide, so this file
+//! is its own test binary and its tests hold one lock.
+//! Skipped, with a message, on CPUs without AMX-BF16.
+
+use rlhf_model::kernels::amx::{self, round_bf16};
+use rlhf_model::kernels::gemm::{self, Mat, MatmulPrecision};
+use std::sync::Mutex;
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn skip() -> bool {
+    if !amx::available() {
+        eprintln!("SKIPPED: this CPU or kernel has no AMX-BF16; the BF16 matmul path cannot run");
+        return true;
+    }
+    false
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A view of `v` as an r×c matrix, row-major or column-major.
+fn view(v: &[f32], r: usize, c: usize, col_major: bool) -> Mat<'_> {
+    if col_major {
+        Mat {
+            data: v,
+            rs: 1,
+            cs: r,
+        }
+    } else {
+        Mat {
+            data: v,
+            rs: c,
+            cs: 1,
+        }
+    }
+}
+
+#[test]
+fn bf16_products_match_the_rounded_reference() {
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let shapes = [
+        (1, 1, 1),
+        (17, 33, 5),
+        (32, 32, 32),
+        (64, 48, 96),
+        (100, 70, 300),
+        (33, 1000, 65),
+        (129, 257, 1031),
+    ];
+    for &(m, n, k) in &shapes {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for acc in [false, true] {
+                let (av, bv) = (data(m * k, 1 + m as u64), data(k * n, 2 + n as u64));
+                let c0 = data(m * n, 3);
+                let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
+                let mut c = c0.clone();
+                amx::sgemm_bf16(m, n, k, a, b, &mut c, acc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut s, mut mag) = (0f64, 0f64);
+                        for l in 0..k {
+                            let x = round_bf16(a.data[i * a.rs + l * a.cs]) as f64;
+                            let y = round_bf16(b.data[l * b.rs + j * b.cs]) as f64;
+                            s += x * y;
+                            mag += (x * y).abs();
+                        }
+                        let want = if acc { c0[i * n + j] as f64 + s } else { s };
+                        let got = c[i * n + j] as f64;
+                        let tol = 1e-6 * (mag + 1.0) * (k as f64).sqrt().max(1.0);
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: c[{i},{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rounding_is_to_nearest_even() {
+    // 1 + 2^-8 lies halfway between BF16 neighbours 1 and 1 + 2^-7: ties go to even (1).
+    assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+    // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even).
+    assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+    assert_eq!(
+        round_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+        1.0 + 2f32.powi(-7)
+    );
+    assert_eq!(round_bf16(-3.0), -3.0);
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+}
+
+/// `sgemm` follows the process-wide precision: f32 by default, BF16 once set.
+#[test]
+fn sgemm_follows_the_precision_setting() {
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let (m, n, k) = (64, 64, 256);
+    let (av, bv) = (data(m * k, 11), data(k * n, 12));
+    let (a, b) = (view(&av, m, k, false), view(&bv, k, n, false));
+    let run = |p| {
+        gemm::set_matmul_precision(p).unwrap();
+        let mut c = vec![0f32; m * n];
+        gemm::sgemm(m, n, k, a, b, &mut c, false);
+        c
+    };
+    let (f, h) = (run(MatmulPrecision::F32), run(MatmulPrecision::Bf16));
+    gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+    let mut bf = vec![0f32; m * n];
+    amx::sgemm_bf16(m, n, k, a, b, &mut bf, false);
+    assert_eq!(h, bf, "BF16 setting must take the AMX path");
+    let err = f
+        .iter()
+        .zip(&h)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(err > 0.0 && err < 0.05, "f32 and BF16 differ by {err}");
+}
+
+/// Mean next-token negative log-likelihood of `y` after `x`.
+fn lm_loss(
+    model: &rlhf_model::CausalLM,
+    x: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+) -> candle_core::Tensor {
+    let (b, t) = x.dims2().unwrap();
+    let h = model.hidden(x, &vec![vec![1u8; t]; b]).unwrap();
+    let h2 = h.reshape((b * t, model.hidden_size())).unwrap();
+    let lp = model.head_logprobs(&h2, y, 1.0).unwrap();
+    lp.mean_all().unwrap().neg().unwrap()
+}
+
+/// Loss and gradients of a small Llama-shaped model on a fixed batch.
+fn loss_and_grads(
+    model: &rlhf_model::CausalLM,
+    x: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+) -> (f32, Vec<Vec<f32>>) {
+    let loss = lm_loss(model, x, y);
+    let grads = loss.backward().unwrap();
+    let g = model
+        .params
+        .iter()
+        .map(|p| {
+            grads
+                .get(p.var().as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
+fn tiny_model() -> rlhf_model::CausalLM {
+    let cfg = serde_json::json!({"model_type": "llama", "vocab_size": 512, "hidden_size": 128,
+        "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+        "tie_word_embeddings": true});
+    rlhf_model::CausalLM::random(cfg, 0).unwrap()
+}
+
+fn batch() -> (candle_core::Tensor, candle_core::Tensor) {
+    let (b, t) = (4, 64);
+    let ids: Vec<u32> = (0..b * (t + 1))
+        .map(|i| ((i * 37 + i / 7) % 512) as u32)
+        .collect();
+    let (mut x, mut y) = (vec![], vec![]);
+    for r in 0..b {
+        x.extend_from_slice(&ids[r * (t + 1)..r * (t + 1) + t]);
+        y.extend_from_slice(&ids[r * (t + 1) + 1..(r + 1) * (t + 1)]);
+    }
+    let dev = candle_core::Device::Cpu;
+    (
+        candle_core::Tensor::from_vec(x, (b, t), &dev).unwrap(),
+        candle_core::Tensor::from_vec(y, b * t, &dev).unwrap(),
+    )
+}
+
+/// The whole backward pass in BF16 points where the f32 one does: per parameter, the two
+/// gradients agree in direction (cosine) and size.
+#[test]
+fn bf16_gradients_follow_f32() {
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let model = tiny_model();
+    let (x, y) = batch();
+    gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+    let (l32, g32) = loss_and_grads(&model, &x, &y);
+    gemm::set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+    let (l16, g16) = loss_and_grads(&model, &x, &y);
+    gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+    assert!(
+        (l32 - l16).abs() < 1e-2 * l32.abs(),
+        "loss f32 {l32} vs bf16 {l16}"
+    );
+    assert_ne!(
+        g32, g16,
+        "the BF16 run must differ (else it did not take the AMX path)"
+    );
+    for (i, (a, b)) in g32.iter().zip(&g16).enumerate() {
+        let dot: f64 = a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let na: f64 = a.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let name = model.params.iter().nth(i).unwrap().name();
+        assert!(
+            dot / (na * nb) > 0.995,
+            "{name}: cosine {}",
+            dot / (na * nb)
+        );
+        assert!(
+            (na - nb).abs() < 0.03 * na,
+            "{name}: |g| f32 {na} vs bf16 {nb}"
+        );
+    }
+}
+
+/// Training in BF16 follows training in f32: 40 AdamW steps on one batch from the same start.
+#[test]
+fn bf16_training_tracks_f32() {
+    use rlhf_model::kernels::adamw::{adamw_step, AdamW, AdamWState};
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let (x, y) = batch();
+    let mut curves = vec![];
+    for p in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+        gemm::set_matmul_precision(p).unwrap();
+        let model = tiny_model();
+        let hp = AdamW {
+            lr: 3e-3,
+            weight_decay: 0.0,
+            ..AdamW::default()
+        };
+        let mut st: Vec<AdamWState> = model
+            .params
+            .iter()
+            .map(|q| AdamWState::new(q.var().elem_count()))
+            .collect();
+        let mut losses = vec![];
+        for _ in 0..40 {
+            let loss = lm_loss(&model, &x, &y);
+            let grads = loss.backward().unwrap();
+            for (q, s) in model.params.iter().zip(st.iter_mut()) {
+                let g = grads.get(q.var().as_tensor()).unwrap();
+                adamw_step(q.var().as_tensor(), g, s, &hp).unwrap();
+            }
+            losses.push(loss.to_scalar::<f32>().unwrap());
+        }
+        curves.push(losses);
+    }
+    gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+    let (f, h) = (&curves[0], &curves[1]);
+    eprintln!(
+        "loss f32 {:.4} → {:.4}, bf16 {:.4} → {:.4}",
+        f[0], f[39], h[0], h[39]
+    );
+    assert!(
+        f[39] < 0.5 * f[0] && h[39] < 0.5 * h[0],
+        "both must learn: {f:?} {h:?}"
+    );
+    for s in [9, 19, 39] {
+        let rel = (f[s] - h[s]).abs() / f[s];
+        assert!(
+            rel < 0.05,
+            "step {s}: f32 {} vs bf16 {} ({rel:.3})",
+            f[s],
+            h[s]
+        );
+    }
+}
