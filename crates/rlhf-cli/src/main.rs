@@ -70,6 +70,9 @@ fn main() {
             eprintln!("error: --matmul {m}: {e}");
             std::process::exit(2);
         }
+        if p == MatmulPrecision::Bf16 {
+            eprintln!("matmul precision: bf16 inputs, f32 sums (Intel AMX)");
+        }
     }
     let r = match cli.cmd {
         Cmd::Generate(a) => generate_cmd::run(a),

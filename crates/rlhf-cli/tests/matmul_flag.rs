@@ -1,0 +1,91 @@
+//! `rlhf --matmul bf16`: on a CPU with AMX-BF16, SmolLM2 generates through the BF16 products
+//! (the prompt's prefill is a many-row product) with the f32 run's greedy tokens and log-probs
+//! within BF16 rounding; on a CPU without it, the flag is refused with a clear error.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rlhf"))
+}
+
+const PROMPT: &str = "Name three primary colours and explain why mixing them matters in painting.";
+
+fn generate(model: &std::path::Path, matmul: &str) -> Output {
+    Command::new(bin())
+        .args(["--matmul", matmul, "generate", "--model"])
+        .arg(model)
+        .args([
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ])
+        .arg("--json")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn matmul_bf16_generates_like_f32_or_is_refused_without_amx() {
+    let Some(model) = rlhf_model::load::smollm2_gguf() else {
+        eprintln!(
+            "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RLHF_SMOLLM2_GGUF"
+        );
+        return;
+    };
+    let bf = generate(&model, "bf16");
+    let err = String::from_utf8_lossy(&bf.stderr).to_string();
+    if !rlhf_model::kernels::amx::available() {
+        assert_eq!(bf.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--matmul bf16") && err.contains("AMX"),
+            "{err}"
+        );
+        return;
+    }
+    assert!(bf.status.success(), "{err}");
+    let f = generate(&model, "f32");
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stderr));
+    let row = |o: &Output| -> serde_json::Value {
+        let s = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(s.lines().next().unwrap()).unwrap()
+    };
+    let (a, b) = (row(&f), row(&bf));
+    let toks = |v: &serde_json::Value| -> Vec<u64> {
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    };
+    let lps = |v: &serde_json::Value| -> Vec<f64> {
+        v["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect()
+    };
+    let (ta, tb) = (toks(&a), toks(&b));
+    assert_eq!(ta.len(), 8);
+    // Greedy decoding: the first token comes straight from the prefill's products.
+    assert_eq!(ta[0], tb[0], "f32 {ta:?} vs bf16 {tb:?}");
+    let (la, lb) = (lps(&a), lps(&b));
+    let same = ta.iter().zip(&tb).take_while(|(x, y)| x == y).count();
+    for i in 0..same {
+        assert!(
+            (la[i] - lb[i]).abs() < 0.1,
+            "token {i}: log-prob f32 {} vs bf16 {}",
+            la[i],
+            lb[i]
+        );
+    }
+    assert_ne!(
+        la, lb,
+        "the BF16 run must differ from f32 somewhere (else it took the f32 path)"
+    );
+}
