@@ -356,7 +356,18 @@ unsafe fn block_32x32(
             "tileloadd tmm7, [{b1} + {s}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm5, [{a1} + {s}*1]",
+            // Bring the next k step's tiles of b, then of a, towards L1 while the
+            // products run (the tile loads would otherwise wait on L2). Prefetches never
+            // fault, so the last step's reach past the end of a panel is harmless.
+            ".irp off, 1024, 1088, 1152, 1216, 1280, 1344, 1408, 1472, 1536, 1600, 1664, 1728, 1792, 1856, 1920, 1984",
+            "prefetcht0 [{b0} + \\off]",
+            "prefetcht0 [{b1} + \\off]",
+            ".endr",
             "tdpbf16ps tmm2, tmm5, tmm6",
+            ".irp off, 1024, 1088, 1152, 1216, 1280, 1344, 1408, 1472, 1536, 1600, 1664, 1728, 1792, 1856, 1920, 1984",
+            "prefetcht0 [{a0} + \\off]",
+            "prefetcht0 [{a1} + \\off]",
+            ".endr",
             "tdpbf16ps tmm3, tmm5, tmm7",
             "add {a0}, 1024",
             "add {a1}, 1024",
