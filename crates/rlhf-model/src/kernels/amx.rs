@@ -10,10 +10,13 @@
 //! 16 × 32 BF16 tiles (row tiles × k tiles, each tile one contiguous KiB), `b` packed the same
 //! way in AMX's pair-interleaved ("VNNI") layout: row `p` of a `b` tile holds, for 16 columns,
 //! the pairs (k = 2p, k = 2p + 1). Edges are zero-padded, so every tile is full. Rayon tasks
-//! take 32-row blocks of `c`; the tile registers are configured at the start of each task and
-//! released at its end.
+//! take a group of 32-row blocks × a group of 32-column blocks of `c` (the group's packed columns
+//! of `b` fit in L2); the tile registers are configured at the start of each task and released
+//! at its end. Only x86-64 has AMX: elsewhere [`available`] is false and nothing here runs.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use super::gemm::Mat;
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
 /// One 64-byte line of a tile: 32 BF16 values (the alignment keeps tile loads on cache lines).
@@ -427,6 +430,13 @@ pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], a
     }
     let span = |x: &Mat, r: usize, cc: usize| (r - 1) * x.rs + (cc - 1) * x.cs + 1;
     assert!(a.data.len() >= span(&a, m, k) && b.data.len() >= span(&b, k, n));
+    #[cfg(target_arch = "x86_64")]
+    products(m, n, k, a, b, c, accumulate);
+}
+
+/// [`sgemm_bf16`] once its arguments are checked (`k > 0`, non-empty `c`, AMX available).
+#[cfg(target_arch = "x86_64")]
+fn products(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
     let kt = k.div_ceil(32);
     let (mb, nb) = (m.div_ceil(32), n.div_ceil(32));
     // Packed operands: 2·mb row tiles of `a`, 2·nb column tiles of `b`, kt tiles each.
@@ -510,6 +520,8 @@ pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], a
 }
 
 /// `c`'s data for tasks that each write their own blocks of it.
+#[cfg(target_arch = "x86_64")]
 struct CPtr(*mut f32);
 // SAFETY: the tasks of `sgemm_bf16` write disjoint blocks, and `c` outlives them.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for CPtr {}
