@@ -296,12 +296,16 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
     let mut report = Report {
         seed: args.seed,
         model_desc: format!(
-            "GPT-2 {}L d{} from scratch, vocab {}; {} annotators, K={}",
+            "GPT-2 {}L d{} from scratch, vocab {}; {} annotators, K={}; {} matmuls",
             ctx.plan.n_layer,
             ctx.plan.d_model,
             ctx.tok.vocab_size(),
             args.annotators,
-            args.k
+            args.k,
+            match rlhf_model::kernels::gemm::matmul_precision() {
+                rlhf_model::kernels::gemm::MatmulPrecision::F32 => "f32",
+                rlhf_model::kernels::gemm::MatmulPrecision::Bf16 => "bf16 (AMX)",
+            }
         ),
         ..Default::default()
     };
