@@ -30,20 +30,25 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// A view of `v` as an r×c matrix, row-major or column-major.
-fn view(v: &[f32], r: usize, c: usize, col_major: bool) -> Mat<'_> {
-    if col_major {
-        Mat {
-            data: v,
-            rs: 1,
-            cs: r,
-        }
-    } else {
-        Mat {
+/// A view of `v` as an r×c matrix: row-major (0), column-major (1), or every other element of
+/// a row-major 2c-wide matrix (2: neither stride is 1).
+fn view(v: &[f32], r: usize, c: usize, layout: u8) -> Mat<'_> {
+    match layout {
+        0 => Mat {
             data: v,
             rs: c,
             cs: 1,
-        }
+        },
+        1 => Mat {
+            data: v,
+            rs: 1,
+            cs: r,
+        },
+        _ => Mat {
+            data: v,
+            rs: 2 * c,
+            cs: 2,
+        },
     }
 }
 
@@ -63,9 +68,9 @@ fn bf16_products_match_the_rounded_reference() {
         (129, 257, 1031),
     ];
     for &(m, n, k) in &shapes {
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        for (ta, tb) in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
             for acc in [false, true] {
-                let (av, bv) = (data(m * k, 1 + m as u64), data(k * n, 2 + n as u64));
+                let (av, bv) = (data(2 * m * k, 1 + m as u64), data(2 * k * n, 2 + n as u64));
                 let c0 = data(m * n, 3);
                 let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
                 let mut c = c0.clone();
@@ -118,7 +123,7 @@ fn sgemm_follows_the_precision_setting() {
     }
     let (m, n, k) = (64, 64, 256);
     let (av, bv) = (data(m * k, 11), data(k * n, 12));
-    let (a, b) = (view(&av, m, k, false), view(&bv, k, n, false));
+    let (a, b) = (view(&av, m, k, 0), view(&bv, k, n, 0));
     let run = |p| {
         gemm::set_matmul_precision(p).unwrap();
         let mut c = vec![0f32; m * n];

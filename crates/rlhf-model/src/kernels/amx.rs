@@ -132,8 +132,8 @@ unsafe fn pack_a_tile(a: Mat, m: usize, k: usize, r0: usize, out: &mut [Line]) {
             // (contiguous), rounded and interleaved into one u32 per row; then a 16 × 16 u32
             // transpose puts pair `q` of row `r` in slot `q` of line `r`.
             let mr = mask16(rows);
-            let mut pairs = [[0u32; 16]; 16];
-            for (q, pr) in pairs.iter_mut().enumerate() {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (q, vq) in v.iter_mut().enumerate() {
                 let col = |c: usize| {
                     if c >= cn {
                         return _mm512_setzero_ps();
@@ -144,19 +144,13 @@ unsafe fn pack_a_tile(a: Mat, m: usize, k: usize, r0: usize, out: &mut [Line]) {
                     unsafe { _mm512_maskz_loadu_ps(mr, a.data.as_ptr().add(base)) }
                 };
                 let (x0, x1) = (col(2 * q), col(2 * q + 1));
-                // SAFETY: register-only ops and an unaligned store into a local array.
-                unsafe {
-                    let v: __m512i =
-                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0));
-                    let v = _mm512_permutexvar_epi16(inter, v);
-                    _mm512_storeu_si512(pr.as_mut_ptr().cast(), v);
-                }
+                let pair = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+                *vq = _mm512_permutexvar_epi16(inter, pair);
             }
-            for (r, line) in tile[..rows].iter_mut().enumerate() {
-                for (q, pr) in pairs.iter().enumerate() {
-                    line.0[2 * q] = pr[r] as u16;
-                    line.0[2 * q + 1] = (pr[r] >> 16) as u16;
-                }
+            transpose16(&mut v);
+            for (line, vr) in tile[..rows].iter_mut().zip(&v) {
+                // SAFETY: an aligned store into the 64-byte line.
+                unsafe { _mm512_store_si512(line.0.as_mut_ptr().cast(), *vr) };
             }
         } else {
             // Any other strides: element by element.
@@ -236,46 +230,77 @@ unsafe fn pack_b_tile(b: Mat, k: usize, n: usize, c0: usize, out: &mut [Line]) {
                 }
             }
         } else {
-            // Strided columns (a transposed view): each column's 32 k values at once.
-            if cn < 16 {
-                tile.fill(ZERO_LINE);
-            }
+            // Strided columns (a transposed view).
             let kn = 32.min(k - t * 32);
-            let (m0, m1) = (mask16(kn), mask16(kn.saturating_sub(16)));
-            for c in 0..cn {
-                let mut pairs = [0u32; 16];
-                if b.rs == 1 {
+            if b.rs == 1 {
+                // Column-major: each column's 32 k values at once (contiguous), rounded into 16
+                // pairs; a 16 × 16 u32 transpose puts pair `p` of column `c` in slot `c` of
+                // line `p`.
+                let (m0, m1) = (mask16(kn), mask16(kn.saturating_sub(16)));
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (c, vc) in v[..cn].iter_mut().enumerate() {
                     let base = t * 32 + (c0 + c) * b.cs;
                     assert!(base + kn <= b.data.len());
                     // SAFETY: the masked loads read only `b.data[base..base + kn]` (checked).
-                    unsafe {
+                    let (lo, hi) = unsafe {
                         let p = b.data.as_ptr().add(base);
-                        let lo = _mm512_maskz_loadu_ps(m0, p);
-                        let hi = _mm512_maskz_loadu_ps(m1, p.add(16));
-                        let v = _mm512_cvtne2ps_pbh(hi, lo);
-                        _mm512_storeu_si512(
-                            pairs.as_mut_ptr().cast(),
-                            std::mem::transmute::<__m512bh, __m512i>(v),
-                        );
-                    }
-                } else {
-                    for (i, q) in pairs.iter_mut().enumerate() {
-                        let at = |r: usize| {
-                            if r < k {
-                                bf16_bits(b.data[r * b.rs + (c0 + c) * b.cs]) as u32
-                            } else {
-                                0
-                            }
-                        };
-                        *q = at(t * 32 + 2 * i) | at(t * 32 + 2 * i + 1) << 16;
-                    }
+                        (
+                            _mm512_maskz_loadu_ps(m0, p),
+                            _mm512_maskz_loadu_ps(m1, p.add(16)),
+                        )
+                    };
+                    *vc = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                 }
-                for (line, &q) in tile.iter_mut().zip(&pairs) {
-                    line.0[2 * c] = q as u16;
-                    line.0[2 * c + 1] = (q >> 16) as u16;
+                transpose16(&mut v);
+                for (line, vp) in tile.iter_mut().zip(&v) {
+                    // SAFETY: an aligned store into the 64-byte line.
+                    unsafe { _mm512_store_si512(line.0.as_mut_ptr().cast(), *vp) };
+                }
+            } else {
+                // Any other strides: element by element.
+                tile.fill(ZERO_LINE);
+                for c in 0..cn {
+                    for (p, line) in tile.iter_mut().enumerate() {
+                        for s in 0..2 {
+                            let r = t * 32 + 2 * p + s;
+                            if r < k {
+                                line.0[2 * c + s] = bf16_bits(b.data[r * b.rs + (c0 + c) * b.cs]);
+                            }
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// Transpose a 16 × 16 matrix of u32 held as 16 rows: afterwards `m[c]` is column `c`.
+/// (32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(m: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
+    }
+    // m[4i + j], lane L: column 4L + j of rows 4i..4i + 4.
+    for i in 0..4 {
+        m[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        m[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        m[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        m[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            t[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(m[8 * i + j], m[8 * i + 4 + j]);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(m[8 * i + j], m[8 * i + 4 + j]);
+        }
+    }
+    for j in 0..8 {
+        m[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+        m[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
     }
 }
 
