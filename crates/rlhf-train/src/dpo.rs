@@ -644,7 +644,7 @@ pub fn train_dpo_on(
         eval_batch: bs,
         last_eval: None,
     };
-    std::fs::write(cfg.out.join("config.toml"), toml::to_string(cfg)?)?;
+    crate::trainer::write_run_config(&cfg.out, cfg)?;
     let eval_before = if !obj.eval.is_empty() && !resume {
         Some(obj.eval_rewards()?.2)
     } else {

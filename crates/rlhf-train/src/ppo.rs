@@ -1518,7 +1518,7 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
         prompts.truncate(cfg.max_prompts);
     }
     std::fs::create_dir_all(&cfg.out)?;
-    std::fs::write(cfg.out.join("config.toml"), toml::to_string(cfg)?)?;
+    crate::trainer::write_run_config(&cfg.out, cfg)?;
     let mut t = PpoTrainer::new(cfg.clone(), policy, reference, critic, tok, prompts)?;
     t.run(reward, resume)
 }

@@ -610,7 +610,7 @@ pub fn train_reward_on(
     obj.margin_scale = cfg.use_margin.then_some(cfg.margin_scale as f32);
     obj.norm_seqs = norm_seqs;
     std::fs::create_dir_all(&cfg.out)?;
-    std::fs::write(cfg.out.join("config.toml"), toml::to_string(cfg)?)?;
+    crate::trainer::write_run_config(&cfg.out, cfg)?;
     let summary = Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)?;
     let offset = obj.computed_offset().unwrap_or(0.0);
     obj.rm.offset = offset;

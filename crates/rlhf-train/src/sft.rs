@@ -255,7 +255,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
         eval_batch: cfg.train.batch_size,
     };
     std::fs::create_dir_all(&cfg.out)?;
-    std::fs::write(cfg.out.join("config.toml"), toml::to_string(cfg)?)?;
+    crate::trainer::write_run_config(&cfg.out, cfg)?;
     Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)
 }
 
