@@ -61,11 +61,7 @@ fn main() {
     if let Some(m) = &cli.matmul {
         use rlhf_model::kernels::gemm::{set_matmul_precision, MatmulPrecision};
         rlhf_model::kernels::init_cpu_runtime();
-        let p = if m == "bf16" {
-            MatmulPrecision::Bf16
-        } else {
-            MatmulPrecision::F32
-        };
+        let p: MatmulPrecision = m.parse().expect("clap admits only f32 and bf16");
         if let Err(e) = set_matmul_precision(p) {
             eprintln!("error: --matmul {m}: {e}");
             std::process::exit(2);

@@ -384,10 +384,7 @@ fn prefixed(p: &str, s: &Scalars) -> Scalars {
 /// by a comment naming the matmul precision the run used (`--matmul` / `RLHF_MATMUL`, set
 /// outside the config).
 pub fn write_run_config<T: Serialize>(out: &Path, cfg: &T) -> Result<()> {
-    let precision = match rlhf_model::kernels::gemm::matmul_precision() {
-        rlhf_model::kernels::gemm::MatmulPrecision::F32 => "f32",
-        rlhf_model::kernels::gemm::MatmulPrecision::Bf16 => "bf16 (Intel AMX; --matmul bf16)",
-    };
+    let precision = rlhf_model::kernels::gemm::matmul_precision().name();
     let text = format!("# matmul precision: {precision}\n{}", toml::to_string(cfg)?);
     std::fs::write(out.join("config.toml"), text)?;
     Ok(())

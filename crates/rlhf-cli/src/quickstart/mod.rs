@@ -302,10 +302,7 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
             ctx.tok.vocab_size(),
             args.annotators,
             args.k,
-            match rlhf_model::kernels::gemm::matmul_precision() {
-                rlhf_model::kernels::gemm::MatmulPrecision::F32 => "f32",
-                rlhf_model::kernels::gemm::MatmulPrecision::Bf16 => "bf16 (AMX)",
-            }
+            rlhf_model::kernels::gemm::matmul_precision().name()
         ),
         ..Default::default()
     };

@@ -12,8 +12,7 @@ pub struct Mat<'a> {
 
 /// The precision of the products [`sgemm`] computes (process-wide; decoding's few-row products
 /// and the attention kernel's products are always f32).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPrecision {
     /// f32 inputs and sums (the default).
     #[default]
@@ -21,6 +20,27 @@ pub enum MatmulPrecision {
     /// Inputs rounded to BF16, sums in f32, on Intel AMX ([`super::amx`]): mixed precision, as
     /// `torch.autocast(bfloat16)` does for matmuls. Needs a CPU with AMX-BF16.
     Bf16,
+}
+
+impl MatmulPrecision {
+    /// The name `--matmul` and `RLHF_MATMUL` take: `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for MatmulPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(MatmulPrecision::F32),
+            "bf16" => Ok(MatmulPrecision::Bf16),
+            _ => Err(format!("unknown matmul precision {s:?} (f32 or bf16)")),
+        }
+    }
 }
 
 static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -162,14 +162,11 @@ pub fn init_cpu_runtime() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
         tune_allocator();
-        match std::env::var("RLHF_MATMUL").as_deref() {
-            Ok("bf16") => {
-                if let Err(e) = gemm::set_matmul_precision(gemm::MatmulPrecision::Bf16) {
-                    eprintln!("warning: RLHF_MATMUL=bf16 ignored, matmuls stay f32: {e}");
-                }
+        if let Ok(v) = std::env::var("RLHF_MATMUL") {
+            let set = v.parse().and_then(gemm::set_matmul_precision);
+            if let Err(e) = set {
+                eprintln!("warning: RLHF_MATMUL={v} ignored, matmuls stay f32: {e}");
             }
-            Ok("f32") | Err(_) => {}
-            Ok(other) => eprintln!("warning: RLHF_MATMUL={other} unknown (f32 or bf16); using f32"),
         }
     });
 }
