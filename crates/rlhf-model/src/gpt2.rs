@@ -144,7 +144,7 @@ impl Backbone for Gpt2 {
             }; // [b, t, d]
             x = (x + blk.c_proj.forward(&y)?)?;
             let h = blk.ln_2.forward(&x)?;
-            let h = crate::fused::gelu_tanh(&blk.c_fc.forward(&h)?)?;
+            let h = blk.c_fc.forward_gelu(&h)?;
             x = (x + blk.mlp_proj.forward(&h)?)?;
         }
         self.ln_f.forward(&x)

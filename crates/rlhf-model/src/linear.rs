@@ -172,6 +172,72 @@ impl Linear {
         Ok(y.reshape(out)?)
     }
 
+    /// Whether `forward` on `x` is a plain product on the fused CPU path: f32 on the CPU, no
+    /// active LoRA adapter, more rows than decoding's few (those stream the weight instead).
+    fn plain_fused(&self, x: &Tensor) -> bool {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        let lora_on = self.lora.is_some() && self.adapters_on.load(Ordering::Relaxed);
+        let w = self.weight.t();
+        crate::kernels::fusable(&[x, &w])
+            && !lora_on
+            && rows > crate::kernels::matmul::SMALL_M
+            && self.bias.as_ref().is_none_or(|b| b.t().rank() == 1)
+    }
+
+    /// `gelu_tanh(forward(x))`: on the fused path with a bias (GPT-2's `c_fc`), one op for the
+    /// product, the bias and the activation ([`crate::kernels::mlp::linear_gelu`]).
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(b) = self.bias.as_ref().filter(|_| self.plain_fused(x)) {
+            let w = self.weight.t();
+            return Ok(crate::kernels::mlp::linear_gelu(
+                x,
+                &w,
+                &b.t(),
+                self.transposed,
+            )?);
+        }
+        Ok(crate::fused::gelu_tanh(&self.forward(x)?)?)
+    }
+
+    /// `residual + forward(x)`: for a bias-free linear on the fused path (Llama's `o_proj` and
+    /// `down_proj`), one op whose GEMM accumulates onto the residual
+    /// ([`crate::kernels::matmul::linear_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.bias.is_none() && self.plain_fused(x) && crate::kernels::fusable(&[residual]) {
+            let (_, dout) = self.in_out();
+            let mut want = x.dims().to_vec();
+            *want.last_mut().expect("rank >= 1") = dout;
+            if residual.dims() == want.as_slice() {
+                let w = self.weight.t();
+                return Ok(crate::kernels::matmul::linear_residual(
+                    x,
+                    &w,
+                    residual,
+                    self.transposed,
+                )?);
+            }
+        }
+        Ok((residual + self.forward(x)?)?)
+    }
+
+    /// `silu(gate(x)) ⊙ up(x)` (Llama's MLP before `down_proj`): when both are bias-free HF
+    /// linears of one shape on the fused path, one op for both products and the activation
+    /// ([`crate::kernels::mlp::swiglu_mlp`]).
+    pub fn swiglu(gate: &Linear, up: &Linear, x: &Tensor) -> Result<Tensor> {
+        let (wg, wu) = (gate.weight.t(), up.weight.t());
+        if gate.plain_fused(x)
+            && up.plain_fused(x)
+            && gate.bias.is_none()
+            && up.bias.is_none()
+            && !gate.transposed
+            && !up.transposed
+            && wg.dims() == wu.dims()
+        {
+            return Ok(crate::kernels::mlp::swiglu_mlp(x, &wg, &wu)?);
+        }
+        Ok(crate::fused::swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+    }
+
     /// Attach a LoRA adapter (A ~ Kaiming-uniform-like small random, B = 0, as PEFT) and register
     /// its parameters under PEFT names `<name>.lora_A.weight` / `<name>.lora_B.weight`.
     #[allow(clippy::too_many_arguments)]

@@ -145,10 +145,10 @@ impl Backbone for Llama {
                     Heads::Merged(nh),
                 )?,
             };
-            x = (x + l.o.forward(&y)?)?;
+            x = l.o.forward_residual(&y, &x)?;
             let h = crate::fused::rms_norm(&x, &l.post_norm.t(), eps)?;
-            let g = crate::fused::swiglu(&l.gate.forward(&h)?, &l.up.forward(&h)?)?;
-            x = (x + l.down.forward(&g)?)?;
+            let g = Linear::swiglu(&l.gate, &l.up, &h)?;
+            x = l.down.forward_residual(&g, &x)?;
         }
         Ok(crate::fused::rms_norm(&x, &self.norm.t(), eps)?)
     }

@@ -784,6 +784,170 @@ fn linear_without_bias_matches_composed_and_fd() {
     }
 }
 
+#[test]
+fn linear_residual_matches_composed_and_fd() {
+    use rlhf_model::kernels::matmul::linear_residual;
+    for transposed in [true, false] {
+        for (m, k, n) in [(19, 5, 7), (70, 24, 33)] {
+            let wshape = if transposed { [k, n] } else { [n, k] };
+            check(
+                "linear_residual",
+                &[
+                    inp(m * k, &[m, k], 117),
+                    inp(n * k, &wshape, 118),
+                    inp(m * n, &[m, n], 119),
+                ],
+                &move |t| linear_residual(&t[0], &t[1], &t[2], transposed).unwrap(),
+                &move |t| {
+                    let w = if transposed {
+                        t[1].clone()
+                    } else {
+                        t[1].t().unwrap()
+                    };
+                    (&t[2] + t[0].matmul(&w).unwrap()).unwrap()
+                },
+            );
+        }
+    }
+    // [b, t, k] input and [b, t, n] residual; a residual of the wrong shape is an error.
+    let (k, n) = (6, 9);
+    check(
+        "linear_residual (3-d input)",
+        &[
+            inp(2 * 5 * k, &[2, 5, k], 120),
+            inp(n * k, &[n, k], 121),
+            inp(2 * 5 * n, &[2, 5, n], 122),
+        ],
+        &move |t| linear_residual(&t[0], &t[1], &t[2], false).unwrap(),
+        &move |t| {
+            let y = t[0]
+                .reshape((10, k))
+                .unwrap()
+                .matmul(&t[1].t().unwrap())
+                .unwrap();
+            (&t[2] + y.reshape((2, 5, n)).unwrap()).unwrap()
+        },
+    );
+    let x = Tensor::zeros((4, k), DType::F32, &DEV).unwrap();
+    let w = Tensor::zeros((n, k), DType::F32, &DEV).unwrap();
+    let r = Tensor::zeros((4, n + 1), DType::F32, &DEV).unwrap();
+    let e = linear_residual(&x, &w, &r, false).unwrap_err().to_string();
+    assert!(e.contains("residual [4, 10]"), "{e}");
+}
+
+#[test]
+fn linear_gelu_matches_composed_and_fd() {
+    use rlhf_model::kernels::mlp::linear_gelu;
+    for transposed in [true, false] {
+        // A small product, and one above the threshold where the GEMM goes multi-threaded.
+        for (m, k, n) in [(19, 5, 7), (70, 24, 33)] {
+            let wshape = if transposed { [k, n] } else { [n, k] };
+            check(
+                "linear_gelu",
+                &[
+                    inp(m * k, &[m, k], 101),
+                    inp(n * k, &wshape, 102),
+                    inp(n, &[n], 103),
+                ],
+                &move |t| linear_gelu(&t[0], &t[1], &t[2], transposed).unwrap(),
+                &move |t| {
+                    let w = if transposed {
+                        t[1].clone()
+                    } else {
+                        t[1].t().unwrap()
+                    };
+                    let u = t[0].matmul(&w).unwrap().broadcast_add(&t[2]).unwrap();
+                    ops::gelu_tanh(&u).unwrap()
+                },
+            );
+        }
+    }
+    // A [b, t, k] input: the leading dimensions are rows.
+    let (k, n) = (6, 9);
+    check(
+        "linear_gelu (3-d input)",
+        &[
+            inp(2 * 5 * k, &[2, 5, k], 104),
+            inp(k * n, &[k, n], 105),
+            inp(n, &[n], 106),
+        ],
+        &move |t| {
+            let y = linear_gelu(&t[0], &t[1], &t[2], true).unwrap();
+            assert_eq!(y.dims(), [2, 5, n]);
+            y
+        },
+        &move |t| {
+            let u = t[0].reshape((10, k)).unwrap().matmul(&t[1]).unwrap();
+            let u = u.broadcast_add(&t[2]).unwrap().reshape((2, 5, n)).unwrap();
+            ops::gelu_tanh(&u).unwrap()
+        },
+    );
+}
+
+#[test]
+fn swiglu_mlp_matches_composed_and_fd() {
+    use rlhf_model::kernels::mlp::swiglu_mlp;
+    for (m, d, i) in [(19, 5, 7), (70, 24, 33)] {
+        check(
+            "swiglu_mlp",
+            &[
+                inp(m * d, &[m, d], 107),
+                inp(i * d, &[i, d], 108),
+                inp(i * d, &[i, d], 109),
+            ],
+            &move |t| swiglu_mlp(&t[0], &t[1], &t[2]).unwrap(),
+            &move |t| {
+                let a = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                let b = t[0].matmul(&t[2].t().unwrap()).unwrap();
+                (a.silu().unwrap() * b).unwrap()
+            },
+        );
+    }
+    let (d, i) = (6, 10);
+    check(
+        "swiglu_mlp (3-d input)",
+        &[
+            inp(3 * 4 * d, &[3, 4, d], 110),
+            inp(i * d, &[i, d], 111),
+            inp(i * d, &[i, d], 112),
+        ],
+        &move |t| {
+            let y = swiglu_mlp(&t[0], &t[1], &t[2]).unwrap();
+            assert_eq!(y.dims(), [3, 4, i]);
+            y
+        },
+        &move |t| {
+            let x = t[0].reshape((12, d)).unwrap();
+            let a = x.matmul(&t[1].t().unwrap()).unwrap();
+            let b = x.matmul(&t[2].t().unwrap()).unwrap();
+            (a.silu().unwrap() * b).unwrap().reshape((3, 4, i)).unwrap()
+        },
+    );
+}
+
+/// The fused MLP ops run without gradients too (inference: nothing kept for a backward), and
+/// give the same values as with them.
+#[test]
+fn fused_mlp_without_gradients() {
+    use rlhf_model::kernels::mlp::{linear_gelu, swiglu_mlp};
+    let (m, d, i) = (40, 16, 24);
+    let t = |n: usize, shape: &[usize], seed| Tensor::from_vec(data(n, seed), shape, &DEV).unwrap();
+    let (x, w1, w2, b) = (
+        t(m * d, &[m, d], 113),
+        t(i * d, &[i, d], 114),
+        t(i * d, &[i, d], 115),
+        t(i, &[i], 116),
+    );
+    let y = swiglu_mlp(&x, &w1, &w2).unwrap();
+    let v = Var::from_tensor(&x).unwrap();
+    let y2 = swiglu_mlp(v.as_tensor(), &w1, &w2).unwrap();
+    assert_eq!(vals(&y), vals(&y2));
+    let g = linear_gelu(&x, &w1, &b, false).unwrap();
+    let g2 = linear_gelu(v.as_tensor(), &w1, &b, false).unwrap();
+    assert_eq!(vals(&g), vals(&g2));
+    assert_eq!(g.dims(), [m, i]);
+}
+
 /// `sgemm` (every path it dispatches to: the few-row kernel, the GEMM in parallel and on one
 /// thread) against a plain triple loop in f64: every operand layout, odd sizes, accumulate on
 /// and off.

@@ -181,3 +181,59 @@ fn every_parameter_gets_a_gradient() {
         assert!(m.params.len() > 10);
     }
 }
+
+/// Batched rows take the fused MLP ops (`linear_gelu`, `swiglu_mlp`) and the GEMM; a sequence
+/// of at most 16 rows takes the separate ops and the few-row products. The same three
+/// sequences, as one batch and one by one, must give every parameter the same gradient.
+#[test]
+fn batched_and_few_row_paths_give_the_same_gradients() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let m = load(name);
+        let seqs: Vec<Vec<u32>> = (0..3u32)
+            .map(|s| (0..8u32).map(|i| (i * 5 + s * 11) % 90).collect())
+            .collect();
+        let grads_of = |batches: &[&[Vec<u32>]]| {
+            let mut total: Option<Tensor> = None;
+            for b in batches {
+                let flat: Vec<u32> = b.iter().flatten().copied().collect();
+                let ids = Tensor::from_vec(flat, (b.len(), 8), &Device::Cpu).unwrap();
+                let mask = vec![vec![1u8; 8]; b.len()];
+                let lp = m.next_token_logprobs(&ids, &mask, 1.0).unwrap();
+                let s = lp.sum_all().unwrap();
+                total = Some(match total {
+                    None => s,
+                    Some(t) => (t + s).unwrap(),
+                });
+            }
+            let loss = (total.unwrap() / 24.0).unwrap();
+            let g = loss.backward().unwrap();
+            m.params
+                .iter()
+                .map(|p| {
+                    let v: Vec<f32> = g
+                        .get(p.var().as_tensor())
+                        .expect("no gradient")
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    (p.name().to_string(), v)
+                })
+                .collect::<Vec<_>>()
+        };
+        let batched = grads_of(&[&seqs[..]]);
+        let single = grads_of(&[&seqs[0..1], &seqs[1..2], &seqs[2..3]]);
+        for ((name_p, a), (_, b)) in batched.iter().zip(&single) {
+            let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-6);
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err <= 1e-4 * scale,
+                "{name} {name_p}: batched vs one by one differ by {err} (max |g| {scale})"
+            );
+        }
+    }
+}

@@ -10,7 +10,7 @@ const C0: f32 = 0.797_884_6; // sqrt(2/π)
 const C1: f32 = 0.044_715;
 
 crate::multiversion! {
-    fn gelu_fwd(x: &[f32], y: &mut [f32]) {
+    pub(super) fn gelu_fwd(x: &[f32], y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
             let t = math::tanh(C0 * (x + C1 * x * x * x));
             *y = 0.5 * x * (1.0 + t);
@@ -19,7 +19,7 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
-    fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    pub(super) fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
             let t = math::tanh(C0 * (x + C1 * x * x * x));
             let dt = (1.0 - t * t) * C0 * (1.0 + 3.0 * C1 * x * x);
@@ -46,7 +46,7 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
-    fn swiglu_fwd(a: &[f32], b: &[f32], y: &mut [f32]) {
+    pub(super) fn swiglu_fwd(a: &[f32], b: &[f32], y: &mut [f32]) {
         for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
             *y = a * math::sigmoid(a) * b;
         }
@@ -66,7 +66,7 @@ crate::multiversion! {
     }
 }
 
-fn unary(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
+pub(super) fn unary(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
     let mut y = uninit(x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -74,12 +74,25 @@ fn unary(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
     y
 }
 
-fn binary(a: &[f32], b: &[f32], f: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
+pub(super) fn binary(a: &[f32], b: &[f32], f: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
     let mut y = uninit(a.len());
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(y, (a, b))| f(a, b, y));
     y
+}
+
+/// d gate and d up of `silu(a) · b` for the upstream gradient `g`, in parallel.
+pub(super) fn swiglu_grads(a: &[f32], b: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut da, mut db) = (uninit(a.len()), uninit(a.len()));
+    da.par_chunks_mut(CHUNK)
+        .zip(db.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (da, db))| {
+            let r = c * CHUNK..c * CHUNK + da.len();
+            swiglu_bwd(&a[r.clone()], &b[r.clone()], &g[r], da, db);
+        });
+    (da, db)
 }
 
 #[derive(Clone, Copy)]
@@ -163,19 +176,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = gate.elem_count();
-        let mut da = uninit(n);
-        let mut db = uninit(n);
-        with_f32(&[gate, up, grad], |s| {
-            let (a, b, g) = (s[0], s[1], s[2]);
-            da.par_chunks_mut(CHUNK)
-                .zip(db.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(c, (da, db))| {
-                    let r = c * CHUNK..c * CHUNK + da.len();
-                    swiglu_bwd(&a[r.clone()], &b[r.clone()], &g[r], da, db);
-                });
-        })?;
+        let (da, db) = with_f32(&[gate, up, grad], |s| swiglu_grads(s[0], s[1], s[2]))?;
         Ok((
             Some(Tensor::from_vec(da, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(db, up.shape(), up.device())?),

@@ -205,7 +205,7 @@ fn dots_any(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
 }
 
 /// `(rows, k)` of an input `[..., k]` (rank ≥ 1): every leading dimension is a row.
-fn rows_k(dims: &[usize]) -> Result<(usize, usize)> {
+pub(super) fn rows_k(dims: &[usize]) -> Result<(usize, usize)> {
     match dims.split_last() {
         Some((&k, lead)) => Ok((lead.iter().product(), k)),
         None => candle_core::bail!("linear: a scalar input"),
@@ -213,7 +213,7 @@ fn rows_k(dims: &[usize]) -> Result<(usize, usize)> {
 }
 
 /// The output shape of `x [..., k]` mapped to `n` columns: `[..., n]`.
-fn with_last(dims: &[usize], n: usize) -> Shape {
+pub(super) fn with_last(dims: &[usize], n: usize) -> Shape {
     let mut d = dims.to_vec();
     *d.last_mut().expect("rank >= 1") = n;
     Shape::from(d)
@@ -385,51 +385,89 @@ fn wmat(w: &[f32], k: usize, n: usize, transposed: bool) -> Mat<'_> {
     }
 }
 
-/// `x [m, k] · W (+ bias)`: the bias (if any) is written into the output first and the GEMM
+/// What [`linear_fwd`]'s product is added onto.
+#[derive(Clone, Copy)]
+pub(super) enum Onto<'a> {
+    /// Nothing: `c = x · W`.
+    Zero,
+    /// A bias `[n]`, broadcast over the rows.
+    Bias(&'a CpuStorage, &'a Layout),
+    /// A residual of the output's shape `[..., n]`.
+    Residual(&'a CpuStorage, &'a Layout),
+}
+
+/// `onto + x [m, k] · W`: a bias or residual is written into the output first and the GEMM
 /// accumulates onto it.
-fn linear_fwd(
+pub(super) fn linear_fwd(
     s1: &CpuStorage,
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
-    bias: Option<(&CpuStorage, &Layout)>,
+    onto: Onto,
     transposed: bool,
 ) -> Result<(CpuStorage, Shape)> {
     let (m, k) = rows_k(l1.dims())?;
     let (a, b) = l2.shape().dims2()?;
     let (k2, n) = if transposed { (a, b) } else { (b, a) };
-    if k != k2 || bias.is_some_and(|(_, l3)| l3.dims() != [n]) {
-        candle_core::bail!(
-            "linear: x {:?}, w {:?}, b {:?}",
-            l1.dims(),
-            l2.dims(),
-            bias.map(|(_, l3)| l3.dims())
-        )
+    let shape = with_last(l1.dims(), n);
+    let ok = k == k2
+        && match onto {
+            Onto::Zero => true,
+            Onto::Bias(_, l3) => l3.dims() == [n],
+            Onto::Residual(_, l3) => l3.dims() == shape.dims(),
+        };
+    if !ok {
+        let extra = match onto {
+            Onto::Zero => String::new(),
+            Onto::Bias(_, l3) => format!(", bias {:?}", l3.dims()),
+            Onto::Residual(_, l3) => format!(", residual {:?}", l3.dims()),
+        };
+        candle_core::bail!("linear: x {:?}, w {:?}{extra}", l1.dims(), l2.dims())
     }
     let x = slice(s1, l1, "linear")?;
     let w = slice(s2, l2, "linear")?;
     let mut o = uninit(m * n);
-    if let Some((s3, l3)) = bias {
-        let bias = slice(s3, l3, "linear")?;
-        o.par_chunks_mut(n * 64).for_each(|c| {
-            c.chunks_mut(n).for_each(|r| r.copy_from_slice(bias));
-        });
+    match onto {
+        Onto::Zero => {}
+        Onto::Bias(s3, l3) => {
+            let bias = slice(s3, l3, "linear")?;
+            o.par_chunks_mut(n * 64).for_each(|c| {
+                c.chunks_mut(n).for_each(|r| r.copy_from_slice(bias));
+            });
+        }
+        Onto::Residual(s3, l3) => {
+            let r = slice(s3, l3, "linear")?;
+            o.par_chunks_mut(1 << 14)
+                .zip(r.par_chunks(1 << 14))
+                .for_each(|(o, r)| o.copy_from_slice(r));
+        }
     }
     let xm = Mat {
         data: x,
         rs: k,
         cs: 1,
     };
-    sgemm(
-        m,
-        n,
-        k,
-        xm,
-        wmat(w, k, n, transposed),
-        &mut o,
-        bias.is_some(),
-    );
-    out(o, &with_last(l1.dims(), n))
+    let accumulate = !matches!(onto, Onto::Zero);
+    sgemm(m, n, k, xm, wmat(w, k, n, transposed), &mut o, accumulate);
+    out(o, &shape)
+}
+
+/// The gradients [`linear_grads`] computed, as tensors shaped like `x`, `w` and the bias `[n]`.
+#[allow(clippy::type_complexity)]
+pub(super) fn grad_tensors(
+    x: &Tensor,
+    w: &Tensor,
+    n: usize,
+    (dx, dw, db): (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dev = x.device();
+    Ok((
+        dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?,
+        dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
+            .transpose()?,
+        db.map(|v| Tensor::from_vec(v, n, dev)).transpose()?,
+    ))
 }
 
 impl candle_core::CustomOp3 for LinearBias {
@@ -445,7 +483,7 @@ impl candle_core::CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        linear_fwd(s1, l1, s2, l2, Some((s3, l3)), self.transposed)
+        linear_fwd(s1, l1, s2, l2, Onto::Bias(s3, l3), self.transposed)
     }
     fn bwd(
         &self,
@@ -459,15 +497,8 @@ impl candle_core::CustomOp3 for LinearBias {
         let n = b.dim(0)?;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let tr = self.transposed;
-        let (dx, dw, db) = linear_grads(x, w, g, (m, k, n), tr, (want_x, want_w, want_b))?;
-        let dev = x.device();
-        Ok((
-            dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
-                .transpose()?,
-            dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
-                .transpose()?,
-            db.map(|v| Tensor::from_vec(v, n, dev)).transpose()?,
-        ))
+        let grads = linear_grads(x, w, g, (m, k, n), tr, (want_x, want_w, want_b))?;
+        grad_tensors(x, w, n, grads)
     }
 }
 
@@ -483,7 +514,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Resu
 /// Gradients of `y = x · W (+ b)` for `x [m, k]`, W as in [`LinearBias`], upstream `g [m, n]`:
 /// (dx, dW, db), each only when wanted.
 #[allow(clippy::type_complexity)]
-fn linear_grads(
+pub(super) fn linear_grads(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
@@ -552,6 +583,54 @@ fn linear_grads(
     })
 }
 
+/// `r + x · W`: the residual `r` is copied into the output first and the GEMM accumulates onto
+/// it, so the residual stream's add is no op (and no gradient buffer) of its own.
+struct LinearResidual {
+    transposed: bool,
+}
+
+impl candle_core::CustomOp3 for LinearResidual {
+    fn name(&self) -> &'static str {
+        "linear-residual"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        linear_fwd(s1, l1, s2, l2, Onto::Residual(s3, l3), self.transposed)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        r: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = rows_k(x.dims())?;
+        let n = g.dim(D::Minus1)?;
+        let wants = (x.track_op(), w.track_op(), false);
+        let (dx, dw, _) = linear_grads(x, w, g, (m, k, n), self.transposed, wants)?;
+        let (dx, dw, _) = grad_tensors(x, w, n, (dx, dw, None))?;
+        Ok((dx, dw, r.track_op().then(|| g.clone())))
+    }
+}
+
+/// `r + x [..., k] · W → [..., n]` with W [k, n] (`transposed`) or [n, k] and `r` [..., n]
+/// (f32, CPU): a bias-free linear layer and the residual add after it, as one op.
+pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, transposed: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &r.contiguous()?,
+        LinearResidual { transposed },
+    )
+}
+
 /// `x [m, k] · W` without bias, W stored [k, n] (`transposed`) or [n, k]: the GEMM runs on the
 /// rayon pool (candle's own matmul follows `CANDLE_NUM_THREADS`, which we set to 1).
 struct Linear {
@@ -569,7 +648,7 @@ impl candle_core::CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        linear_fwd(s1, l1, s2, l2, None, self.transposed)
+        linear_fwd(s1, l1, s2, l2, Onto::Zero, self.transposed)
     }
     fn bwd(
         &self,
@@ -588,13 +667,8 @@ impl candle_core::CustomOp2 for Linear {
             self.transposed,
             (x.track_op(), w.track_op(), false),
         )?;
-        let dev = x.device();
-        Ok((
-            dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
-                .transpose()?,
-            dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
-                .transpose()?,
-        ))
+        let (dx, dw, _) = grad_tensors(x, w, n, (dx, dw, None))?;
+        Ok((dx, dw))
     }
 }
 

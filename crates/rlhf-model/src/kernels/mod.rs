@@ -18,6 +18,7 @@ pub mod head;
 pub mod logprobs;
 pub mod math;
 pub mod matmul;
+pub mod mlp;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
