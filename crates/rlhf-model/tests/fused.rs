@@ -760,6 +760,30 @@ fn linear_bias_matches_composed_and_fd() {
     }
 }
 
+/// A bias wider than one block of the parallel column sums (256): gradients against the
+/// composed op (no finite differences at this size).
+#[test]
+fn linear_bias_wide_output() {
+    use rlhf_model::kernels::matmul::linear_bias;
+    let (m, k, n) = (40, 8, 600);
+    let inputs = [
+        inp(m * k, &[m, k], 123),
+        inp(k * n, &[k, n], 124),
+        inp(n, &[n], 125),
+    ];
+    let (yf, gf) = eval(&inputs, &|t| {
+        linear_bias(&t[0], &t[1], &t[2], true).unwrap()
+    });
+    let (yc, gc) = eval(&inputs, &|t| {
+        t[0].matmul(&t[1]).unwrap().broadcast_add(&t[2]).unwrap()
+    });
+    assert!(max_err(&yf, &yc) < 2e-5);
+    for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+        let e = max_err(a, b);
+        assert!(e < 1e-4, "gradient {i} differs from the composed op by {e}");
+    }
+}
+
 #[test]
 fn linear_without_bias_matches_composed_and_fd() {
     use rlhf_model::kernels::matmul::linear;

@@ -572,11 +572,17 @@ pub(super) fn linear_grads(
             }
             dw
         });
+        // db = column sums of g, in parallel over blocks of columns.
         let db = want_b.then(|| {
             let mut db = vec![0.0f32; n];
-            for r in gs.chunks(n) {
-                db.iter_mut().zip(r).for_each(|(d, v)| *d += v);
-            }
+            db.par_chunks_mut(256).enumerate().for_each(|(j, d)| {
+                let cols = j * 256..j * 256 + d.len();
+                for r in gs.chunks(n) {
+                    d.iter_mut()
+                        .zip(&r[cols.clone()])
+                        .for_each(|(d, v)| *d += v);
+                }
+            });
             db
         });
         (dx, dw, db)
