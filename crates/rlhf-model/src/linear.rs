@@ -124,7 +124,7 @@ impl Linear {
         let n: usize = dims[..dims.len() - 1].iter().product();
         let w = self.weight.t();
         let bias = self.bias.as_ref().map(|b| b.t());
-        let fast = crate::kernels::fusable(&[x, &w]) && bias.as_ref().is_none_or(|b| b.rank() == 1);
+        let fast = self.fused_kernels(x);
         let x2 = if fast {
             x.clone()
         } else {
@@ -172,16 +172,18 @@ impl Linear {
         Ok(y.reshape(out)?)
     }
 
-    /// Whether `forward` on `x` is a plain product on the fused CPU path: f32 on the CPU, no
-    /// active LoRA adapter, more rows than decoding's few (those stream the weight instead).
+    /// Whether `forward` on `x` takes our fused CPU kernels: f32 on the CPU, a rank-1 bias.
+    fn fused_kernels(&self, x: &Tensor) -> bool {
+        crate::kernels::fusable(&[x, &self.weight.t()])
+            && self.bias.as_ref().is_none_or(|b| b.t().rank() == 1)
+    }
+
+    /// Whether `forward` on `x` is a plain product on the fused CPU path: [`Self::fused_kernels`],
+    /// no active LoRA adapter, more rows than decoding's few (those stream the weight instead).
     fn plain_fused(&self, x: &Tensor) -> bool {
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let lora_on = self.lora.is_some() && self.adapters_on.load(Ordering::Relaxed);
-        let w = self.weight.t();
-        crate::kernels::fusable(&[x, &w])
-            && !lora_on
-            && rows > crate::kernels::matmul::SMALL_M
-            && self.bias.as_ref().is_none_or(|b| b.t().rank() == 1)
+        self.fused_kernels(x) && !lora_on && rows > crate::kernels::matmul::SMALL_M
     }
 
     /// `gelu_tanh(forward(x))`: on the fused path with a bias (GPT-2's `c_fc`), one op for the
@@ -204,18 +206,13 @@ impl Linear {
     /// ([`crate::kernels::matmul::linear_residual`]).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         if self.bias.is_none() && self.plain_fused(x) && crate::kernels::fusable(&[residual]) {
-            let (_, dout) = self.in_out();
-            let mut want = x.dims().to_vec();
-            *want.last_mut().expect("rank >= 1") = dout;
-            if residual.dims() == want.as_slice() {
-                let w = self.weight.t();
-                return Ok(crate::kernels::matmul::linear_residual(
-                    x,
-                    &w,
-                    residual,
-                    self.transposed,
-                )?);
-            }
+            let w = self.weight.t();
+            return Ok(crate::kernels::matmul::linear_residual(
+                x,
+                &w,
+                residual,
+                self.transposed,
+            )?);
         }
         Ok((residual + self.forward(x)?)?)
     }

@@ -589,6 +589,21 @@ pub(super) fn linear_grads(
     })
 }
 
+/// (dx, dW) of a bias-free `x · W` for the upstream gradient `g`, each only when wanted.
+fn product_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    transposed: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (m, k) = rows_k(x.dims())?;
+    let n = g.dim(D::Minus1)?;
+    let wants = (x.track_op(), w.track_op(), false);
+    let grads = linear_grads(x, w, g, (m, k, n), transposed, wants)?;
+    let (dx, dw, _) = grad_tensors(x, w, n, grads)?;
+    Ok((dx, dw))
+}
+
 /// `r + x · W`: the residual `r` is copied into the output first and the GEMM accumulates onto
 /// it, so the residual stream's add is no op (and no gradient buffer) of its own.
 struct LinearResidual {
@@ -618,11 +633,7 @@ impl candle_core::CustomOp3 for LinearResidual {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = rows_k(x.dims())?;
-        let n = g.dim(D::Minus1)?;
-        let wants = (x.track_op(), w.track_op(), false);
-        let (dx, dw, _) = linear_grads(x, w, g, (m, k, n), self.transposed, wants)?;
-        let (dx, dw, _) = grad_tensors(x, w, n, (dx, dw, None))?;
+        let (dx, dw) = product_grads(x, w, g, self.transposed)?;
         Ok((dx, dw, r.track_op().then(|| g.clone())))
     }
 }
@@ -663,18 +674,7 @@ impl candle_core::CustomOp2 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = rows_k(x.dims())?;
-        let n = g.dim(D::Minus1)?;
-        let (dx, dw, _) = linear_grads(
-            x,
-            w,
-            g,
-            (m, k, n),
-            self.transposed,
-            (x.track_op(), w.track_op(), false),
-        )?;
-        let (dx, dw, _) = grad_tensors(x, w, n, (dx, dw, None))?;
-        Ok((dx, dw))
+        product_grads(x, w, g, self.transposed)
     }
 }
 
