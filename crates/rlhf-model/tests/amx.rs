@@ -75,6 +75,13 @@ fn bf16_products_match_the_rounded_reference() {
                 let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
                 let mut c = c0.clone();
                 amx::sgemm_bf16(m, n, k, a, b, &mut c, acc);
+                // The serial variant sums every block the same way: the same bits.
+                let mut cs = c0.clone();
+                amx::sgemm_bf16_serial(m, n, k, a, b, &mut cs, acc);
+                assert_eq!(
+                    c, cs,
+                    "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: serial differs"
+                );
                 for i in 0..m {
                     for j in 0..n {
                         let (mut s, mut mag) = (0f64, 0f64);
@@ -131,10 +138,26 @@ fn sgemm_follows_the_precision_setting() {
         c
     };
     let (f, h) = (run(MatmulPrecision::F32), run(MatmulPrecision::Bf16));
+    // `sgemm_serial` (the attention kernel's products) follows the setting too.
+    let serial = |p| {
+        gemm::set_matmul_precision(p).unwrap();
+        let mut c = vec![0f32; m * n];
+        gemm::sgemm_serial(m, n, k, a, b, &mut c, false);
+        c
+    };
+    let (fs, hs) = (serial(MatmulPrecision::F32), serial(MatmulPrecision::Bf16));
     gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
     let mut bf = vec![0f32; m * n];
     amx::sgemm_bf16(m, n, k, a, b, &mut bf, false);
     assert_eq!(h, bf, "BF16 setting must take the AMX path");
+    assert_eq!(
+        hs, bf,
+        "BF16 setting must take the AMX path in sgemm_serial"
+    );
+    assert_ne!(
+        fs, hs,
+        "f32 setting must not take the AMX path in sgemm_serial"
+    );
     let err = f
         .iter()
         .zip(&h)
@@ -297,6 +320,80 @@ fn bf16_training_tracks_f32() {
             "step {s}: f32 {} vs bf16 {} ({rel:.3})",
             f[s],
             h[s]
+        );
+    }
+}
+
+/// The attention kernel's blocked products follow the BF16 setting (as attention does under
+/// `torch.autocast(bfloat16)`): outputs and input gradients stay close to the f32 kernel's, on a
+/// causal batch with a left-padded row (queries that see no key) and keys past a 32-wide block.
+#[test]
+fn attention_in_bf16_follows_f32() {
+    use candle_core::{Device, Tensor, Var};
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let (b, h, t, d) = (2, 3, 70, 32);
+    let mut mask = vec![vec![1u8; t]; b];
+    mask[1][..5].fill(0);
+    let bias = rlhf_model::ops::attention_bias(&mask, 0, t, &Device::Cpu).unwrap();
+    let run = |p| {
+        gemm::set_matmul_precision(p).unwrap();
+        let vars: Vec<Var> = (0..3)
+            .map(|i| {
+                let v = data(b * h * t * d, 40 + i);
+                Var::from_tensor(&Tensor::from_vec(v, (b, h, t, d), &Device::Cpu).unwrap()).unwrap()
+            })
+            .collect();
+        let o = rlhf_model::fused::attention(&vars[0], &vars[1], &vars[2], &bias).unwrap();
+        // A loss that weights every output differently; padding queries left out.
+        let keep: Vec<f32> = (0..b * h * t * d)
+            .map(|i| {
+                let (bi, ti) = (i / (h * t * d), i / d % t);
+                if bi == 1 && ti < 5 {
+                    0.0
+                } else {
+                    data(1, i as u64)[0]
+                }
+            })
+            .collect();
+        let keep = Tensor::from_vec(keep, (b, h, t, d), &Device::Cpu).unwrap();
+        let loss = (&o * &keep).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut out = vec![flat(&o)];
+        out.extend(vars.iter().map(|v| flat(grads.get(v.as_tensor()).unwrap())));
+        out
+    };
+    let (f, hb) = (run(MatmulPrecision::F32), run(MatmulPrecision::Bf16));
+    gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+    for (name, (x, y)) in ["output", "dq", "dk", "dv"].iter().zip(f.iter().zip(&hb)) {
+        assert!(
+            y.iter().all(|v| v.is_finite()),
+            "{name}: not finite in BF16"
+        );
+        assert_ne!(
+            x, y,
+            "{name}: BF16 must differ from f32 (else it did not use AMX)"
+        );
+        let err = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        let mag = x.iter().map(|p| p.abs()).fold(0f32, f32::max);
+        assert!(
+            err < 2e-2 * mag,
+            "{name}: max |f32 - bf16| {err}, max |f32| {mag}"
+        );
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(
+            dot / (nx * ny) > 0.9995,
+            "{name}: cosine {}",
+            dot / (nx * ny)
         );
     }
 }

@@ -439,24 +439,128 @@ fn lines_uninit(n: usize) -> Vec<Line> {
 /// # Panics
 /// If AMX is not [`available`] (callers check), or an operand is too short for its view.
 pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    if checked(m, n, k, &a, &b, c, accumulate) {
+        #[cfg(target_arch = "x86_64")]
+        products(m, n, k, a, b, c, accumulate);
+    }
+}
+
+/// [`sgemm_bf16`] on the calling thread only, for kernels that are parallel outside (the
+/// attention kernel's per-block products). The packed operands live in per-thread buffers that
+/// are reused from call to call. Each block of `c` is summed exactly as [`sgemm_bf16`] sums it,
+/// so the two give the same bits.
+///
+/// # Panics
+/// As [`sgemm_bf16`].
+pub fn sgemm_bf16_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if checked(m, n, k, &a, &b, c, accumulate) {
+        #[cfg(target_arch = "x86_64")]
+        products_serial(m, n, k, a, b, c, accumulate);
+    }
+}
+
+/// The argument checks shared by both entry points; false when nothing is left to multiply
+/// (`c` empty, or `k == 0`, where `c` is zeroed unless accumulating).
+fn checked(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Mat,
+    b: &Mat,
+    c: &mut [f32],
+    accumulate: bool,
+) -> bool {
     assert!(
         available(),
         "sgemm_bf16: AMX-BF16 is not available on this CPU"
     );
     assert!(c.len() >= m * n);
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
             c[..m * n].fill(0.0);
         }
-        return;
+        return false;
     }
     let span = |x: &Mat, r: usize, cc: usize| (r - 1) * x.rs + (cc - 1) * x.cs + 1;
-    assert!(a.data.len() >= span(&a, m, k) && b.data.len() >= span(&b, k, n));
-    #[cfg(target_arch = "x86_64")]
-    products(m, n, k, a, b, c, accumulate);
+    assert!(a.data.len() >= span(a, m, k) && b.data.len() >= span(b, k, n));
+    true
+}
+
+/// Run `f` with the tile registers configured ([`TileConfig::all_full`]) on this thread, and
+/// release them afterwards (the kernel then need not save them on a context switch).
+#[cfg(target_arch = "x86_64")]
+fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+    let cfg = TileConfig::all_full();
+    // SAFETY: callers run only once `available` held; the configuration outlives its use.
+    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+    let r = f();
+    // SAFETY: releases this thread's tile state.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    r
+}
+
+/// The 32 × 32 blocks `ibs` × `jbs` of `c` (m × n, row-major at `cp`) from the packed operands
+/// (`per` lines per tile column / row, `kt` k tiles).
+///
+/// # Safety
+/// Tiles are configured on this thread ([`with_tiles`]); `pa` / `pb` hold the packed row /
+/// column tiles of an m × k `a` and a k × n `b`; the blocks of `c` belong to the caller alone.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks(
+    pa: &[Line],
+    pb: &[Line],
+    (per, kt): (usize, usize),
+    (m, n): (usize, usize),
+    ibs: std::ops::Range<usize>,
+    jbs: std::ops::Range<usize>,
+    cp: *mut f32,
+    accumulate: bool,
+) {
+    let mut buf = [0f32; 32 * 32];
+    for ib in ibs {
+        let (r0, rows) = (ib * 32, 32.min(m - ib * 32));
+        let a0 = pa[2 * ib * per..].as_ptr();
+        let a1 = pa[(2 * ib + 1) * per..].as_ptr();
+        for jb in jbs.clone() {
+            let b0 = pb[2 * jb * per..].as_ptr();
+            let b1 = pb[(2 * jb + 1) * per..].as_ptr();
+            let (c0, cols) = (jb * 32, 32.min(n - jb * 32));
+            if rows == 32 && cols == 32 {
+                // SAFETY: the tiles are configured on this thread; each pointer starts `kt`
+                // packed tiles inside `pa` / `pb`; the block (rows r0.., columns c0..,
+                // 32 × 32, inside c's m × n) is the caller's alone.
+                unsafe { block_32x32(a0, a1, b0, b1, kt, cp.add(r0 * n + c0), n, accumulate) };
+                continue;
+            }
+            // An edge block: through `buf`.
+            // SAFETY: as above, with `buf` (32 × 32) as the block.
+            unsafe { block_32x32(a0, a1, b0, b1, kt, buf.as_mut_ptr(), 32, false) };
+            for r in 0..rows {
+                // SAFETY: row r0 + r, columns c0..c0 + cols lie inside c's m × n and in the
+                // caller's blocks.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(cp.add((r0 + r) * n + c0), cols) };
+                let src = &buf[r * 32..r * 32 + cols];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+    }
 }
 
 /// [`sgemm_bf16`] once its arguments are checked (`k > 0`, non-empty `c`, AMX available).
@@ -490,57 +594,51 @@ fn products(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumul
     (0..mgroups * ngroups).into_par_iter().for_each(|task| {
         let (gi, gj) = (task / ngroups, task % ngroups);
         let cp = &cp;
-        let cfg = TileConfig::all_full();
-        let mut buf = [0f32; 32 * 32];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AMX is available (asserted above); the configuration outlives its use.
-        unsafe {
-            std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-        }
-        for ib in gi * mper..((gi + 1) * mper).min(mb) {
-            let (r0, rows) = (ib * 32, 32.min(m - ib * 32));
-            let a0 = pa[2 * ib * per..].as_ptr();
-            let a1 = pa[(2 * ib + 1) * per..].as_ptr();
-            for jb in gj * nper..((gj + 1) * nper).min(nb) {
-                let b0 = pb[2 * jb * per..].as_ptr();
-                let b1 = pb[(2 * jb + 1) * per..].as_ptr();
-                let (c0, cols) = (jb * 32, 32.min(n - jb * 32));
-                if rows == 32 && cols == 32 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the tiles are configured on this thread; each pointer starts `kt`
-                    // packed tiles inside `pa` / `pb`; the block (rows r0.., columns c0..,
-                    // 32 × 32, inside c's m × n) belongs to this task alone.
-                    unsafe {
-                        block_32x32(a0, a1, b0, b1, kt, cp.0.add(r0 * n + c0), n, accumulate);
-                    }
-                    continue;
-                }
-                // An edge block: through `buf`.
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above, with `buf` (32 × 32) as the block.
-                unsafe {
-                    block_32x32(a0, a1, b0, b1, kt, buf.as_mut_ptr(), 32, false);
-                }
-                for r in 0..rows {
-                    // SAFETY: row r0 + r, columns c0..c0 + cols lie inside c's m × n and in
-                    // this task's block.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(cp.0.add((r0 + r) * n + c0), cols)
-                    };
-                    let src = &buf[r * 32..r * 32 + cols];
-                    if accumulate {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
-                }
+        let (ibs, jbs) = (
+            gi * mper..((gi + 1) * mper).min(mb),
+            gj * nper..((gj + 1) * nper).min(nb),
+        );
+        // SAFETY: the tiles are configured for the call; the packing covers every block;
+        // tasks own disjoint blocks of `c`.
+        with_tiles(|| unsafe { blocks(pa, pb, (per, kt), (m, n), ibs, jbs, cp.0, accumulate) });
+    });
+}
+
+/// [`sgemm_bf16_serial`] once its arguments are checked.
+#[cfg(target_arch = "x86_64")]
+fn products_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+    use std::cell::RefCell;
+    thread_local! {
+        static PACKED: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+    let kt = k.div_ceil(32);
+    let (mb, nb) = (m.div_ceil(32), n.div_ceil(32));
+    let per = kt * TILE;
+    let cp = c.as_mut_ptr();
+    let run = |pa: &mut Vec<Line>, pb: &mut Vec<Line>| {
+        for (v, len) in [(&mut *pa, 2 * mb * per), (&mut *pb, 2 * nb * per)] {
+            if v.len() < len {
+                *v = lines_uninit(len);
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: releases this thread's tile state (the kernel then need not save it).
-        unsafe {
-            std::arch::asm!("tilerelease", options(nostack, nomem));
+        for (i, out) in pa[..2 * mb * per].chunks_mut(per).enumerate() {
+            // SAFETY: `available` implies the features; the views were checked.
+            unsafe { pack_a_tile(a, m, k, i * 16, out) };
         }
+        for (j, out) in pb[..2 * nb * per].chunks_mut(per).enumerate() {
+            // SAFETY: as above.
+            unsafe { pack_b_tile(b, k, n, j * 16, out) };
+        }
+        // SAFETY: tiles configured; every block packed; `c` is exclusively borrowed.
+        with_tiles(|| unsafe { blocks(pa, pb, (per, kt), (m, n), 0..mb, 0..nb, cp, accumulate) });
+    };
+    PACKED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (pa, pb) = &mut *bufs;
+            run(pa, pb)
+        }
+        // Re-entered on this thread (not done today): fresh buffers.
+        Err(_) => run(&mut Vec::new(), &mut Vec::new()),
     });
 }
 

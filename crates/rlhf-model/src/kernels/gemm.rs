@@ -10,8 +10,10 @@ pub struct Mat<'a> {
     pub cs: usize,
 }
 
-/// The precision of the products [`sgemm`] computes (process-wide; decoding's few-row products
-/// and the attention kernel's products are always f32).
+/// The precision of the products [`sgemm`] and [`sgemm_serial`] compute (process-wide; this
+/// includes the attention kernel's blocked products, as `torch.autocast(bfloat16)` runs
+/// attention in BF16 too). Decoding's few-row products, and attention over a few queries, are
+/// always f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPrecision {
     /// f32 inputs and sums (the default).
@@ -103,8 +105,12 @@ fn sgemm_impl(
     if parallel && m <= SMALL_ROWS && k > 0 && a.cs == 1 && b.cs == 1 {
         return small_rows(m, n, k, a, b, c, accumulate);
     }
-    if parallel && k > 0 && BF16.load(std::sync::atomic::Ordering::Relaxed) {
-        return super::amx::sgemm_bf16(m, n, k, a, b, c, accumulate);
+    if k > 0 && BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        return if parallel {
+            super::amx::sgemm_bf16(m, n, k, a, b, c, accumulate)
+        } else {
+            super::amx::sgemm_bf16_serial(m, n, k, a, b, c, accumulate)
+        };
     }
     let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
