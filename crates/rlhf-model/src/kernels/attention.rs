@@ -315,22 +315,22 @@ crate::multiversion! {
             for (x, &b) in row.iter_mut().zip(brow) {
                 *x = if b > MASK_BELOW { *x * g.scale + b } else { f32::NEG_INFINITY };
             }
-            let l = match &mut lse {
-                Lse::Given(v) => v[i],
-                Lse::Compute(v) => {
-                    let m = math::max(row);
-                    let mut sum = 0.0f32;
-                    for &x in row.iter() {
-                        if x != f32::NEG_INFINITY {
-                            sum += math::exp(x - m);
-                        }
+            match &mut lse {
+                Lse::Given(v) => {
+                    let l = v[i];
+                    for x in row.iter_mut() {
+                        *x = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - l) };
                     }
-                    v[i] = m + sum.ln();
-                    v[i]
                 }
-            };
-            for x in row.iter_mut() {
-                *x = if *x == f32::NEG_INFINITY { 0.0 } else { math::exp(*x - l) };
+                Lse::Compute(v) => {
+                    // One exponential per score: e^(s − max) in place (−∞ gives 0), then
+                    // divided by its sum.
+                    let m = math::max(row);
+                    let sum = math::exp_sub_in_place(row, m);
+                    v[i] = m + sum.ln();
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
             }
         }
     }
