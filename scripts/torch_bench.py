@@ -19,6 +19,7 @@ SHAPES = {  # name: (arch, vocab, layers, d, heads, kv_heads, inner)
     "gpt2-d512": ("gpt2", 8192, 6, 512, 8, 8, 2048),
     "llama-d256": ("llama", 8192, 4, 256, 4, 2, 704),
     "llama-d512": ("llama", 32000, 6, 512, 8, 4, 1376),
+    "smollm2-135m": ("llama", 49152, 30, 576, 9, 3, 1536),  # SmolLM2-135M's configuration
 }
 name = sys.argv[1] if len(sys.argv) > 1 else "gpt2-v50k"
 # AUTOCAST=bf16: the training step under torch.autocast(bfloat16) (matmuls in BF16 on AMX/oneDNN),

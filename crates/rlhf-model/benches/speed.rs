@@ -33,6 +33,8 @@ fn shapes(name: &str) -> Option<serde_json::Value> {
         "gpt2-d512" => gpt2(8192, 6, 512, 8),
         "llama-d256" => llama(8192, 4, 256, 4, 2, 704),
         "llama-d512" => llama(32000, 6, 512, 8, 4, 1376),
+        // SmolLM2-135M's own configuration (random weights): the real model users fine-tune.
+        "smollm2-135m" => llama(49152, 30, 576, 9, 3, 1536),
         _ => return None,
     })
 }
@@ -43,6 +45,7 @@ const NAMES: &[&str] = &[
     "gpt2-d512",
     "llama-d256",
     "llama-d512",
+    "smollm2-135m",
 ];
 
 /// The LCG of the PyTorch baseline, so both see the same token ids.
