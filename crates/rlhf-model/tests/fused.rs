@@ -124,6 +124,37 @@ fn layer_norm_matches_composed_and_fd() {
     );
 }
 
+/// Rows of different scales and offsets, so a row normalised with another row's statistics
+/// gives a different value.
+fn uneven_rows(rows: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
+    let v = data(rows * d, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (1 + i / d % 7) as f32 + (i / d % 5) as f32)
+        .collect();
+    (v, vec![rows, d])
+}
+
+/// Enough rows for several of the backward's parallel chunks (64 rows each): the backward
+/// reads each row's statistics saved by the forward, and must read the right row's.
+#[test]
+fn norms_over_many_rows_match_composed_and_fd() {
+    let (rows, d) = (150, 24);
+    let ins = [uneven_rows(rows, d, 11), inp(d, &[d], 12), inp(d, &[d], 13)];
+    check(
+        "layer_norm (150 rows)",
+        &ins,
+        &|t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        &|t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+    );
+    check(
+        "rms_norm (150 rows)",
+        &ins[..2],
+        &|t| fused::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+        &|t| ops::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+    );
+}
+
 #[test]
 fn rms_norm_matches_composed_and_fd() {
     let ins = [inp(42, &[2, 3, 7], 7), inp(7, &[7], 8)];

@@ -90,41 +90,59 @@ crate::multiversion! {
     }
 }
 
-fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, center: bool) -> Vec<f32> {
+/// The normalised rows, and each row's (mean, 1/std) for the backward.
+fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f32,
+    center: bool,
+) -> (Vec<f32>, Vec<(f32, f32)>) {
     let d = w.len();
     let mut y = uninit(x.len());
+    let mut st = vec![(0.0f32, 0.0f32); x.len() / d.max(1)];
     y.par_chunks_mut(ROWS * d)
         .zip(x.par_chunks(ROWS * d))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                let (mean, rstd) = stats(x, eps, center);
-                norm_row(x, w, b, mean, rstd, y);
+        .zip(st.par_chunks_mut(ROWS))
+        .for_each(|((y, x), st)| {
+            for ((y, x), st) in y.chunks_mut(d).zip(x.chunks(d)).zip(st) {
+                *st = stats(x, eps, center);
+                norm_row(x, w, b, st.0, st.1, y);
             }
         });
-    y
+    (y, st)
 }
 
-/// (dx, dw, db) — db empty when `center` is false (RMSNorm has no bias).
+/// (dx, dw, db) — db empty when `center` is false (RMSNorm has no bias) — from the forward's
+/// per-row statistics `st`, or recomputing them when not given (the same sums in the same
+/// order, so the same bits).
 fn backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
     eps: f32,
     center: bool,
+    st: Option<&[(f32, f32)]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = w.len();
     let nb = if center { d } else { 0 };
     let mut dx = uninit(x.len());
-    let chunk = ROWS * d * 4;
+    let rows = ROWS * 4;
+    let chunk = rows * d;
     // Per-chunk partial sums, added in chunk order: the result does not depend on how rayon
     // splits the work (a fold/reduce would, and runs would differ in the last bits).
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .map(|(dx, (x, g))| {
+        .enumerate()
+        .map(|(ci, (dx, (x, g)))| {
             let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; nb]);
-            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                let (mean, rstd) = stats(x, eps, center);
+            let rows_here = dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d));
+            for (ri, ((dx, x), g)) in rows_here.enumerate() {
+                let (mean, rstd) = match st {
+                    Some(st) => st[ci * rows + ri],
+                    None => stats(x, eps, center),
+                };
                 let dbr = if center { Some(&mut db[..]) } else { None };
                 norm_row_bwd(x, w, g, mean, rstd, center, dx, &mut dw, dbr);
             }
@@ -147,7 +165,15 @@ fn check(xl: &Layout, wl: &Layout, op: &str) -> Result<()> {
     Ok(())
 }
 
-struct LayerNorm(f32);
+/// Each row's (mean, 1/std) from the forward, kept for the backward (8 bytes a row).
+type Saved = std::sync::Mutex<Option<Vec<(f32, f32)>>>;
+
+/// The saved statistics when they cover `rows` rows (else the backward recomputes them).
+fn saved(s: &Saved, rows: usize) -> Option<Vec<(f32, f32)>> {
+    s.lock().unwrap().clone().filter(|v| v.len() == rows)
+}
+
+struct LayerNorm(f32, Saved);
 
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
@@ -169,7 +195,9 @@ impl CustomOp3 for LayerNorm {
             slice(s2, l2, "layer_norm")?,
             slice(s3, l3, "layer_norm")?,
         );
-        out(forward(x, w, Some(b), self.0, true), l1.shape())
+        let (y, st) = forward(x, w, Some(b), self.0, true);
+        *self.1.lock().unwrap() = Some(st);
+        out(y, l1.shape())
     }
     fn bwd(
         &self,
@@ -179,7 +207,10 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], self.0, true))?;
+        let st = saved(&self.1, x.elem_count() / w.elem_count().max(1));
+        let (dx, dw, db) = with_f32(&[x, w, g], |s| {
+            backward(s[0], s[1], s[2], self.0, true, st.as_deref())
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -188,7 +219,7 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
-struct RmsNorm(f32);
+struct RmsNorm(f32, Saved);
 
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
@@ -203,7 +234,9 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         check(l1, l2, "rms_norm")?;
         let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
-        out(forward(x, w, None, self.0, false), l1.shape())
+        let (y, st) = forward(x, w, None, self.0, false);
+        *self.1.lock().unwrap() = Some(st);
+        out(y, l1.shape())
     }
     fn bwd(
         &self,
@@ -212,7 +245,10 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], self.0, false))?;
+        let st = saved(&self.1, x.elem_count() / w.elem_count().max(1));
+        let (dx, dw, _) = with_f32(&[x, w, g], |s| {
+            backward(s[0], s[1], s[2], self.0, false, st.as_deref())
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -221,11 +257,14 @@ impl CustomOp2 for RmsNorm {
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm(eps as f32))
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm(eps as f32, Saved::default()),
+    )
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNorm(eps as f32))
+        .apply_op2(&w.contiguous()?, RmsNorm(eps as f32, Saved::default()))
 }
