@@ -602,6 +602,19 @@ fn head_logprobs_matches_composed_and_fd() {
             },
         );
     }
+    // A second backward over the same graph (the first consumed the kept exponentials, so this
+    // one recomputes them) gives the same gradients.
+    let h = Var::from_vec(data(20, 55), (5, 4), &DEV).unwrap();
+    let w = Var::from_vec(data(28, 56), (7, 4), &DEV).unwrap();
+    let lp = fused::head_logprobs(h.as_tensor(), w.as_tensor(), &targets, 1.0 / 0.7)
+        .unwrap()
+        .unwrap();
+    let loss = (&lp * probe_for(&lp)).unwrap().sum_all().unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in [&h, &w] {
+        let e = max_err(&vals(g2.get(v).unwrap()), &vals(g1.get(v).unwrap()));
+        assert!(e < 1e-6, "second backward differs by {e}");
+    }
     // Without gradients the logits are computed in row blocks (more rows than a block).
     let (n, v, d) = (150, 33, 8);
     let h = Tensor::from_vec(data(n * d, 53), (n, d), &DEV).unwrap();

@@ -1,10 +1,12 @@
 //! LM head + log-softmax + gather, fused: hidden [n, d], head weight [V, d], targets [n] →
 //! log p(target) [n] of `softmax(hidden · Wᵀ / T)`.
 //!
-//! With gradients on, the forward keeps its one [n × V] logits buffer and the backward turns it
-//! *in place* into d logits, then runs the two GEMMs; so a training step holds a single
-//! [n × V] buffer and candle never zero-fills and accumulates a logits gradient. Without
-//! gradients the logits are computed a block of rows at a time and never materialised.
+//! With gradients on, the forward keeps its one [n × V] buffer, holding e^(logit − row max)
+//! (the exponentials its log-sum-exp needed anyway) and each row's 1 / Σ, and the backward turns
+//! it *in place* into d logits with one multiply per entry, then runs the two GEMMs; so a
+//! training step holds a single [n × V] buffer, takes one exponential per logit, and candle
+//! never zero-fills and accumulates a logits gradient. Without gradients the logits are computed
+//! a block of rows at a time and never materialised.
 
 use std::sync::Mutex;
 
@@ -17,14 +19,20 @@ use super::{math, out, slice, uninit, with_f32};
 /// Rows per block when the logits are not kept.
 const BLOCK: usize = 64;
 
+/// What the forward keeps for the backward: e^(logit − row max) for every logit, and each
+/// row's 1 / Σ of those.
+type Kept = (Vec<f32>, Vec<f32>);
+
 struct HeadLogprobs {
     targets: Vec<u32>,
     scale: f32,
     keep: bool,
-    logits: Mutex<Option<Vec<f32>>>,
+    kept: Mutex<Option<Kept>>,
 }
 
-/// logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`.
+/// logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`. With `inv`
+/// (one slot per row), `dst` is left holding e^(logit − row max) and `inv` each row's 1 / Σ.
+#[allow(clippy::too_many_arguments)]
 fn block(
     h: &[f32],
     w: &[f32],
@@ -36,6 +44,7 @@ fn block(
     targets: &[u32],
     dst: &mut [f32],
     o: &mut [f32],
+    inv: Option<&mut [f32]>,
 ) {
     sgemm(
         rows,
@@ -54,18 +63,32 @@ fn block(
         dst,
         false,
     );
-    dst[..rows * v]
-        .par_chunks_mut(v)
-        .zip(o.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (row, o))| {
-            if scale != 1.0 {
-                row.iter_mut().for_each(|x| *x *= scale);
+    let row_lp = |i: usize, row: &mut [f32], o: &mut f32, inv: Option<&mut f32>| {
+        if scale != 1.0 {
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+        let m = math::max(row);
+        let target = row[targets[r0 + i] as usize];
+        let sum = match inv {
+            Some(inv) => {
+                let sum = math::exp_sub_in_place(row, m);
+                *inv = 1.0 / sum;
+                sum
             }
-            let m = math::max(row);
-            let lse = m + math::sum_exp_sub(row, m).ln();
-            *o = row[targets[r0 + i] as usize] - lse;
-        });
+            None => math::sum_exp_sub(row, m),
+        };
+        *o = target - (m + sum.ln());
+    };
+    let rows_o = dst[..rows * v].par_chunks_mut(v).zip(o.par_iter_mut());
+    match inv {
+        Some(inv) => rows_o
+            .zip(inv.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((row, o), inv))| row_lp(i, row, o, Some(inv))),
+        None => rows_o
+            .enumerate()
+            .for_each(|(i, (row, o))| row_lp(i, row, o, None)),
+    }
 }
 
 impl HeadLogprobs {
@@ -76,10 +99,10 @@ impl HeadLogprobs {
         n: usize,
         d: usize,
         v: usize,
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
+    ) -> (Vec<f32>, Option<Kept>) {
         let mut o = uninit(n);
         if self.keep {
-            let mut logits = uninit(n * v);
+            let (mut e, mut inv) = (uninit(n * v), uninit(n));
             block(
                 h,
                 w,
@@ -89,10 +112,11 @@ impl HeadLogprobs {
                 n,
                 self.scale,
                 &self.targets,
-                &mut logits,
+                &mut e,
                 &mut o,
+                Some(&mut inv),
             );
-            (o, Some(logits))
+            (o, Some((e, inv)))
         } else {
             let mut buf = uninit(BLOCK.min(n) * v);
             for (bi, o) in o.chunks_mut(BLOCK).enumerate() {
@@ -108,17 +132,10 @@ impl HeadLogprobs {
                     &self.targets,
                     &mut buf,
                     o,
+                    None,
                 );
             }
             (o, None)
-        }
-    }
-}
-
-crate::multiversion! {
-    fn grad_row(row: &mut [f32], lse: f32, neg_gs: f32) {
-        for x in row.iter_mut() {
-            *x = neg_gs * math::exp(*x - lse);
         }
     }
 }
@@ -151,30 +168,29 @@ impl CustomOp2 for HeadLogprobs {
             slice(s1, l1, "head_logprobs")?,
             slice(s2, l2, "head_logprobs")?,
         );
-        let (o, logits) = self.forward(h, w, n, d, v);
-        *self.logits.lock().unwrap() = logits;
+        let (o, kept) = self.forward(h, w, n, d, v);
+        *self.kept.lock().unwrap() = kept;
         out(o, &Shape::from(n))
     }
     fn bwd(
         &self,
         h: &Tensor,
         w: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, d) = h.dims2()?;
         let v = w.dim(0)?;
-        let res = res.to_vec1::<f32>()?;
         let g = grad.to_vec1::<f32>()?;
-        let mut guard = self.logits.lock().unwrap();
+        let mut guard = self.kept.lock().unwrap();
         let (want_h, want_w) = (h.track_op(), w.track_op());
         let (dh, dw) = with_f32(&[h, w], |t| {
             let (hs, ws) = (t[0], t[1]);
-            // The kept logits (or, after a first backward consumed them, recomputed ones).
-            let mut logits = match guard.take() {
-                Some(l) => l,
+            // The kept exponentials (or, after a first backward consumed them, recomputed ones).
+            let (mut logits, inv) = match guard.take() {
+                Some(k) => k,
                 None => {
-                    let mut l = uninit(n * v);
+                    let (mut e, mut inv) = (uninit(n * v), uninit(n));
                     let mut o = vec![0.0; n];
                     block(
                         hs,
@@ -185,17 +201,19 @@ impl CustomOp2 for HeadLogprobs {
                         n,
                         self.scale,
                         &self.targets,
-                        &mut l,
+                        &mut e,
                         &mut o,
+                        Some(&mut inv),
                     );
-                    l
+                    (e, inv)
                 }
             };
+            // d logit = −g·scale·p (+ g·scale at the target), p = e^(logit − max) / Σ.
             logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
                 let ti = self.targets[i] as usize;
-                let lse = row[ti] - res[i];
                 let gs = g[i] * self.scale;
-                grad_row(row, lse, -gs);
+                let c = -gs * inv[i];
+                row.iter_mut().for_each(|x| *x *= c);
                 row[ti] += gs;
             });
             let gm = Mat {
@@ -266,7 +284,7 @@ pub fn head_logprobs(
         targets,
         scale: scale as f32,
         keep,
-        logits: Mutex::new(None),
+        kept: Mutex::new(None),
     };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
