@@ -114,15 +114,13 @@ fn forward(
 }
 
 /// (dx, dw, db) — db empty when `center` is false (RMSNorm has no bias) — from the forward's
-/// per-row statistics `st`, or recomputing them when not given (the same sums in the same
-/// order, so the same bits).
+/// per-row statistics `st`.
 fn backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
-    eps: f32,
     center: bool,
-    st: Option<&[(f32, f32)]>,
+    st: &[(f32, f32)],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = w.len();
     let nb = if center { d } else { 0 };
@@ -139,10 +137,7 @@ fn backward(
             let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; nb]);
             let rows_here = dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d));
             for (ri, ((dx, x), g)) in rows_here.enumerate() {
-                let (mean, rstd) = match st {
-                    Some(st) => st[ci * rows + ri],
-                    None => stats(x, eps, center),
-                };
+                let (mean, rstd) = st[ci * rows + ri];
                 let dbr = if center { Some(&mut db[..]) } else { None };
                 norm_row_bwd(x, w, g, mean, rstd, center, dx, &mut dw, dbr);
             }
@@ -168,9 +163,19 @@ fn check(xl: &Layout, wl: &Layout, op: &str) -> Result<()> {
 /// Each row's (mean, 1/std) from the forward, kept for the backward (8 bytes a row).
 type Saved = std::sync::Mutex<Option<Vec<(f32, f32)>>>;
 
-/// The saved statistics when they cover `rows` rows (else the backward recomputes them).
-fn saved(s: &Saved, rows: usize) -> Option<Vec<(f32, f32)>> {
-    s.lock().unwrap().clone().filter(|v| v.len() == rows)
+/// The backward of a norm over `x`'s rows, on the statistics its forward saved.
+fn backward_saved(
+    saved: &Saved,
+    (x, w, g): (&Tensor, &Tensor, &Tensor),
+    center: bool,
+    op: &str,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let guard = saved.lock().unwrap();
+    let rows = x.elem_count() / w.elem_count().max(1);
+    let Some(st) = guard.as_deref().filter(|st| st.len() == rows) else {
+        candle_core::bail!("{op}: backward without the forward's statistics for {rows} rows")
+    };
+    with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], center, st))
 }
 
 struct LayerNorm(f32, Saved);
@@ -207,10 +212,7 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let st = saved(&self.1, x.elem_count() / w.elem_count().max(1));
-        let (dx, dw, db) = with_f32(&[x, w, g], |s| {
-            backward(s[0], s[1], s[2], self.0, true, st.as_deref())
-        })?;
+        let (dx, dw, db) = backward_saved(&self.1, (x, w, g), true, "layer_norm")?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -245,10 +247,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let st = saved(&self.1, x.elem_count() / w.elem_count().max(1));
-        let (dx, dw, _) = with_f32(&[x, w, g], |s| {
-            backward(s[0], s[1], s[2], self.0, false, st.as_deref())
-        })?;
+        let (dx, dw, _) = backward_saved(&self.1, (x, w, g), false, "rms_norm")?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
