@@ -22,8 +22,9 @@ struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     /// Matrix-product precision for training and scoring: f32 (default), or bf16 — inputs
-    /// rounded to BF16 and sums in f32 on Intel AMX (Sapphire Rapids or later), as
-    /// torch.autocast(bfloat16) does; 2–4× faster products. Also set by RLHF_MATMUL.
+    /// rounded to BF16 and sums in f32, as torch.autocast(bfloat16) does, on Intel AMX
+    /// (Sapphire Rapids or later) or AVX512-BF16 (AMD Zen 4 or later, Intel Cooper Lake or
+    /// later); faster products. Also set by RLHF_MATMUL.
     #[arg(long, global = true, value_parser = ["f32", "bf16"])]
     matmul: Option<String>,
 }
@@ -67,7 +68,8 @@ fn main() {
             std::process::exit(2);
         }
         if p == MatmulPrecision::Bf16 {
-            eprintln!("matmul precision: bf16 inputs, f32 sums (Intel AMX)");
+            let unit = rlhf_model::kernels::bf16::unit().expect("set_matmul_precision checked");
+            eprintln!("matmul precision: bf16 inputs, f32 sums ({})", unit.name());
         }
     }
     let r = match cli.cmd {

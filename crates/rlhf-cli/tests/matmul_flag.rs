@@ -1,4 +1,4 @@
-//! `rlhf --matmul bf16`: on a CPU with AMX-BF16, SmolLM2 generates through the BF16 products
+//! `rlhf --matmul bf16`: on a CPU with a BF16 unit (AMX or AVX512-BF16), SmolLM2 generates through the BF16 products
 //! (the prompt's prefill is a many-row product) with the f32 run's greedy tokens and log-probs
 //! within BF16 rounding; on a CPU without it, the flag is refused with a clear error.
 
@@ -29,7 +29,7 @@ fn generate(model: &std::path::Path, matmul: &str) -> Output {
 }
 
 #[test]
-fn matmul_bf16_generates_like_f32_or_is_refused_without_amx() {
+fn matmul_bf16_generates_like_f32_or_is_refused_without_a_bf16_unit() {
     let Some(model) = rlhf_model::load::smollm2_gguf() else {
         eprintln!(
             "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RLHF_SMOLLM2_GGUF"
@@ -38,15 +38,19 @@ fn matmul_bf16_generates_like_f32_or_is_refused_without_amx() {
     };
     let bf = generate(&model, "bf16");
     let err = String::from_utf8_lossy(&bf.stderr).to_string();
-    if !rlhf_model::kernels::amx::available() {
+    let Some(unit) = rlhf_model::kernels::bf16::unit() else {
         assert_eq!(bf.status.code(), Some(2), "{err}");
         assert!(
-            err.contains("--matmul bf16") && err.contains("AMX"),
+            err.contains("--matmul bf16") && err.contains("AMX") && err.contains("AVX512-BF16"),
             "{err}"
         );
         return;
-    }
+    };
     assert!(bf.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("bf16 inputs, f32 sums ({})", unit.name())),
+        "the run must say which unit it uses: {err}"
+    );
     let f = generate(&model, "f32");
     assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stderr));
     let row = |o: &Output| -> serde_json::Value {

@@ -124,18 +124,18 @@ fn gemm_rates() -> anyhow::Result<()> {
         println!(
             "RESULT gemm m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
         );
-        // The same five products in BF16 on AMX (`MatmulPrecision::Bf16`), where the CPU has it.
-        if rlhf_model::kernels::amx::available() {
-            use rlhf_model::kernels::gemm::{set_matmul_precision, MatmulPrecision};
-            set_matmul_precision(MatmulPrecision::Bf16).map_err(anyhow::Error::msg)?;
-            let fwd = rate(&mut || sgemm(m, n, k, row(&x, k), row(&w, n), &mut y, false));
-            let dx = rate(&mut || sgemm(m, k, n, row(&g, n), col(&w, n), &mut y, false));
-            let dwr = rate(&mut || sgemm(k, n, m, col(&x, k), row(&g, n), &mut dw, false));
-            let nt = rate(&mut || sgemm(m, n, k, row(&x, k), col(&w, k), &mut y, false));
-            let dwt = rate(&mut || sgemm(n, k, m, col(&g, n), row(&x, k), &mut dw, false));
-            set_matmul_precision(MatmulPrecision::F32).map_err(anyhow::Error::msg)?;
+        // The same five products in BF16 (`MatmulPrecision::Bf16`) on each BF16 unit the CPU has.
+        for &unit in rlhf_model::kernels::bf16::units() {
+            let bf = |m, n, k, a, b, c: &mut [f32]| {
+                rlhf_model::kernels::bf16::sgemm_bf16_on(unit, true, m, n, k, a, b, c, false)
+            };
+            let fwd = rate(&mut || bf(m, n, k, row(&x, k), row(&w, n), &mut y));
+            let dx = rate(&mut || bf(m, k, n, row(&g, n), col(&w, n), &mut y));
+            let dwr = rate(&mut || bf(k, n, m, col(&x, k), row(&g, n), &mut dw));
+            let nt = rate(&mut || bf(m, n, k, row(&x, k), col(&w, k), &mut y));
+            let dwt = rate(&mut || bf(n, k, m, col(&g, n), row(&x, k), &mut dw));
             println!(
-                "RESULT gemm-bf16 m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
+                "RESULT gemm-bf16 unit={unit:?} m={m} k={k} n={n} fwd={fwd:.0} dx={dx:.0} dw={dwr:.0} fwd_nt={nt:.0} dw_nt={dwt:.0}"
             );
         }
         // Scaling to all threads: the forward product on one thread and on all, alternating

@@ -19,8 +19,9 @@ pub enum MatmulPrecision {
     /// f32 inputs and sums (the default).
     #[default]
     F32,
-    /// Inputs rounded to BF16, sums in f32, on Intel AMX ([`super::amx`]): mixed precision, as
-    /// `torch.autocast(bfloat16)` does for matmuls. Needs a CPU with AMX-BF16.
+    /// Inputs rounded to BF16, sums in f32 ([`super::bf16`]): mixed precision, as
+    /// `torch.autocast(bfloat16)` does for matmuls. Needs a CPU with Intel AMX-BF16 or
+    /// AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later).
     Bf16,
 }
 
@@ -47,13 +48,14 @@ impl std::str::FromStr for MatmulPrecision {
 
 static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Set the precision of every later [`sgemm`]. Asking for BF16 where the CPU lacks AMX-BF16 is
-/// an error, and the precision stays as it was.
+/// Set the precision of every later [`sgemm`]. Asking for BF16 where the CPU has neither BF16
+/// unit is an error, and the precision stays as it was.
 pub fn set_matmul_precision(p: MatmulPrecision) -> Result<(), String> {
-    if p == MatmulPrecision::Bf16 && !super::amx::available() {
+    if p == MatmulPrecision::Bf16 && !super::bf16::available() {
         return Err(
-            "BF16 matmuls need Intel AMX-BF16 (Xeon Sapphire Rapids or later) \
-                    and a Linux kernel that grants it; this CPU or kernel lacks it"
+            "BF16 matmuls need Intel AMX-BF16 (Xeon Sapphire Rapids or later, with a \
+                    Linux kernel that grants it) or AVX512-BF16 (AMD Zen 4 or later, Intel \
+                    Cooper Lake or later); this CPU has neither"
                 .into(),
         );
     }
@@ -107,9 +109,9 @@ fn sgemm_impl(
     }
     if k > 0 && BF16.load(std::sync::atomic::Ordering::Relaxed) {
         return if parallel {
-            super::amx::sgemm_bf16(m, n, k, a, b, c, accumulate)
+            super::bf16::sgemm_bf16(m, n, k, a, b, c, accumulate)
         } else {
-            super::amx::sgemm_bf16_serial(m, n, k, a, b, c, accumulate)
+            super::bf16::sgemm_bf16_serial(m, n, k, a, b, c, accumulate)
         };
     }
     let par = if parallel && m * n * k >= 1 << 15 {

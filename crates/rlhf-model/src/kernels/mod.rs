@@ -10,8 +10,8 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod adamw;
-pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod elementwise;
 pub mod gemm;
 pub mod head;
@@ -154,8 +154,8 @@ pub(crate) fn uninit(n: usize) -> Vec<f32> {
 ///   we set it to 1 (the element-wise ops left to candle are memory-bound anyway).
 /// - glibc keeps freed large buffers for reuse instead of unmapping them: a training step
 ///   allocates and frees the same sizes every step, and fresh mmaps cost ~10% in page faults.
-/// - `RLHF_MATMUL=bf16` sets the matmul precision to BF16 on AMX
-///   ([`gemm::set_matmul_precision`]); where the CPU lacks AMX it says so and stays f32.
+/// - `RLHF_MATMUL=bf16` sets the matmul precision to BF16 on AMX or AVX512-BF16
+///   ([`gemm::set_matmul_precision`]); where the CPU has neither it says so and stays f32.
 pub fn init_cpu_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

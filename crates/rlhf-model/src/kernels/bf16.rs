@@ -1,18 +1,28 @@
-//! Matrix products in BF16 on Intel AMX (Sapphire Rapids and later), accumulated in f32: the
-//! opt-in mixed-precision path of [`super::gemm::sgemm`] (see [`super::gemm::MatmulPrecision`]).
+//! Matrix products in BF16, accumulated in f32: the opt-in mixed-precision path of
+//! [`super::gemm::sgemm`] (see [`super::gemm::MatmulPrecision`]). Two units run them:
+//!
+//! - **Intel AMX** (Xeon Sapphire Rapids and later): 16 × 16 tile products (`tdpbf16ps`).
+//! - **AVX512-BF16's dot product** (AMD Zen 4 and later, Intel Cooper Lake and later):
+//!   `vdpbf16ps` multiplies 16 pairs of BF16 values per 512-bit register and adds each pair's
+//!   two products to an f32 lane — twice the multiply-adds of an f32 FMA per instruction.
+//!
+//! [`unit`] picks AMX where the CPU and kernel grant it, else the dot product.
 //!
 //! Operands stay f32 everywhere else (weights, activations, gradients, AdamW state); each product
-//! rounds its two inputs to BF16 (round to nearest even) while packing them into AMX tiles, and
-//! the tile unit accumulates in f32. This is the numeric recipe of `torch.autocast(bfloat16)`
-//! for matmuls, with one difference: the output stays f32 rather than being rounded to BF16.
+//! rounds its two inputs to BF16 (round to nearest even) while packing them, and the unit
+//! accumulates in f32. This is the numeric recipe of `torch.autocast(bfloat16)` for matmuls,
+//! with one difference: the output stays f32 rather than being rounded to BF16.
 //!
-//! The kernel: `c` in blocks of 32 × 32 (four 16 × 16 f32 accumulator tiles), `a` packed as
-//! 16 × 32 BF16 tiles (row tiles × k tiles, each tile one contiguous KiB), `b` packed the same
-//! way in AMX's pair-interleaved ("VNNI") layout: row `p` of a `b` tile holds, for 16 columns,
-//! the pairs (k = 2p, k = 2p + 1). Edges are zero-padded, so every tile is full. Rayon tasks
-//! take a group of 32-row blocks × a group of 32-column blocks of `c` (the group's packed columns
-//! of `b` fit in L2); the tile registers are configured at the start of each task and released
-//! at its end. Only x86-64 has AMX: elsewhere [`available`] is false and nothing here runs.
+//! Both units read one packed layout. `c` goes in blocks of 32 × 32; `a` is packed as 16 × 32
+//! BF16 tiles (row tiles × k tiles, each tile one contiguous KiB); `b` the same way in the
+//! pair-interleaved ("VNNI") layout: row `p` of a `b` tile holds, for 16 columns, the pairs
+//! (k = 2p, k = 2p + 1). That is AMX's tile format, and also exactly what `vdpbf16ps` takes: one
+//! line of a `b` tile is one register of 16 column pairs, and one pair of an `a` row is the
+//! 32-bit value it broadcasts. Edges are zero-padded, so every tile is full. Rayon tasks take a
+//! group of 32-row blocks × a group of 32-column blocks of `c` (the group's packed columns of `b`
+//! fit in L2). On AMX the tile registers are configured at the start of each task and released
+//! at its end. Only x86-64 has either unit: elsewhere [`available`] is false and nothing here
+//! runs.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use super::gemm::Mat;
@@ -28,22 +38,71 @@ const ZERO_LINE: Line = Line([0; 32]);
 /// Lines per tile (16 rows of 64 bytes).
 const TILE: usize = 16;
 
-/// Whether this CPU and kernel run AMX-BF16: the CPUID bits, and the kernel's permission for
-/// the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once per process).
-pub fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(detect)
+/// A unit that runs the BF16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16's `vdpbf16ps` in 512-bit registers.
+    AvxDot,
 }
 
+impl Unit {
+    /// How `--matmul bf16` reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Amx => "Intel AMX",
+            Unit::AvxDot => "AVX512-BF16",
+        }
+    }
+}
+
+/// The units this CPU and kernel run, fastest first (AMX, then the dot product).
+pub fn units() -> &'static [Unit] {
+    static UNITS: std::sync::OnceLock<Vec<Unit>> = std::sync::OnceLock::new();
+    UNITS.get_or_init(|| {
+        let mut u = vec![];
+        if amx_granted() {
+            u.push(Unit::Amx);
+        }
+        if dot_available() {
+            u.push(Unit::AvxDot);
+        }
+        u
+    })
+}
+
+/// The unit [`sgemm_bf16`] uses: the fastest of [`units`].
+pub fn unit() -> Option<Unit> {
+    units().first().copied()
+}
+
+/// Whether BF16 products can run here at all (on either unit).
+pub fn available() -> bool {
+    unit().is_some()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_available() -> bool {
+    super::has_avx512() && is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_available() -> bool {
+    false
+}
+
+/// Whether this CPU and kernel run AMX-BF16: the CPUID bits, and the kernel's permission for
+/// the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once per process).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
+fn amx_granted() -> bool {
     use std::arch::x86_64::__cpuid_count;
     if __cpuid_count(0, 0).eax < 7 {
         return false;
     }
     let l7 = __cpuid_count(7, 0);
     let (amx_bf16, amx_tile) = (l7.edx >> 22 & 1 == 1, l7.edx >> 24 & 1 == 1);
-    if !(amx_bf16 && amx_tile && super::has_avx512() && is_x86_feature_detected!("avx512bf16")) {
+    if !(amx_bf16 && amx_tile && dot_available()) {
         return false;
     }
     const SYS_ARCH_PRCTL: i64 = 158;
@@ -66,7 +125,7 @@ fn detect() -> bool {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
+fn amx_granted() -> bool {
     false
 }
 
@@ -91,7 +150,7 @@ pub fn round_bf16(x: f32) -> f32 {
 /// `k` zero.
 ///
 /// # Safety
-/// The CPU has AVX-512F/BW and AVX512-BF16 (implied by [`available`]); `a` covers `m × k`.
+/// The CPU has AVX-512F/BW and AVX512-BF16 (implied by every unit); `a` covers `m × k`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_a_tile(a: Mat, m: usize, k: usize, r0: usize, out: &mut [Line]) {
@@ -423,6 +482,72 @@ unsafe fn block_32x32(
     }
 }
 
+/// [`block_32x32`] on AVX512-BF16's `vdpbf16ps` instead of AMX (same operands, same block).
+///
+/// The block goes in four passes of 8 rows × 32 columns: 16 f32 accumulators (8 rows × two
+/// registers of 16 columns). Per pair of k, the two registers of `b`'s line are loaded once and
+/// each row's pair of `a` is broadcast from memory into its two dot products.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16; the pointers are as [`block_32x32`] requires.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_32x32_dot(
+    a0: *const Line,
+    a1: *const Line,
+    b0: *const Line,
+    b1: *const Line,
+    kt: usize,
+    out: *mut f32,
+    ld: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    for pass in 0..4 {
+        // Rows 8·pass .. 8·pass + 8 of the block: lines 8·(pass % 2).. of a0's or a1's tiles.
+        let a = if pass < 2 { a0 } else { a1 };
+        let (r0, l0) = (8 * pass, 8 * (pass % 2));
+        let mut acc = [_mm512_setzero_ps(); 16];
+        if accumulate {
+            for (r, pair) in acc.chunks_exact_mut(2).enumerate() {
+                // SAFETY: row r0 + r of the 32 × 32 block at `out` (per the contract).
+                unsafe {
+                    let o = out.add((r0 + r) * ld);
+                    pair[0] = _mm512_loadu_ps(o);
+                    pair[1] = _mm512_loadu_ps(o.add(16));
+                }
+            }
+        }
+        for t in 0..kt {
+            // SAFETY: k tile t < kt of each operand (per the contract); each line is 64
+            // aligned bytes, so the loads of `b` are aligned and `a`'s pairs lie inside.
+            unsafe {
+                let at = a.add(t * TILE + l0).cast::<i32>();
+                let (bt0, bt1) = (b0.add(t * TILE), b1.add(t * TILE));
+                for p in 0..16 {
+                    let v0: __m512bh = std::mem::transmute(_mm512_load_si512(bt0.add(p).cast()));
+                    let v1: __m512bh = std::mem::transmute(_mm512_load_si512(bt1.add(p).cast()));
+                    for (r, pair) in acc.chunks_exact_mut(2).enumerate() {
+                        // Line r of the tile is 16 pairs (one i32 each) of row r.
+                        let x: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + p)));
+                        pair[0] = _mm512_dpbf16_ps(pair[0], x, v0);
+                        pair[1] = _mm512_dpbf16_ps(pair[1], x, v1);
+                    }
+                }
+            }
+        }
+        for (r, pair) in acc.chunks_exact(2).enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe {
+                let o = out.add((r0 + r) * ld);
+                _mm512_storeu_ps(o, pair[0]);
+                _mm512_storeu_ps(o.add(16), pair[1]);
+            }
+        }
+    }
+}
+
 /// A Vec of `n` lines whose contents the caller overwrites entirely.
 #[allow(clippy::uninit_vec)]
 fn lines_uninit(n: usize) -> Vec<Line> {
@@ -434,15 +559,12 @@ fn lines_uninit(n: usize) -> Vec<Line> {
 }
 
 /// `c[m×n]` (row-major, contiguous) = `(accumulate ? c : 0) + a[m×k] · b[k×n]`, with `a` and
-/// `b` rounded to BF16 and the sums in f32. Parallel over rayon's threads.
+/// `b` rounded to BF16 and the sums in f32, on [`unit`]. Parallel over rayon's threads.
 ///
 /// # Panics
-/// If AMX is not [`available`] (callers check), or an operand is too short for its view.
+/// If no unit is [`available`] (callers check), or an operand is too short for its view.
 pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
-    if checked(m, n, k, &a, &b, c, accumulate) {
-        #[cfg(target_arch = "x86_64")]
-        products(m, n, k, a, b, c, accumulate);
-    }
+    sgemm_bf16_on(best(), true, m, n, k, a, b, c, accumulate)
 }
 
 /// [`sgemm_bf16`] on the calling thread only, for kernels that are parallel outside (the
@@ -461,15 +583,46 @@ pub fn sgemm_bf16_serial(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    if checked(m, n, k, &a, &b, c, accumulate) {
+    sgemm_bf16_on(best(), false, m, n, k, a, b, c, accumulate)
+}
+
+/// [`sgemm_bf16`] (`parallel`) or [`sgemm_bf16_serial`] on a chosen unit (tests and benchmarks
+/// compare the units where a CPU has both).
+///
+/// # Panics
+/// If `unit` is not among [`units`], or an operand is too short for its view.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_bf16_on(
+    unit: Unit,
+    parallel: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if checked(unit, m, n, k, &a, &b, c, accumulate) {
         #[cfg(target_arch = "x86_64")]
-        products_serial(m, n, k, a, b, c, accumulate);
+        if parallel {
+            products(unit, m, n, k, a, b, c, accumulate);
+        } else {
+            products_serial(unit, m, n, k, a, b, c, accumulate);
+        }
     }
 }
 
-/// The argument checks shared by both entry points; false when nothing is left to multiply
+/// [`unit`], which callers have checked exists.
+fn best() -> Unit {
+    unit().expect("sgemm_bf16: this CPU has neither AMX-BF16 nor AVX512-BF16")
+}
+
+/// The argument checks shared by the entry points; false when nothing is left to multiply
 /// (`c` empty, or `k == 0`, where `c` is zeroed unless accumulating).
+#[allow(clippy::too_many_arguments)]
 fn checked(
+    unit: Unit,
     m: usize,
     n: usize,
     k: usize,
@@ -479,8 +632,9 @@ fn checked(
     accumulate: bool,
 ) -> bool {
     assert!(
-        available(),
-        "sgemm_bf16: AMX-BF16 is not available on this CPU"
+        units().contains(&unit),
+        "sgemm_bf16: {} is not available on this CPU",
+        unit.name()
     );
     assert!(c.len() >= m * n);
     if m == 0 || n == 0 {
@@ -497,12 +651,16 @@ fn checked(
     true
 }
 
-/// Run `f` with the tile registers configured ([`TileConfig::all_full`]) on this thread, and
-/// release them afterwards (the kernel then need not save them on a context switch).
+/// Run `f` ready for `unit`: on AMX with the tile registers configured
+/// ([`TileConfig::all_full`]) on this thread, and released afterwards (the kernel then need not
+/// save them on a context switch); the dot product needs no set-up.
 #[cfg(target_arch = "x86_64")]
-fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+fn with_unit<R>(unit: Unit, f: impl FnOnce() -> R) -> R {
+    if unit == Unit::AvxDot {
+        return f();
+    }
     let cfg = TileConfig::all_full();
-    // SAFETY: callers run only once `available` held; the configuration outlives its use.
+    // SAFETY: `unit` is AMX, which `checked` found granted; the configuration outlives its use.
     unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
     let r = f();
     // SAFETY: releases this thread's tile state.
@@ -514,11 +672,13 @@ fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
 /// (`per` lines per tile column / row, `kt` k tiles).
 ///
 /// # Safety
-/// Tiles are configured on this thread ([`with_tiles`]); `pa` / `pb` hold the packed row /
-/// column tiles of an m × k `a` and a k × n `b`; the blocks of `c` belong to the caller alone.
+/// `unit` is available and set up on this thread ([`with_unit`]); `pa` / `pb` hold the packed
+/// row / column tiles of an m × k `a` and a k × n `b`; the blocks of `c` belong to the caller
+/// alone.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocks(
+    unit: Unit,
     pa: &[Line],
     pb: &[Line],
     (per, kt): (usize, usize),
@@ -528,6 +688,12 @@ unsafe fn blocks(
     cp: *mut f32,
     accumulate: bool,
 ) {
+    type Block =
+        unsafe fn(*const Line, *const Line, *const Line, *const Line, usize, *mut f32, usize, bool);
+    let block: Block = match unit {
+        Unit::Amx => block_32x32,
+        Unit::AvxDot => block_32x32_dot,
+    };
     let mut buf = [0f32; 32 * 32];
     for ib in ibs {
         let (r0, rows) = (ib * 32, 32.min(m - ib * 32));
@@ -538,15 +704,15 @@ unsafe fn blocks(
             let b1 = pb[(2 * jb + 1) * per..].as_ptr();
             let (c0, cols) = (jb * 32, 32.min(n - jb * 32));
             if rows == 32 && cols == 32 {
-                // SAFETY: the tiles are configured on this thread; each pointer starts `kt`
-                // packed tiles inside `pa` / `pb`; the block (rows r0.., columns c0..,
-                // 32 × 32, inside c's m × n) is the caller's alone.
-                unsafe { block_32x32(a0, a1, b0, b1, kt, cp.add(r0 * n + c0), n, accumulate) };
+                // SAFETY: the unit is set up on this thread; each pointer starts `kt` packed
+                // tiles inside `pa` / `pb`; the block (rows r0.., columns c0.., 32 × 32,
+                // inside c's m × n) is the caller's alone.
+                unsafe { block(a0, a1, b0, b1, kt, cp.add(r0 * n + c0), n, accumulate) };
                 continue;
             }
             // An edge block: through `buf`.
             // SAFETY: as above, with `buf` (32 × 32) as the block.
-            unsafe { block_32x32(a0, a1, b0, b1, kt, buf.as_mut_ptr(), 32, false) };
+            unsafe { block(a0, a1, b0, b1, kt, buf.as_mut_ptr(), 32, false) };
             for r in 0..rows {
                 // SAFETY: row r0 + r, columns c0..c0 + cols lie inside c's m × n and in the
                 // caller's blocks.
@@ -563,9 +729,19 @@ unsafe fn blocks(
     }
 }
 
-/// [`sgemm_bf16`] once its arguments are checked (`k > 0`, non-empty `c`, AMX available).
+/// [`sgemm_bf16`] once its arguments are checked (`k > 0`, non-empty `c`, `unit` available).
 #[cfg(target_arch = "x86_64")]
-fn products(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+#[allow(clippy::too_many_arguments)]
+fn products(
+    unit: Unit,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let kt = k.div_ceil(32);
     let (mb, nb) = (m.div_ceil(32), n.div_ceil(32));
     // Packed operands: 2·mb row tiles of `a`, 2·nb column tiles of `b`, kt tiles each.
@@ -574,7 +750,7 @@ fn products(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumul
     let mut pb = lines_uninit(2 * nb * per);
     pa.par_chunks_mut(per)
         .enumerate()
-        // SAFETY: `available` implies the features; the views were checked above.
+        // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were checked above.
         .for_each(|(i, out)| unsafe { pack_a_tile(a, m, k, i * 16, out) });
     pb.par_chunks_mut(per)
         .enumerate()
@@ -598,15 +774,27 @@ fn products(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumul
             gi * mper..((gi + 1) * mper).min(mb),
             gj * nper..((gj + 1) * nper).min(nb),
         );
-        // SAFETY: the tiles are configured for the call; the packing covers every block;
-        // tasks own disjoint blocks of `c`.
-        with_tiles(|| unsafe { blocks(pa, pb, (per, kt), (m, n), ibs, jbs, cp.0, accumulate) });
+        // SAFETY: the unit is set up for the call; the packing covers every block; tasks own
+        // disjoint blocks of `c`.
+        with_unit(unit, || unsafe {
+            blocks(unit, pa, pb, (per, kt), (m, n), ibs, jbs, cp.0, accumulate)
+        });
     });
 }
 
 /// [`sgemm_bf16_serial`] once its arguments are checked.
 #[cfg(target_arch = "x86_64")]
-fn products_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+#[allow(clippy::too_many_arguments)]
+fn products_serial(
+    unit: Unit,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     use std::cell::RefCell;
     thread_local! {
         static PACKED: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -622,15 +810,27 @@ fn products_serial(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], 
             }
         }
         for (i, out) in pa[..2 * mb * per].chunks_mut(per).enumerate() {
-            // SAFETY: `available` implies the features; the views were checked.
+            // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were checked.
             unsafe { pack_a_tile(a, m, k, i * 16, out) };
         }
         for (j, out) in pb[..2 * nb * per].chunks_mut(per).enumerate() {
             // SAFETY: as above.
             unsafe { pack_b_tile(b, k, n, j * 16, out) };
         }
-        // SAFETY: tiles configured; every block packed; `c` is exclusively borrowed.
-        with_tiles(|| unsafe { blocks(pa, pb, (per, kt), (m, n), 0..mb, 0..nb, cp, accumulate) });
+        // SAFETY: the unit is set up; every block packed; `c` is exclusively borrowed.
+        with_unit(unit, || unsafe {
+            blocks(
+                unit,
+                pa,
+                pb,
+                (per, kt),
+                (m, n),
+                0..mb,
+                0..nb,
+                cp,
+                accumulate,
+            )
+        });
     };
     PACKED.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => {

@@ -1,20 +1,24 @@
-//! BF16 products on AMX (`kernels::amx`, `MatmulPrecision::Bf16`): against an f64 reference on
+//! BF16 products (`kernels::bf16`, `MatmulPrecision::Bf16`), on every unit this CPU has (Intel
+//! AMX, AVX512-BF16's dot product): against an f64 reference on
 //! the BF16-rounded inputs, for every operand layout, edge sizes and accumulation; and a short
 //! training run in BF16 against the same run in f32. The precision is process-wide, so this file
 //! is its own test binary and its tests hold one lock.
-//! Skipped, with a message, on CPUs without AMX-BF16.
+//! Skipped, with a message, on CPUs with neither unit.
 
-use rlhf_model::kernels::amx::{self, round_bf16};
+use rlhf_model::kernels::bf16::{self, round_bf16};
 use rlhf_model::kernels::gemm::{self, Mat, MatmulPrecision};
 use std::sync::Mutex;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
 fn skip() -> bool {
-    if !amx::available() {
-        eprintln!("SKIPPED: this CPU or kernel has no AMX-BF16; the BF16 matmul path cannot run");
+    if !bf16::available() {
+        eprintln!(
+            "SKIPPED: this CPU has neither AMX-BF16 nor AVX512-BF16; the BF16 matmul path cannot run"
+        );
         return true;
     }
+    eprintln!("BF16 units on this CPU: {:?}", bf16::units());
     false
 }
 
@@ -67,20 +71,23 @@ fn bf16_products_match_the_rounded_reference() {
         (33, 1000, 65),
         (129, 257, 1031),
     ];
-    for &(m, n, k) in &shapes {
+    for (&unit, &(m, n, k)) in bf16::units()
+        .iter()
+        .flat_map(|u| shapes.iter().map(move |s| (u, s)))
+    {
         for (ta, tb) in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
             for acc in [false, true] {
                 let (av, bv) = (data(2 * m * k, 1 + m as u64), data(2 * k * n, 2 + n as u64));
                 let c0 = data(m * n, 3);
                 let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
                 let mut c = c0.clone();
-                amx::sgemm_bf16(m, n, k, a, b, &mut c, acc);
+                bf16::sgemm_bf16_on(unit, true, m, n, k, a, b, &mut c, acc);
                 // The serial variant sums every block the same way: the same bits.
                 let mut cs = c0.clone();
-                amx::sgemm_bf16_serial(m, n, k, a, b, &mut cs, acc);
+                bf16::sgemm_bf16_on(unit, false, m, n, k, a, b, &mut cs, acc);
                 assert_eq!(
                     c, cs,
-                    "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: serial differs"
+                    "{unit:?} m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: serial differs"
                 );
                 for i in 0..m {
                     for j in 0..n {
@@ -96,7 +103,7 @@ fn bf16_products_match_the_rounded_reference() {
                         let tol = 1e-6 * (mag + 1.0) * (k as f64).sqrt().max(1.0);
                         assert!(
                             (got - want).abs() <= tol,
-                            "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: c[{i},{j}] = {got}, want {want}"
+                            "{unit:?} m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: c[{i},{j}] = {got}, want {want}"
                         );
                     }
                 }
@@ -148,15 +155,15 @@ fn sgemm_follows_the_precision_setting() {
     let (fs, hs) = (serial(MatmulPrecision::F32), serial(MatmulPrecision::Bf16));
     gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
     let mut bf = vec![0f32; m * n];
-    amx::sgemm_bf16(m, n, k, a, b, &mut bf, false);
-    assert_eq!(h, bf, "BF16 setting must take the AMX path");
+    bf16::sgemm_bf16(m, n, k, a, b, &mut bf, false);
+    assert_eq!(h, bf, "BF16 setting must take the BF16 path");
     assert_eq!(
         hs, bf,
-        "BF16 setting must take the AMX path in sgemm_serial"
+        "BF16 setting must take the BF16 path in sgemm_serial"
     );
     assert_ne!(
         fs, hs,
-        "f32 setting must not take the AMX path in sgemm_serial"
+        "f32 setting must not take the BF16 path in sgemm_serial"
     );
     let err = f
         .iter()
@@ -249,7 +256,7 @@ fn bf16_gradients_follow_f32() {
     );
     assert_ne!(
         g32, g16,
-        "the BF16 run must differ (else it did not take the AMX path)"
+        "the BF16 run must differ (else it did not take the BF16 path)"
     );
     for (i, (a, b)) in g32.iter().zip(&g16).enumerate() {
         let dot: f64 = a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum();
@@ -375,7 +382,7 @@ fn attention_in_bf16_follows_f32() {
         );
         assert_ne!(
             x, y,
-            "{name}: BF16 must differ from f32 (else it did not use AMX)"
+            "{name}: BF16 must differ from f32 (else it did not take the BF16 path)"
         );
         let err = x
             .iter()
