@@ -3,6 +3,8 @@
 //! `cargo bench -p rlhf-model --bench speed -- SHAPE [MODE]` where SHAPE is one of the names in
 //! [`shapes`] (or `list`), MODE a sum of bits: 1 = training step, 2 = greedy KV-cache
 //! generation, 8 = sampled generation at T = 1 (default 3; 4 = run the training step longer).
+//! SHAPE `gemm` times the step's products alone; `peak` measures the CPU's FP32 FMA and
+//! AVX512-BF16 peaks.
 //! Prints `RESULT` lines in the format of `scripts/torch_bench.py`, so `scripts/bench_compare.sh`
 //! can put them side by side. One shape per process, so the peak RSS is that shape's.
 
@@ -193,6 +195,75 @@ fn gemm_rates() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The arithmetic peaks that GFLOP/s figures are judged against: 12 independent accumulators
+/// per thread, in registers, on one thread and then on every rayon thread at once. f32 FMA on
+/// AVX-512 and, where the CPU has AVX512-BF16, `vdpbf16ps` (2 multiply-adds per lane).
+fn peaks() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const ITERS: u64 = 100_000_000;
+        #[target_feature(enable = "avx512f")]
+        fn fma() -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 12];
+            let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..ITERS {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, x, y);
+                }
+            }
+            acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
+        }
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn dot() -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 12];
+            // SAFETY: plain bit casts between 512-bit vector types.
+            let x: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)) };
+            for _ in 0..ITERS {
+                for a in acc.iter_mut() {
+                    *a = _mm512_dpbf16_ps(*a, x, x);
+                }
+            }
+            acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
+        }
+        // Best of three: a busy neighbour on the host can halve one measurement.
+        let rate = |threads: usize, f: fn() -> f32, flops_per_lane: f64| {
+            let mut best = 0f64;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                let sums: Vec<f32> = std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..threads).map(|_| s.spawn(f)).collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                std::hint::black_box(sums);
+                let flops = threads as f64 * ITERS as f64 * 12.0 * 16.0 * flops_per_lane;
+                best = best.max(flops / t0.elapsed().as_secs_f64() / 1e9);
+            }
+            best
+        };
+        let n = rayon::current_num_threads();
+        if !is_x86_feature_detected!("avx512f") {
+            println!("peak: this CPU has no AVX-512");
+            return;
+        }
+        // SAFETY (both closures): the features were checked just above / below.
+        let f = || unsafe { fma() };
+        println!(
+            "RESULT peak fp32_fma_1thread={:.1} fp32_fma_{n}threads={:.1} GFLOP/s",
+            rate(1, f, 2.0),
+            rate(n, f, 2.0)
+        );
+        if is_x86_feature_detected!("avx512bf16") {
+            let d = || unsafe { dot() };
+            println!(
+                "RESULT peak bf16_dot_1thread={:.1} bf16_dot_{n}threads={:.1} GFLOP/s",
+                rate(1, d, 4.0),
+                rate(n, d, 4.0)
+            );
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -204,8 +275,12 @@ fn main() -> anyhow::Result<()> {
         rlhf_model::kernels::init_cpu_runtime();
         return gemm_rates();
     }
+    if name == "peak" {
+        peaks();
+        return Ok(());
+    }
     let Some(cfg) = shapes(name) else {
-        println!("shapes: {} gemm", NAMES.join(" "));
+        println!("shapes: {} gemm peak", NAMES.join(" "));
         return Ok(());
     };
     // RLHF_BENCH_STOCK=1: keep candle's element-wise barrier pool at one thread per core, as
