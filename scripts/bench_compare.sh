@@ -5,7 +5,7 @@
 # PYTHON=/path/to/python (default /tmp/torchvenv/bin/python), MODE bits: 1 train, 2 greedy
 # generation, 8 sampled generation (default 3; 11 for all three),
 # REPS=N (default 1): N alternations per shape; the table then shows medians of each side.
-# MATMUL=bf16: ours with BF16 matmuls on AMX (RLHF_MATMUL=bf16) against PyTorch under
+# MATMUL=bf16: ours with BF16 matmuls on AMX or AVX512-BF16 (RLHF_MATMUL=bf16) against PyTorch under
 # torch.autocast(bfloat16) (AUTOCAST=bf16); generation is f32 on both sides either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ SHAPES = {  # name: (arch, vocab, layers, d, heads, kv_heads, inner)
     "smollm2-135m": ("llama", 49152, 30, 576, 9, 3, 1536),  # SmolLM2-135M's configuration
 }
 name = sys.argv[1] if len(sys.argv) > 1 else "gpt2-v50k"
-# AUTOCAST=bf16: the training step under torch.autocast(bfloat16) (matmuls in BF16 on AMX/oneDNN),
+# AUTOCAST=bf16: the training step under torch.autocast(bfloat16) (matmuls in BF16 through oneDNN, on AMX or AVX512-BF16),
 # the counterpart of our RLHF_MATMUL=bf16.
 AUTOCAST = os.environ.get("AUTOCAST") == "bf16"
 mode = int(sys.argv[2]) if len(sys.argv) > 2 else 3
