@@ -22,6 +22,36 @@ fn skip() -> bool {
     false
 }
 
+/// Run a model-level check once per BF16 unit this CPU has, that unit chosen for the whole
+/// process (the caller holds `LOCK`); the choice goes back to the default afterwards.
+fn on_every_unit(check: fn(bf16::Unit)) {
+    for &unit in bf16::units() {
+        bf16::set_unit(Some(unit)).unwrap();
+        assert_eq!(bf16::unit(), Some(unit));
+        check(unit);
+    }
+    bf16::set_unit(None).unwrap();
+}
+
+/// A unit can be chosen exactly when this CPU has it; `None` goes back to the fastest.
+#[test]
+fn the_unit_can_be_chosen_where_available() {
+    let _g = LOCK.lock().unwrap();
+    for u in [bf16::Unit::Amx, bf16::Unit::AvxDot] {
+        let r = bf16::set_unit(Some(u));
+        assert_eq!(r.is_ok(), bf16::units().contains(&u), "{u:?}: {r:?}");
+        match r {
+            Ok(()) => assert_eq!(bf16::unit(), Some(u)),
+            Err(e) => assert!(e.contains(u.name()), "{e}"),
+        }
+    }
+    bf16::set_unit(None).unwrap();
+    assert_eq!(bf16::unit(), bf16::units().first().copied());
+    assert_eq!("amx".parse(), Ok(bf16::Unit::Amx));
+    assert_eq!("avx512".parse(), Ok(bf16::Unit::AvxDot));
+    assert!("tpu".parse::<bf16::Unit>().is_err());
+}
+
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
@@ -243,6 +273,10 @@ fn bf16_gradients_follow_f32() {
     if skip() {
         return;
     }
+    on_every_unit(bf16_gradients_follow_f32_on);
+}
+
+fn bf16_gradients_follow_f32_on(unit: bf16::Unit) {
     let model = tiny_model();
     let (x, y) = batch();
     gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
@@ -252,7 +286,7 @@ fn bf16_gradients_follow_f32() {
     gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
     assert!(
         (l32 - l16).abs() < 1e-2 * l32.abs(),
-        "loss f32 {l32} vs bf16 {l16}"
+        "{unit:?}: loss f32 {l32} vs bf16 {l16}"
     );
     assert_ne!(
         g32, g16,
@@ -265,12 +299,12 @@ fn bf16_gradients_follow_f32() {
         let name = model.params.iter().nth(i).unwrap().name();
         assert!(
             dot / (na * nb) > 0.995,
-            "{name}: cosine {}",
+            "{unit:?} {name}: cosine {}",
             dot / (na * nb)
         );
         assert!(
             (na - nb).abs() < 0.03 * na,
-            "{name}: |g| f32 {na} vs bf16 {nb}"
+            "{unit:?} {name}: |g| f32 {na} vs bf16 {nb}"
         );
     }
 }
@@ -278,11 +312,15 @@ fn bf16_gradients_follow_f32() {
 /// Training in BF16 follows training in f32: 40 AdamW steps on one batch from the same start.
 #[test]
 fn bf16_training_tracks_f32() {
-    use rlhf_model::kernels::adamw::{adamw_step, AdamW, AdamWState};
     let _g = LOCK.lock().unwrap();
     if skip() {
         return;
     }
+    on_every_unit(bf16_training_tracks_f32_on);
+}
+
+fn bf16_training_tracks_f32_on(unit: bf16::Unit) {
+    use rlhf_model::kernels::adamw::{adamw_step, AdamW, AdamWState};
     let (x, y) = batch();
     let mut curves = vec![];
     for p in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
@@ -313,7 +351,7 @@ fn bf16_training_tracks_f32() {
     gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
     let (f, h) = (&curves[0], &curves[1]);
     eprintln!(
-        "loss f32 {:.4} → {:.4}, bf16 {:.4} → {:.4}",
+        "{unit:?}: loss f32 {:.4} → {:.4}, bf16 {:.4} → {:.4}",
         f[0], f[39], h[0], h[39]
     );
     assert!(
@@ -324,7 +362,7 @@ fn bf16_training_tracks_f32() {
         let rel = (f[s] - h[s]).abs() / f[s];
         assert!(
             rel < 0.05,
-            "step {s}: f32 {} vs bf16 {} ({rel:.3})",
+            "{unit:?} step {s}: f32 {} vs bf16 {} ({rel:.3})",
             f[s],
             h[s]
         );
@@ -336,11 +374,15 @@ fn bf16_training_tracks_f32() {
 /// causal batch with a left-padded row (queries that see no key) and keys past a 32-wide block.
 #[test]
 fn attention_in_bf16_follows_f32() {
-    use candle_core::{Device, Tensor, Var};
     let _g = LOCK.lock().unwrap();
     if skip() {
         return;
     }
+    on_every_unit(attention_in_bf16_follows_f32_on);
+}
+
+fn attention_in_bf16_follows_f32_on(unit: bf16::Unit) {
+    use candle_core::{Device, Tensor, Var};
     let (b, h, t, d) = (2, 3, 70, 32);
     let mut mask = vec![vec![1u8; t]; b];
     mask[1][..5].fill(0);
@@ -378,11 +420,11 @@ fn attention_in_bf16_follows_f32() {
     for (name, (x, y)) in ["output", "dq", "dk", "dv"].iter().zip(f.iter().zip(&hb)) {
         assert!(
             y.iter().all(|v| v.is_finite()),
-            "{name}: not finite in BF16"
+            "{unit:?} {name}: not finite in BF16"
         );
         assert_ne!(
             x, y,
-            "{name}: BF16 must differ from f32 (else it did not take the BF16 path)"
+            "{unit:?} {name}: BF16 must differ from f32 (else it did not take the BF16 path)"
         );
         let err = x
             .iter()
@@ -392,14 +434,14 @@ fn attention_in_bf16_follows_f32() {
         let mag = x.iter().map(|p| p.abs()).fold(0f32, f32::max);
         assert!(
             err < 2e-2 * mag,
-            "{name}: max |f32 - bf16| {err}, max |f32| {mag}"
+            "{unit:?} {name}: max |f32 - bf16| {err}, max |f32| {mag}"
         );
         let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
         let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
         let ny: f64 = y.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
         assert!(
             dot / (nx * ny) > 0.9995,
-            "{name}: cosine {}",
+            "{unit:?} {name}: cosine {}",
             dot / (nx * ny)
         );
     }

@@ -6,7 +6,8 @@
 //!   `vdpbf16ps` multiplies 16 pairs of BF16 values per 512-bit register and adds each pair's
 //!   two products to an f32 lane — twice the multiply-adds of an f32 FMA per instruction.
 //!
-//! [`unit`] picks AMX where the CPU and kernel grant it, else the dot product.
+//! [`unit`] picks AMX where the CPU and kernel grant it, else the dot product; [`set_unit`] (or
+//! `RLHF_BF16_UNIT`) chooses one.
 //!
 //! Operands stay f32 everywhere else (weights, activations, gradients, AdamW state); each product
 //! rounds its two inputs to BF16 (round to nearest even) while packing them, and the unit
@@ -72,9 +73,46 @@ pub fn units() -> &'static [Unit] {
     })
 }
 
-/// The unit [`sgemm_bf16`] uses: the fastest of [`units`].
+impl std::str::FromStr for Unit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "amx" => Ok(Unit::Amx),
+            "avx512" | "avx512bf16" | "avx512-bf16" => Ok(Unit::AvxDot),
+            _ => Err(format!("unknown BF16 unit {s:?} (amx or avx512)")),
+        }
+    }
+}
+
+/// The unit chosen with [`set_unit`]: 0 for none (the fastest), else 1 + its place in
+/// [`Unit`]'s order.
+static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Choose the unit of every later BF16 product (process-wide): one of [`units`], to compare
+/// them or to run the dot product where AMX is granted; `None` for the fastest (the default).
+/// `RLHF_BF16_UNIT=amx|avx512` sets it at start-up ([`super::init_cpu_runtime`]). A unit this
+/// CPU lacks is an error, and the choice stays as it was.
+pub fn set_unit(u: Option<Unit>) -> Result<(), String> {
+    let code = match u {
+        None => 0,
+        Some(u) if !units().contains(&u) => {
+            return Err(format!("{} is not available on this CPU", u.name()))
+        }
+        Some(Unit::Amx) => 1,
+        Some(Unit::AvxDot) => 2,
+    };
+    CHOSEN.store(code, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The unit [`sgemm_bf16`] uses: the one chosen with [`set_unit`], else the fastest of
+/// [`units`].
 pub fn unit() -> Option<Unit> {
-    units().first().copied()
+    match CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Some(Unit::Amx),
+        2 => Some(Unit::AvxDot),
+        _ => units().first().copied(),
+    }
 }
 
 /// Whether BF16 products can run here at all (on either unit).

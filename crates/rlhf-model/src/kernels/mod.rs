@@ -156,6 +156,7 @@ pub(crate) fn uninit(n: usize) -> Vec<f32> {
 ///   allocates and frees the same sizes every step, and fresh mmaps cost ~10% in page faults.
 /// - `RLHF_MATMUL=bf16` sets the matmul precision to BF16 on AMX or AVX512-BF16
 ///   ([`gemm::set_matmul_precision`]); where the CPU has neither it says so and stays f32.
+///   `RLHF_BF16_UNIT=amx|avx512` chooses the unit where a CPU has both ([`bf16::set_unit`]).
 pub fn init_cpu_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -163,6 +164,11 @@ pub fn init_cpu_runtime() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
         tune_allocator();
+        if let Ok(v) = std::env::var("RLHF_BF16_UNIT") {
+            if let Err(e) = v.parse().and_then(|u| bf16::set_unit(Some(u))) {
+                eprintln!("warning: RLHF_BF16_UNIT={v} ignored: {e}");
+            }
+        }
         if let Ok(v) = std::env::var("RLHF_MATMUL") {
             let set = v.parse().and_then(gemm::set_matmul_precision);
             if let Err(e) = set {
