@@ -93,3 +93,44 @@ fn matmul_bf16_generates_like_f32_or_is_refused_without_a_bf16_unit() {
         "the BF16 run must differ from f32 somewhere (else it took the f32 path)"
     );
 }
+
+/// `RLHF_BF16_UNIT` chooses the unit where the CPU has it, and is a warning (the default unit
+/// stays) where it does not.
+#[test]
+fn bf16_unit_can_be_chosen_by_environment() {
+    use rlhf_model::kernels::bf16::{units, Unit};
+    let Some(model) = rlhf_model::load::smollm2_gguf() else {
+        eprintln!(
+            "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RLHF_SMOLLM2_GGUF"
+        );
+        return;
+    };
+    let Some(&best) = units().first() else {
+        eprintln!("SKIP: this CPU has no BF16 unit (the refusal is tested above)");
+        return;
+    };
+    for (name, unit) in [("amx", Unit::Amx), ("avx512", Unit::AvxDot)] {
+        let out = Command::new(bin())
+            .env("RLHF_BF16_UNIT", name)
+            .args(["--matmul", "bf16", "generate", "--model"])
+            .arg(&model)
+            .args(["--prompt", PROMPT, "--max-new-tokens", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{name}: {err}");
+        let used = if units().contains(&unit) {
+            unit
+        } else {
+            assert!(
+                err.contains(&format!("RLHF_BF16_UNIT={name} ignored")),
+                "{name}: {err}"
+            );
+            best
+        };
+        assert!(
+            err.contains(&format!("bf16 inputs, f32 sums ({})", used.name())),
+            "{name}: {err}"
+        );
+    }
+}
