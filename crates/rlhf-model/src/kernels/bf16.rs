@@ -605,27 +605,11 @@ pub fn sgemm_bf16(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], a
     sgemm_bf16_on(best(), true, m, n, k, a, b, c, accumulate)
 }
 
-/// [`sgemm_bf16`] on the calling thread only, for kernels that are parallel outside (the
-/// attention kernel's per-block products). The packed operands live in per-thread buffers that
-/// are reused from call to call. Each block of `c` is summed exactly as [`sgemm_bf16`] sums it,
-/// so the two give the same bits.
-///
-/// # Panics
-/// As [`sgemm_bf16`].
-pub fn sgemm_bf16_serial(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    sgemm_bf16_on(best(), false, m, n, k, a, b, c, accumulate)
-}
-
-/// [`sgemm_bf16`] (`parallel`) or [`sgemm_bf16_serial`] on a chosen unit (tests and benchmarks
-/// compare the units where a CPU has both).
+/// [`sgemm_bf16`] on a chosen unit (tests and benchmarks compare the units where a CPU has
+/// both), parallel over rayon's threads or, with `parallel` false, on the calling thread only:
+/// for kernels that are parallel outside (the attention kernel's per-block products), with the
+/// packed operands in per-thread buffers reused from call to call. Each block of `c` is summed
+/// the same way either way, so the two give the same bits.
 ///
 /// # Panics
 /// If `unit` is not among [`units`], or an operand is too short for its view.
@@ -652,7 +636,7 @@ pub fn sgemm_bf16_on(
 }
 
 /// [`unit`], which callers have checked exists.
-fn best() -> Unit {
+pub(crate) fn best() -> Unit {
     unit().expect("sgemm_bf16: this CPU has neither AMX-BF16 nor AVX512-BF16")
 }
 
@@ -788,7 +772,8 @@ fn products(
     let mut pb = lines_uninit(2 * nb * per);
     pa.par_chunks_mut(per)
         .enumerate()
-        // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were checked above.
+        // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were
+        // checked above.
         .for_each(|(i, out)| unsafe { pack_a_tile(a, m, k, i * 16, out) });
     pb.par_chunks_mut(per)
         .enumerate()
@@ -820,7 +805,7 @@ fn products(
     });
 }
 
-/// [`sgemm_bf16_serial`] once its arguments are checked.
+/// [`sgemm_bf16_on`] on the calling thread, once its arguments are checked.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn products_serial(
@@ -848,7 +833,8 @@ fn products_serial(
             }
         }
         for (i, out) in pa[..2 * mb * per].chunks_mut(per).enumerate() {
-            // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were checked.
+            // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views
+            // were checked.
             unsafe { pack_a_tile(a, m, k, i * 16, out) };
         }
         for (j, out) in pb[..2 * nb * per].chunks_mut(per).enumerate() {

@@ -108,11 +108,8 @@ fn sgemm_impl(
         return small_rows(m, n, k, a, b, c, accumulate);
     }
     if k > 0 && BF16.load(std::sync::atomic::Ordering::Relaxed) {
-        return if parallel {
-            super::bf16::sgemm_bf16(m, n, k, a, b, c, accumulate)
-        } else {
-            super::bf16::sgemm_bf16_serial(m, n, k, a, b, c, accumulate)
-        };
+        let unit = super::bf16::best();
+        return super::bf16::sgemm_bf16_on(unit, parallel, m, n, k, a, b, c, accumulate);
     }
     let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
