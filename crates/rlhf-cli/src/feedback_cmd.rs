@@ -42,7 +42,7 @@ pub struct GenerateCandidates {
 pub fn run(cmd: FeedbackTop) -> Result<()> {
     match cmd {
         FeedbackTop::Service(c) => rlhf_feedback::cli::run_blocking(c),
-        FeedbackTop::Generate(g) => generate_candidates(g),
+        FeedbackTop::Generate(g) => rlhf_model::kernels::on_compute_pool(|| generate_candidates(g)),
     }
 }
 

@@ -72,7 +72,10 @@ fn main() {
             eprintln!("matmul precision: bf16 inputs, f32 sums ({})", unit.name());
         }
     }
-    let r = match cli.cmd {
+    // Model work runs on the compute pool (see `on_compute_pool`: each kernel otherwise waits
+    // for the pool's threads to wake); the feedback server keeps the main thread.
+    let server = matches!(cli.cmd, Cmd::Feedback { .. });
+    let run = move || match cli.cmd {
         Cmd::Generate(a) => generate_cmd::run(a),
         Cmd::Sft(a) => train_cmds::sft(a),
         Cmd::Reward(a) => train_cmds::reward(a),
@@ -82,6 +85,11 @@ fn main() {
         Cmd::Score(a) => eval_cmds::score(a),
         Cmd::Feedback { cmd } => feedback_cmd::run(cmd),
         Cmd::Quickstart(a) => quickstart::run(a),
+    };
+    let r = if server {
+        run()
+    } else {
+        rlhf_model::kernels::on_compute_pool(run)
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

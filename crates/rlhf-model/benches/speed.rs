@@ -327,24 +327,27 @@ fn main() -> anyhow::Result<()> {
         let (mut times, mut losses) = (vec![], vec![]);
         for step in 0..32 {
             let t0 = Instant::now();
-            let h = model.hidden(&x, &mask)?;
-            let h2 = h.reshape((B * T, model.hidden_size()))?;
-            let lp = if unfused_head {
-                let logits = model.lm_logits(&h2)?;
-                rlhf_model::fused::token_logprobs(&logits, &y)?
-            } else {
-                model.head_logprobs(&h2, &y, 1.0)?
-            };
-            let loss = lp.mean_all()?.neg()?;
-            let grads = loss.backward()?;
-            drop((h, h2, lp));
-            for (p, st) in params.iter().zip(states.iter_mut()) {
-                if let Some(g) = grads.get(p.var().as_tensor()) {
-                    rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), g, st, &hp)?;
+            let mut body = || -> anyhow::Result<f32> {
+                let h = model.hidden(&x, &mask)?;
+                let h2 = h.reshape((B * T, model.hidden_size()))?;
+                let lp = if unfused_head {
+                    let logits = model.lm_logits(&h2)?;
+                    rlhf_model::fused::token_logprobs(&logits, &y)?
+                } else {
+                    model.head_logprobs(&h2, &y, 1.0)?
+                };
+                let loss = lp.mean_all()?.neg()?;
+                let grads = loss.backward()?;
+                drop((h, h2, lp));
+                for (p, st) in params.iter().zip(states.iter_mut()) {
+                    if let Some(g) = grads.get(p.var().as_tensor()) {
+                        rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), g, st, &hp)?;
+                    }
                 }
-            }
-            drop(grads);
-            let l = loss.to_scalar::<f32>()?;
+                drop(grads);
+                Ok(loss.to_scalar::<f32>()?)
+            };
+            let l = rlhf_model::kernels::on_compute_pool(&mut body)?;
             let dt = t0.elapsed().as_secs_f64();
             if (2..12).contains(&step) {
                 times.push(dt);
@@ -386,7 +389,7 @@ fn main() -> anyhow::Result<()> {
         let mut first = vec![];
         for _ in 0..3 {
             let t0 = Instant::now();
-            let g = generate(&model, &prompts, &gc)?;
+            let g = rlhf_model::kernels::on_compute_pool(|| generate(&model, &prompts, &gc))?;
             best = best.min(t0.elapsed().as_secs_f64());
             first = g.tokens[0][..6].to_vec();
         }

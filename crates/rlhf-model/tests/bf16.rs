@@ -9,6 +9,8 @@ use rlhf_model::kernels::bf16::{self, round_bf16};
 use rlhf_model::kernels::gemm::{self, Mat, MatmulPrecision};
 use std::sync::Mutex;
 
+mod common;
+
 static LOCK: Mutex<()> = Mutex::new(());
 
 fn skip() -> bool {
@@ -249,20 +251,7 @@ fn tiny_model() -> rlhf_model::CausalLM {
 }
 
 fn batch() -> (candle_core::Tensor, candle_core::Tensor) {
-    let (b, t) = (4, 64);
-    let ids: Vec<u32> = (0..b * (t + 1))
-        .map(|i| ((i * 37 + i / 7) % 512) as u32)
-        .collect();
-    let (mut x, mut y) = (vec![], vec![]);
-    for r in 0..b {
-        x.extend_from_slice(&ids[r * (t + 1)..r * (t + 1) + t]);
-        y.extend_from_slice(&ids[r * (t + 1) + 1..(r + 1) * (t + 1)]);
-    }
-    let dev = candle_core::Device::Cpu;
-    (
-        candle_core::Tensor::from_vec(x, (b, t), &dev).unwrap(),
-        candle_core::Tensor::from_vec(y, b * t, &dev).unwrap(),
-    )
+    common::token_batch(4, 64)
 }
 
 /// The whole backward pass in BF16 points where the f32 one does: per parameter, the two

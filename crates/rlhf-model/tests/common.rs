@@ -29,3 +29,20 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A fixed next-token batch: inputs [b, t] and targets [b·t] over a vocabulary of 512.
+pub fn token_batch(b: usize, t: usize) -> (Tensor, Tensor) {
+    let ids: Vec<u32> = (0..b * (t + 1))
+        .map(|i| ((i * 37 + i / 7) % 512) as u32)
+        .collect();
+    let (mut x, mut y) = (vec![], vec![]);
+    for r in 0..b {
+        x.extend_from_slice(&ids[r * (t + 1)..r * (t + 1) + t]);
+        y.extend_from_slice(&ids[r * (t + 1) + 1..(r + 1) * (t + 1)]);
+    }
+    let dev = rlhf_model::Device::Cpu;
+    (
+        Tensor::from_vec(x, (b, t), &dev).unwrap(),
+        Tensor::from_vec(y, b * t, &dev).unwrap(),
+    )
+}

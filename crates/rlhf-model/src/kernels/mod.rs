@@ -178,6 +178,109 @@ pub fn init_cpu_runtime() {
     });
 }
 
+/// Run `f` on a thread of the compute pool, and wait for it. Training and generation should
+/// run this way; the `rlhf` commands and the benchmarks do.
+///
+/// - A kernel called from a thread outside the pool hands its parallel work to the pool and
+///   sleeps until the pool is done, so every kernel costs two wake-ups. From a thread of the
+///   pool, a kernel starts its first part at once on that thread and the others join in.
+/// - While `f` runs, the pool's other threads spin instead of sleeping between kernels
+///   ([`keep_pool_awake`]; `RLHF_SPIN=0` turns that off).
+/// - A wake-up costs 50–100 µs on a virtual machine: two 50 µs halves took 150 µs from outside
+///   the pool, 65 µs when the threads were busy. A training step runs hundreds of kernels.
+///
+/// The pool has rayon's usual number of threads (`RAYON_NUM_THREADS`, else one per CPU) and
+/// 16 MiB stacks (candle's backward pass walks the graph recursively). Called from a thread of
+/// any rayon pool, `f` runs where it is. `RLHF_COMPUTE_POOL=0` runs it on the calling thread, as
+/// before this existed; so does a failure to start the pool. The kernels split work by the
+/// number of threads, not by which thread runs them, so the results are the same bits either
+/// way.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    init_cpu_runtime();
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    if rayon::current_thread_index().is_some()
+        || std::env::var("RLHF_COMPUTE_POOL").is_ok_and(|v| v == "0")
+    {
+        return f();
+    }
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("rlhf-compute-{i}"))
+            .stack_size(16 << 20)
+            .build()
+            .map_err(|e| eprintln!("warning: compute pool not started ({e}); running inline"))
+            .ok()
+    });
+    match pool {
+        Some(p) => p.install(|| {
+            let _awake = keep_pool_awake();
+            f()
+        }),
+        None => f(),
+    }
+}
+
+/// While the guard lives, every other thread of the current pool keeps looking for work
+/// instead of going to sleep, as OpenMP's threads spin in PyTorch. Between two kernels the
+/// calling thread does serial work (graph bookkeeping, candle's element-wise ops) for long
+/// enough that idle rayon threads fall asleep, and each kernel would then start with only the
+/// calling thread while the others take 50–100 µs to wake.
+///
+/// Only a lone caller spins: a second [`on_compute_pool`] from another thread stops the first
+/// one's spinning for good, and no caller spins while another is running (a spinning thread
+/// that is also waiting inside another caller's work could otherwise wait on it in a cycle).
+/// `RLHF_SPIN=0` turns it off (idle threads then sleep, e.g. on a machine shared with other
+/// jobs).
+fn keep_pool_awake() -> impl Drop {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    /// Callers inside [`on_compute_pool`] now.
+    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+    /// The stop flag of the spinning caller's threads, if one spins.
+    static CURRENT: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+    let current = || CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    struct Leave(Option<Arc<AtomicBool>>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            if let Some(done) = &self.0 {
+                done.store(true, Ordering::Release);
+                let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+                if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, done)) {
+                    *cur = None;
+                }
+            }
+            ACTIVE.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let alone = ACTIVE.fetch_add(1, Ordering::AcqRel) == 0;
+    if !alone {
+        if let Some(other) = current().take() {
+            other.store(true, Ordering::Release);
+        }
+        return Leave(None);
+    }
+    let me = rayon::current_thread_index();
+    if std::env::var("RLHF_SPIN").is_ok_and(|v| v == "0") || me.is_none() {
+        return Leave(None);
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    *current() = Some(done.clone());
+    let d = done.clone();
+    rayon::spawn_broadcast(move |ctx| {
+        if Some(ctx.index()) == me {
+            return;
+        }
+        while !d.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    });
+    Leave(Some(done))
+}
+
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
