@@ -24,7 +24,7 @@ use report::{Report, RoundReport, Sample};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum Preset {
-    /// The full demonstration (3–4 minutes on 2 cores, release build).
+    /// The full demonstration (about 3 minutes on 2 cores, release build).
     Default,
     /// A small but real version for CI (a couple of minutes).
     Ci,
