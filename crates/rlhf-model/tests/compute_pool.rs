@@ -22,12 +22,12 @@ fn cpu_secs() -> f64 {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &s[s.rfind(')').expect("stat format") + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    // utime and stime are fields 14 and 15 of the line: the 12th and 13th after the name.
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
-/// CPU seconds the process uses while `f` sleeps `ms` milliseconds on the calling thread.
+/// CPU seconds the whole process uses while the calling thread sleeps `ms` milliseconds.
 fn cpu_during_sleep(ms: u64) -> f64 {
     let c0 = cpu_secs();
     std::thread::sleep(Duration::from_millis(ms));
