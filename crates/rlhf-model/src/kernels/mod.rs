@@ -236,42 +236,47 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// `RLHF_SPIN=0` turns it off (idle threads then sleep, e.g. on a machine shared with other
 /// jobs).
 fn keep_pool_awake() -> impl Drop {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    /// Callers inside [`on_compute_pool`] now.
-    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-    /// The stop flag of the spinning caller's threads, if one spins.
-    static CURRENT: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
-    let current = || CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard};
+    /// Callers inside [`on_compute_pool`] now, and the stop flag of the spinning one's threads
+    /// if one spins.
+    static STATE: Mutex<(usize, Option<Arc<AtomicBool>>)> = Mutex::new((0, None));
+    fn state() -> MutexGuard<'static, (usize, Option<Arc<AtomicBool>>)> {
+        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
     struct Leave(Option<Arc<AtomicBool>>);
     impl Drop for Leave {
         fn drop(&mut self) {
+            let mut st = state();
+            st.0 -= 1;
             if let Some(done) = &self.0 {
                 done.store(true, Ordering::Release);
-                let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-                if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, done)) {
-                    *cur = None;
+                if st.1.as_ref().is_some_and(|c| Arc::ptr_eq(c, done)) {
+                    st.1 = None;
                 }
             }
-            ACTIVE.fetch_sub(1, Ordering::AcqRel);
         }
     }
-    let alone = ACTIVE.fetch_add(1, Ordering::AcqRel) == 0;
-    if !alone {
-        if let Some(other) = current().take() {
+    let mut st = state();
+    st.0 += 1;
+    if st.0 > 1 {
+        if let Some(other) = st.1.take() {
             other.store(true, Ordering::Release);
         }
         return Leave(None);
     }
-    let me = rayon::current_thread_index();
-    if std::env::var("RLHF_SPIN").is_ok_and(|v| v == "0") || me.is_none() {
+    let Some(me) = rayon::current_thread_index() else {
+        return Leave(None);
+    };
+    if std::env::var("RLHF_SPIN").is_ok_and(|v| v == "0") {
         return Leave(None);
     }
     let done = Arc::new(AtomicBool::new(false));
-    *current() = Some(done.clone());
+    st.1 = Some(done.clone());
+    drop(st);
     let d = done.clone();
     rayon::spawn_broadcast(move |ctx| {
-        if Some(ctx.index()) == me {
+        if ctx.index() == me {
             return;
         }
         while !d.load(Ordering::Acquire) {
