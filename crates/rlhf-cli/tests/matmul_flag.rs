@@ -28,14 +28,20 @@ fn generate(model: &std::path::Path, matmul: &str) -> Output {
         .unwrap()
 }
 
-#[test]
-fn matmul_bf16_generates_like_f32_or_is_refused_without_a_bf16_unit() {
-    let Some(model) = rlhf_model::load::smollm2_gguf() else {
+/// The SmolLM2 GGUF, or `None` after saying why the test is skipped.
+fn smollm2() -> Option<PathBuf> {
+    let model = rlhf_model::load::smollm2_gguf();
+    if model.is_none() {
         eprintln!(
             "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RLHF_SMOLLM2_GGUF"
         );
-        return;
-    };
+    }
+    model
+}
+
+#[test]
+fn matmul_bf16_generates_like_f32_or_is_refused_without_a_bf16_unit() {
+    let Some(model) = smollm2() else { return };
     let bf = generate(&model, "bf16");
     let err = String::from_utf8_lossy(&bf.stderr).to_string();
     let Some(unit) = rlhf_model::kernels::bf16::unit() else {
@@ -99,12 +105,7 @@ fn matmul_bf16_generates_like_f32_or_is_refused_without_a_bf16_unit() {
 #[test]
 fn bf16_unit_can_be_chosen_by_environment() {
     use rlhf_model::kernels::bf16::{units, Unit};
-    let Some(model) = rlhf_model::load::smollm2_gguf() else {
-        eprintln!(
-            "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RLHF_SMOLLM2_GGUF"
-        );
-        return;
-    };
+    let Some(model) = smollm2() else { return };
     let Some(&best) = units().first() else {
         eprintln!("SKIP: this CPU has no BF16 unit (the refusal is tested above)");
         return;
