@@ -74,7 +74,13 @@ fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
         log.contains("== SFT: already done"),
         "SFT was redone:\n{log}"
     );
-    assert!(out.join("report.html").exists());
+    // The summary table and the report show "–", not NaN, for the RM score of the SFT policy
+    // (evaluated before any reward model exists).
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        !log.contains("NaN") && !html.contains("NaN"),
+        "NaN in the summary or the report:\n{log}"
+    );
     for chart in ["overoptimisation", "reward_vs_kl", "losses", "agreement"] {
         let svg = std::fs::read_to_string(out.join(format!("{chart}.svg"))).unwrap();
         // PNG copies at twice the SVG's size: signature, then IHDR width and height.

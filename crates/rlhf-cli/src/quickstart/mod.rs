@@ -446,12 +446,12 @@ fn print_summary(r: &Report, out: &Path) {
     );
     for p in &r.policies {
         println!(
-            "{:<10} {:>5} {:>8.3}±{:.2} {:>9.3} {:>9.3} {:>9.1}%",
+            "{:<10} {:>5} {:>8.3}±{:.2} {:>9} {:>9.3} {:>9.1}%",
             p.name,
             p.round,
             p.gold_mean,
             p.gold_se,
-            p.rm_mean,
+            report::fixed3(p.rm_mean),
             p.kl_to_sft,
             100.0 * p.win_rate_vs_sft
         );

@@ -34,6 +34,16 @@ pub struct PolicyEval {
     pub mean_len: f64,
 }
 
+/// `x` to three decimals, or "–" where there is no value: the SFT policy of round 0 is
+/// evaluated before any reward model exists, so its RM score is NaN (`null` in the JSON).
+pub fn fixed3(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "–".to_string()
+    }
+}
+
 /// A point of PPO's trajectory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PpoPoint {
@@ -249,8 +259,8 @@ pub fn html(r: &Report) -> String {
     for p in &r.policies {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.1}%</td><td>{:.1}</td></tr>",
-            esc(&p.name), p.round, p.gold_mean, p.gold_se, p.rm_mean, p.kl_to_sft, 100.0 * p.win_rate_vs_sft, p.mean_len
+            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{}</td><td>{:.3}</td><td>{:.1}%</td><td>{:.1}</td></tr>",
+            esc(&p.name), p.round, p.gold_mean, p.gold_se, fixed3(p.rm_mean), p.kl_to_sft, 100.0 * p.win_rate_vs_sft, p.mean_len
         );
     }
     let _ = write!(h, "</table>");
