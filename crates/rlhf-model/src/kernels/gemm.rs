@@ -111,6 +111,20 @@ fn sgemm_impl(
         let unit = super::bf16::best();
         return super::bf16::sgemm_bf16_on(unit, parallel, m, n, k, a, b, c, accumulate);
     }
+    if transpose_b_first(m, n, k, &b) {
+        // A column-major `b` with few columns: the crate's product through it runs at 166–208
+        // GFLOP/s where the same product through a row-major `b` runs at 208–230 (two
+        // threads, m = 1024; `-- gemm` and session 12's BENCHMARKS row). Transposing `b`
+        // (k·n floats, against 2·m·n·k flops) first wins that back, with the same bits.
+        let mut bt = super::uninit(k * n);
+        transpose(b.data, b.cs, n, k, &mut bt, parallel);
+        let b = Mat {
+            data: &bt,
+            rs: n,
+            cs: 1,
+        };
+        return sgemm_impl(m, n, k, a, b, c, accumulate, parallel);
+    }
     let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -139,6 +153,118 @@ fn sgemm_impl(
             false,
             par,
         )
+    }
+}
+
+/// Whether [`sgemm_impl`] copies a column-major `b` into row-major order before the f32
+/// product: enough rows of `a` to pay for the copy, few columns (up to 640: the products
+/// measured with more ran as fast either way), and a `b` of at least 1 MiB (smaller ones, as
+/// in the d = 256 models' steps, gained nothing measurable inside the step).
+fn transpose_b_first(m: usize, n: usize, k: usize, b: &Mat) -> bool {
+    b.rs == 1 && b.cs != 1 && m >= 256 && n <= 640 && k * n >= 1 << 18
+}
+
+/// `dst [cols × rows]` (row-major) = the transpose of `src`'s `rows` rows of `cols` floats,
+/// row `r` starting at `r · ss`. Panels of 32 destination rows are the parallel tasks; inside,
+/// 8 × 8 blocks go through registers.
+pub fn transpose(
+    src: &[f32],
+    ss: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    parallel: bool,
+) {
+    use rayon::prelude::*;
+    assert!(dst.len() >= rows * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(src.len() >= (rows - 1) * ss + cols);
+    const PANEL: usize = 32;
+    let panel = |(pi, d): (usize, &mut [f32])| {
+        let c0 = pi * PANEL;
+        transpose_panel(src, ss, rows, c0, (c0 + PANEL).min(cols), d)
+    };
+    let dst = &mut dst[..rows * cols];
+    if parallel {
+        dst.par_chunks_mut(PANEL * rows).enumerate().for_each(panel);
+    } else {
+        dst.chunks_mut(PANEL * rows).enumerate().for_each(panel);
+    }
+}
+
+/// Columns `c0..c1` of `src` as rows of `d` (`[c1 − c0, rows]`).
+fn transpose_panel(src: &[f32], ss: usize, rows: usize, c0: usize, c1: usize, d: &mut [f32]) {
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        while r + 8 <= rows {
+            let mut c = c0;
+            while c + 8 <= c1 {
+                let s = &src[r * ss + c..];
+                let o = (c - c0) * rows + r;
+                // SAFETY: AVX2 is present; the block's 8 rows of 8 floats lie inside `src`
+                // (row r + 7 starts at (r + 7)·ss + c, and c + 8 ≤ cols), its 8 rows of 8
+                // floats inside `d` (row c − c0 + 7 of `rows` floats, r + 8 ≤ rows).
+                unsafe {
+                    assert!(7 * ss + 8 <= s.len() && o + 7 * rows + 8 <= d.len());
+                    t8x8(s.as_ptr(), ss, d.as_mut_ptr().add(o), rows)
+                };
+                c += 8;
+            }
+            for c in c..c1 {
+                for i in r..r + 8 {
+                    d[(c - c0) * rows + i] = src[i * ss + c];
+                }
+            }
+            r += 8;
+        }
+    }
+    for c in c0..c1 {
+        for i in r..rows {
+            d[(c - c0) * rows + i] = src[i * ss + c];
+        }
+    }
+}
+
+/// One 8 × 8 block: rows of `s` (stride `ss`) to columns of `d` (stride `ds`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2")]
+unsafe fn t8x8(s: *const f32, ss: usize, d: *mut f32, ds: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): the caller checked that 8 rows of 8 floats lie at `s` and at `d`.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * ss)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, v) in o.iter().enumerate() {
+            _mm256_storeu_ps(d.add(i * ds), *v);
+        }
     }
 }
 
