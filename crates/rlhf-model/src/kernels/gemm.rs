@@ -115,7 +115,8 @@ fn sgemm_impl(
         // A column-major `b` with few columns: the crate's product through it runs at 166–208
         // GFLOP/s where the same product through a row-major `b` runs at 208–230 (two
         // threads, m = 1024; `-- gemm` and session 12's BENCHMARKS row). Transposing `b`
-        // (k·n floats, against 2·m·n·k flops) first wins that back, with the same bits.
+        // (k·n floats, against 2·m·n·k flops) first wins that back (the same bits, in every
+        // product measured: the crate packs `b` either way).
         let mut bt = super::uninit(k * n);
         transpose(b.data, b.cs, n, k, &mut bt, parallel);
         let b = Mat {
