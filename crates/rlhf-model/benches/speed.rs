@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use rlhf_model::kernels::adamw::{AdamW, AdamWState};
+use rlhf_model::kernels::sink::GradSink;
 use rlhf_model::{generate, CausalLM, GenerationConfig};
 
 const B: usize = 8;
@@ -337,11 +338,20 @@ fn main() -> anyhow::Result<()> {
                     model.head_logprobs(&h2, &y, 1.0)?
                 };
                 let loss = lp.mean_all()?.neg()?;
+                // Weight gradients of the fused ops go to the sink; candle returns the rest.
+                let tensors: Vec<&Tensor> = params.iter().map(|p| p.var().as_tensor()).collect();
+                let sink = GradSink::install(&tensors)?;
                 let grads = loss.backward()?;
                 drop((h, h2, lp));
-                for (p, st) in params.iter().zip(states.iter_mut()) {
-                    if let Some(g) = grads.get(p.var().as_tensor()) {
-                        rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), g, st, &hp)?;
+                let sunk = sink.take()?;
+                for ((p, st), s) in params.iter().zip(states.iter_mut()).zip(sunk) {
+                    let g = match (grads.get(p.var().as_tensor()), s) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        (Some(a), None) => Some(a.clone()),
+                        (None, s) => s,
+                    };
+                    if let Some(g) = g {
+                        rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), &g, st, &hp)?;
                     }
                 }
                 drop(grads);

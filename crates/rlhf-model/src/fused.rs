@@ -10,6 +10,35 @@ use candle_core::{Result, Tensor};
 use crate::kernels::{self, fusable};
 use crate::ops;
 
+/// `table[ids]` → `[ids.dims(), d]` (the token embedding).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if fusable(&[table]) && table.rank() == 2 {
+        return kernels::embed::embedding(table, ids);
+    }
+    let mut shape = ids.dims().to_vec();
+    shape.push(table.dim(1)?);
+    table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
+}
+
+/// `table[ids] + pos_table[pos]` → `[ids.dims(), d]` (GPT-2's token and position embedding),
+/// one position per id in row-major order.
+pub fn embedding_with_positions(
+    table: &Tensor,
+    ids: &Tensor,
+    pos_table: &Tensor,
+    pos: Vec<u32>,
+) -> Result<Tensor> {
+    if fusable(&[table, pos_table]) && table.rank() == 2 && pos_table.rank() == 2 {
+        return kernels::embed::embedding_with_positions(table, ids, pos_table, pos);
+    }
+    let mut shape = ids.dims().to_vec();
+    shape.push(table.dim(1)?);
+    let n = pos.len();
+    let pos = Tensor::from_vec(pos, n, ids.device())?;
+    let tok = table.index_select(&ids.flatten_all()?, 0)?;
+    (tok + pos_table.index_select(&pos, 0)?)?.reshape(shape)
+}
+
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fusable(&[x, w, b]) && w.rank() == 1 && b.rank() == 1 {
         return kernels::norm::layer_norm(x, w, b, eps);

@@ -114,10 +114,7 @@ impl Backbone for Gpt2 {
                 )
             }
         }
-        let pos = Tensor::from_vec(pos, (bsz * t,), ids.device())?;
-        let tok = self.wte.t().index_select(&ids.flatten_all()?, 0)?;
-        let pe = self.wpe.t().index_select(&pos, 0)?;
-        let mut x = (tok + pe)?.reshape((bsz, t, d))?;
+        let mut x = crate::fused::embedding_with_positions(&self.wte.t(), ids, &self.wpe.t(), pos)?;
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln_1.forward(&x)?;
             let qkv = blk.c_attn.forward(&h)?; // [b, t, 3d]

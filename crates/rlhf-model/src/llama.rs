@@ -104,16 +104,11 @@ impl Llama {
 impl Backbone for Llama {
     fn forward(&self, ids: &Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
-        let d = self.cfg.hidden_size;
         let hd = self.cfg.head_dim();
         let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.kv_heads());
         let eps = self.cfg.rms_norm_eps;
         let (cos, sin) = ops::rope_tables(&ctx.positions, hd, self.cfg.rope_theta, ids.device())?;
-        let mut x = self
-            .embed
-            .t()
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((bsz, t, d))?;
+        let mut x = crate::fused::embedding(&self.embed.t(), ids)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = crate::fused::rms_norm(&x, &l.input_norm.t(), eps)?;
             // q and k: RoPE reads the projections' [b, t, h·hd] outputs in place; v is read

@@ -1137,3 +1137,82 @@ fn sgemm_matches_naive_product() {
         }
     }
 }
+
+/// The embedding op (token rows, plus position rows for GPT-2) against candle's `index_select`
+/// and add: the same values, the same table gradients with repeated ids, and with a gradient
+/// sink holding the tables, two backward passes accumulated there.
+#[test]
+fn embedding_matches_index_select_and_accumulates_in_a_sink() {
+    use rlhf_model::kernels::embed::{embedding, embedding_with_positions};
+    use rlhf_model::kernels::sink::GradSink;
+    let (v, d, p, b, t) = (37, 40, 16, 3, 11);
+    let table = Var::from_vec(data(v * d, 1), (v, d), &DEV).unwrap();
+    let pt = Var::from_vec(data(p * d, 2), (p, d), &DEV).unwrap();
+    // Ids repeat within and across rows; positions start at a per-row offset (left padding).
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7) % 13 + i / 17) as u32).collect();
+    let pos: Vec<u32> = (0..b * t).map(|i| ((i % t) + i / t) as u32).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &DEV).unwrap();
+    let composed = |with_pos: bool| {
+        let tok = table
+            .as_tensor()
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap();
+        let y = if with_pos {
+            let pi = Tensor::from_vec(pos.clone(), b * t, &DEV).unwrap();
+            (tok + pt.as_tensor().index_select(&pi, 0).unwrap()).unwrap()
+        } else {
+            tok
+        };
+        y.reshape((b, t, d)).unwrap()
+    };
+    let fused_of = |with_pos: bool| {
+        if with_pos {
+            embedding_with_positions(table.as_tensor(), &ids, pt.as_tensor(), pos.clone()).unwrap()
+        } else {
+            embedding(table.as_tensor(), &ids).unwrap()
+        }
+    };
+    let grads_of = |y: Tensor| {
+        let loss = (&y * probe_for(&y)).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        [&table, &pt].map(|x| g.get(x.as_tensor()).map(vals))
+    };
+    for with_pos in [false, true] {
+        let (want, got) = (composed(with_pos), fused_of(with_pos));
+        assert_eq!(got.dims(), &[b, t, d]);
+        assert_eq!(vals(&got), vals(&want), "values (positions {with_pos})");
+        let (gw, gg) = (grads_of(want), grads_of(got));
+        assert_eq!(gg[1].is_some(), with_pos);
+        for (w, g) in gw.iter().zip(&gg) {
+            if let (Some(w), Some(g)) = (w, g) {
+                assert!(
+                    max_err(g, w) < 1e-6,
+                    "table gradient (positions {with_pos})"
+                );
+            }
+        }
+        // In a sink: nothing for candle; both passes accumulated in the sink's buffers.
+        let sink = GradSink::install(&[table.as_tensor(), pt.as_tensor()]).unwrap();
+        for _ in 0..2 {
+            let g = grads_of(fused_of(with_pos));
+            assert!(
+                g.iter().all(|g| g.is_none()),
+                "the sink took the tables' gradients"
+            );
+        }
+        let held = sink.take().unwrap();
+        for (w, h) in gw.iter().zip(&held) {
+            if let (Some(w), Some(h)) = (w, h) {
+                let twice: Vec<f32> = w.iter().map(|x| 2.0 * x).collect();
+                assert!(
+                    max_err(&vals(h), &twice) < 1e-6,
+                    "sink (positions {with_pos})"
+                );
+            }
+        }
+        assert_eq!(held[1].is_some(), with_pos);
+    }
+    let bad = Tensor::from_vec(vec![3u32, 37], (1, 2), &DEV).unwrap();
+    let err = embedding(table.as_tensor(), &bad).unwrap_err().to_string();
+    assert!(err.contains("37 out of range"), "{err}");
+}

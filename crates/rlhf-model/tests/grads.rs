@@ -237,3 +237,107 @@ fn batched_and_few_row_paths_give_the_same_gradients() {
         }
     }
 }
+
+/// With a gradient sink installed, the fused ops write weight gradients into per-parameter
+/// buffers (accumulating over backward passes) and candle returns only the rest. candle's
+/// gradients plus the sink's must equal candle's alone, summed over the passes, for every
+/// architecture and for LoRA adapters; the sink must actually take the products' weights.
+#[test]
+fn gradient_sink_matches_candles_gradients_and_accumulates() {
+    use rlhf_model::kernels::sink::GradSink;
+    use rlhf_model::LoraConfig;
+    for (name, lora) in [
+        ("gpt2", false),
+        ("llama", false),
+        ("qwen2", false),
+        ("gpt2", true),
+    ] {
+        let mut m = load(name);
+        if lora {
+            let cfg = LoraConfig {
+                target_modules: vec!["c_attn".into(), "c_fc".into()],
+                ..LoraConfig::default()
+            };
+            m.add_lora(&cfg, 3).unwrap();
+        }
+        let params: Vec<_> = m.params.iter().filter(|p| p.is_trainable()).collect();
+        let batch = |s: u32| {
+            let flat: Vec<u32> = (0..36u32).map(|i| (i * 5 + s * 11 + i / 7) % 90).collect();
+            Tensor::from_vec(flat, (3, 12), &Device::Cpu).unwrap()
+        };
+        let mask = vec![vec![1u8; 12]; 3];
+        let loss_of = |s: u32| {
+            let lp = m.next_token_logprobs(&batch(s), &mask, 1.0).unwrap();
+            lp.mean_all().unwrap().neg().unwrap()
+        };
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let add = |a: &mut Vec<f32>, b: Vec<f32>| {
+            if a.is_empty() {
+                *a = b;
+            } else {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            }
+        };
+        // candle alone, two passes summed.
+        let mut want: Vec<Vec<f32>> = vec![vec![]; params.len()];
+        for s in [1, 2] {
+            let g = loss_of(s).backward().unwrap();
+            for (w, p) in want.iter_mut().zip(&params) {
+                add(w, flat(g.get(p.var().as_tensor()).expect("no gradient")));
+            }
+        }
+        // With the sink: candle's remainder of both passes plus what the sink holds.
+        let tensors: Vec<Tensor> = params.iter().map(|p| p.var().as_tensor().clone()).collect();
+        let sink = GradSink::install(&tensors.iter().collect::<Vec<_>>()).unwrap();
+        assert!(
+            GradSink::install(&[]).is_err(),
+            "a second sink on one thread must be refused"
+        );
+        let mut got: Vec<Vec<f32>> = vec![vec![]; params.len()];
+        for s in [1, 2] {
+            let g = loss_of(s).backward().unwrap();
+            for (w, p) in got.iter_mut().zip(&params) {
+                if let Some(g) = g.get(p.var().as_tensor()) {
+                    add(w, flat(g));
+                }
+            }
+        }
+        let held = sink.take().unwrap();
+        let mut sunk = vec![];
+        for ((w, h), p) in got.iter_mut().zip(held).zip(&params) {
+            if let Some(h) = h {
+                sunk.push(p.name().to_string());
+                add(w, flat(&h));
+            }
+        }
+        assert!(
+            sink.take().unwrap().iter().all(|h| h.is_none()),
+            "take empties the sink"
+        );
+        drop(sink);
+        let product = if lora { "lora_A" } else { "mlp" };
+        assert!(
+            sunk.iter().any(|n| n.contains(product)),
+            "{name}: the sink took no product weight: {sunk:?}"
+        );
+        for ((w, g), p) in want.iter().zip(&got).zip(&params) {
+            assert_eq!(
+                w.len(),
+                g.len(),
+                "{name} {}: no gradient with the sink",
+                p.name()
+            );
+            let scale = w.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-6);
+            let err = w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err <= 1e-5 * scale,
+                "{name} (lora {lora}) {}: sink vs candle differ by {err} (max |g| {scale})",
+                p.name()
+            );
+        }
+    }
+}

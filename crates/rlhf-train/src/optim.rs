@@ -130,6 +130,27 @@ impl AdamW {
     }
 }
 
+/// Add what a gradient sink held ([`rlhf_model::kernels::sink::GradSink::take`], in the same
+/// parameter order) to the gradients collected from candle's backward.
+pub fn add_sunk(acc: &mut [Option<Tensor>], sunk: Vec<Option<Tensor>>) -> Result<()> {
+    if acc.len() != sunk.len() {
+        bail!(
+            "gradient sink: {} gradients for {} parameters",
+            sunk.len(),
+            acc.len()
+        )
+    }
+    for (a, s) in acc.iter_mut().zip(sunk) {
+        if let Some(s) = s {
+            *a = Some(match a.take() {
+                Some(a) => (a + s)?,
+                None => s,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Global L2 norm of the gradients.
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut s = 0f64;

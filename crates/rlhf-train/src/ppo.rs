@@ -31,7 +31,7 @@
 //!    checkpoint. Checkpoints (policy trainable params, critic, both optimizers, β, prompt order,
 //!    iteration) give exact resume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,6 +42,7 @@ use rlhf_data::batch::epoch_permutation;
 use rlhf_data::formats::{load_prompts, load_text_prompts, Prompt};
 use rlhf_data::tokenize::tokenize_prompt;
 use rlhf_model::heads::ScalarHead;
+use rlhf_model::kernels::sink::GradSink;
 use rlhf_model::params::{Param, ParamStore};
 use rlhf_model::weights::MapSource;
 use rlhf_model::{generate, CausalLM, GenerationConfig, LoraConfig, Tokenizer};
@@ -1083,6 +1084,13 @@ impl PpoTrainer {
         let clr = lr * clr_base / cfg.lr.max(f64::MIN_POSITIVE);
         let pparams = opts.0.params().to_vec();
         let cparams = opts.1.params().to_vec();
+        let mut seen = HashSet::new();
+        let sink_tensors: Vec<&Tensor> = pparams
+            .iter()
+            .chain(&cparams)
+            .map(|p| p.var().as_tensor())
+            .filter(|t| seen.insert(t.id()))
+            .collect();
         let t0 = Instant::now();
         let mut acc: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
         let mut add = |k: &'static str, v: f64| {
@@ -1176,22 +1184,34 @@ impl PpoTrainer {
 
                 // Backward once; the policy and critic graphs share the trunk when shared.
                 let finite_loss = lv.is_finite();
+                // The fused ops write weight gradients into the sink; candle returns the rest.
+                let sink = GradSink::install(&sink_tensors)?;
                 let grads = if finite_loss {
                     Some(loss.backward()?)
                 } else {
                     None
                 };
-                let collect = |ps: &[Param]| -> Vec<Option<Tensor>> {
+                let sunk: HashMap<_, _> = sink_tensors
+                    .iter()
+                    .zip(sink.take()?)
+                    .filter_map(|(t, s)| s.map(|s| (t.id(), s)))
+                    .collect();
+                drop(sink);
+                let collect = |ps: &[Param]| -> Result<Vec<Option<Tensor>>> {
                     ps.iter()
                         .map(|p| {
-                            grads
-                                .as_ref()
-                                .and_then(|g| g.get(p.var().as_tensor()).cloned())
+                            let t = p.var().as_tensor();
+                            let c = grads.as_ref().and_then(|g| g.get(t).cloned());
+                            Ok(match (c, sunk.get(&t.id()).cloned()) {
+                                (Some(a), Some(b)) => Some((a + b)?),
+                                (a, None) => a,
+                                (None, b) => b,
+                            })
                         })
                         .collect()
                 };
-                let mut pg = collect(&pparams);
-                let mut cg = collect(&cparams);
+                let mut pg = collect(&pparams)?;
+                let mut cg = collect(&cparams)?;
                 let pn = grad_norm(&pg)?;
                 let cn = grad_norm(&cg)?;
                 if !finite_loss || !pn.is_finite() || !cn.is_finite() {

@@ -12,12 +12,13 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rlhf_data::batch::DataOrder;
+use rlhf_model::kernels::sink::GradSink;
 use rlhf_model::params::Param;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, LoopState};
 use crate::metrics::{MetricsWriter, Progress, Scalars};
-use crate::optim::{clip_grads, grad_norm, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::optim::{add_sunk, clip_grads, grad_norm, lr_at, AdamW, AdamWConfig, Schedule};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -163,6 +164,7 @@ impl Trainer {
         }
         let total = self.total_steps(obj.len());
         let params = obj.trainable();
+        let sink_tensors: Vec<&Tensor> = params.iter().map(|p| p.var().as_tensor()).collect();
         let mut opt = AdamW::new(
             params.clone(),
             AdamWConfig {
@@ -227,6 +229,9 @@ impl Trainer {
                 }
             }
             let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+            // The fused ops write (and accumulate, over the micro-batches) weight gradients
+            // into the sink; candle's backward returns the rest.
+            let sink = GradSink::install(&sink_tensors)?;
             let mut step_loss = 0f64;
             let mut step_metrics = Scalars::new();
             let mut step_tokens = 0usize;
@@ -265,6 +270,8 @@ impl Trainer {
                     }
                 }
             }
+            add_sunk(&mut acc, sink.take()?)?;
+            drop(sink);
             let gnorm = grad_norm(&acc)?;
             let lr = lr_at(
                 state.step,

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
-use super::{math, out, slice, uninit, with_f32};
+use super::{math, out, sink, slice, uninit, with_f32};
 
 /// Rows per block when the logits are not kept.
 const BLOCK: usize = 64;
@@ -238,28 +238,22 @@ impl CustomOp2 for HeadLogprobs {
                 );
                 dh
             });
-            let dw = want_w.then(|| {
-                let mut dw = uninit(v * d);
+            let dw = if want_w {
                 let gt = Mat {
                     data: &logits,
                     rs: 1,
                     cs: v,
                 };
-                sgemm(
-                    v,
-                    d,
-                    n,
-                    gt,
-                    Mat {
-                        data: hs,
-                        rs: d,
-                        cs: 1,
-                    },
-                    &mut dw,
-                    false,
-                );
-                dw
-            });
+                let hm = Mat {
+                    data: hs,
+                    rs: d,
+                    cs: 1,
+                };
+                // Into the weight's gradient-sink buffer when one holds it.
+                sink::weight_grad(w, v * d, |dw, acc| sgemm(v, d, n, gt, hm, dw, acc))
+            } else {
+                None
+            };
             (dh, dw)
         })?;
         Ok((

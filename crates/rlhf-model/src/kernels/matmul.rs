@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
-use super::{out, slice, uninit, with_f32, SharedOut};
+use super::{out, sink, slice, uninit, with_f32, SharedOut};
 
 /// At most this many rows take the dot-product kernel.
 pub const SMALL_M: usize = 16;
@@ -324,28 +324,21 @@ impl CustomOp2 for MatmulNt {
                 );
                 dx
             });
-            let dw = want_w.then(|| {
-                let mut dw = uninit(n * k);
+            let dw = if want_w {
                 let gt = Mat {
                     data: gs,
                     rs: 1,
                     cs: n,
                 };
-                sgemm(
-                    n,
-                    k,
-                    m,
-                    gt,
-                    Mat {
-                        data: xs,
-                        rs: k,
-                        cs: 1,
-                    },
-                    &mut dw,
-                    false,
-                );
-                dw
-            });
+                let xm = Mat {
+                    data: xs,
+                    rs: k,
+                    cs: 1,
+                };
+                sink::weight_grad(w, n * k, |dw, acc| sgemm(n, k, m, gt, xm, dw, acc))
+            } else {
+                None
+            };
             (dx, dw)
         })?;
         Ok((
@@ -497,7 +490,7 @@ impl candle_core::CustomOp3 for LinearBias {
         let n = b.dim(0)?;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let tr = self.transposed;
-        let grads = linear_grads(x, w, g, (m, k, n), tr, (want_x, want_w, want_b))?;
+        let grads = linear_grads(x, w, Some(b), g, (m, k, n), tr, (want_x, want_w, want_b))?;
         grad_tensors(x, w, n, grads)
     }
 }
@@ -517,6 +510,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Resu
 pub(super) fn linear_grads(
     x: &Tensor,
     w: &Tensor,
+    b: Option<&Tensor>,
     g: &Tensor,
     (m, k, n): (usize, usize, usize),
     tr: bool,
@@ -558,23 +552,28 @@ pub(super) fn linear_grads(
             sgemm(m, k, n, gm, wt, &mut dx, false);
             dx
         });
-        let dw = want_w.then(|| {
-            let mut dw = uninit(n * k);
-            if tr {
-                sgemm(k, n, m, xt, gm, &mut dw, false); // [k, n] = xᵀ g
-            } else {
-                let xm = Mat {
-                    data: xs,
-                    rs: k,
-                    cs: 1,
-                };
-                sgemm(n, k, m, gt, xm, &mut dw, false); // [n, k] = gᵀ x
-            }
-            dw
-        });
+        // dW (and db) go to the parameter's gradient-sink buffer when one holds it.
+        let dw = if want_w {
+            sink::weight_grad(w, n * k, |dw, acc| {
+                if tr {
+                    sgemm(k, n, m, xt, gm, dw, acc); // [k, n] = xᵀ g
+                } else {
+                    let xm = Mat {
+                        data: xs,
+                        rs: k,
+                        cs: 1,
+                    };
+                    sgemm(n, k, m, gt, xm, dw, acc); // [n, k] = gᵀ x
+                }
+            })
+        } else {
+            None
+        };
         // db = column sums of g, in parallel over blocks of columns.
-        let db = want_b.then(|| {
-            let mut db = vec![0.0f32; n];
+        let col_sums = |db: &mut [f32], acc: bool| {
+            if !acc {
+                db.fill(0.0);
+            }
             db.par_chunks_mut(256).enumerate().for_each(|(j, d)| {
                 let cols = j * 256..j * 256 + d.len();
                 for r in gs.chunks(n) {
@@ -583,8 +582,16 @@ pub(super) fn linear_grads(
                         .for_each(|(d, v)| *d += v);
                 }
             });
-            db
-        });
+        };
+        let db = match (want_b, b) {
+            (false, _) => None,
+            (true, Some(b)) => sink::weight_grad(b, n, col_sums),
+            (true, None) => {
+                let mut db = vec![0.0f32; n];
+                col_sums(&mut db, true);
+                Some(db)
+            }
+        };
         (dx, dw, db)
     })
 }
@@ -599,7 +606,7 @@ fn product_grads(
     let (m, k) = rows_k(x.dims())?;
     let n = g.dim(D::Minus1)?;
     let wants = (x.track_op(), w.track_op(), false);
-    let grads = linear_grads(x, w, g, (m, k, n), transposed, wants)?;
+    let grads = linear_grads(x, w, None, g, (m, k, n), transposed, wants)?;
     let (dx, dw, _) = grad_tensors(x, w, n, grads)?;
     Ok((dx, dw))
 }

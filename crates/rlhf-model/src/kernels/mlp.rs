@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use super::elementwise::{binary, gelu_bwd, gelu_fwd, swiglu_fwd, swiglu_grads, unary};
 use super::gemm::{sgemm, Mat};
 use super::matmul::{grad_tensors, linear_fwd, linear_grads, rows_k, Onto};
-use super::{out, uninit, with_f32};
+use super::{out, sink, uninit, with_f32};
 
 fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
     Mat { data, rs, cs }
@@ -78,7 +78,7 @@ impl CustomOp3 for LinearGelu {
         };
         let gu = Tensor::from_vec(gu, res.shape(), res.device())?;
         let wants = (x.track_op(), w.track_op(), b.track_op());
-        let grads = linear_grads(x, w, &gu, (m, k, n), self.transposed, wants)?;
+        let grads = linear_grads(x, w, Some(b), &gu, (m, k, n), self.transposed, wants)?;
         grad_tensors(x, w, n, grads)
     }
 }
@@ -155,14 +155,15 @@ impl CustomOp3 for SwiGluMlp {
                 dx
             });
             // dW = daᵀ · x, [inner, d].
-            let dw = |want: bool, dz: &[f32]| {
-                want.then(|| {
-                    let mut dw = uninit(i * d);
-                    sgemm(i, d, m, mat(dz, 1, i), wrow(xs), &mut dw, false);
-                    dw
+            let dw = |want: bool, w: &Tensor, dz: &[f32]| {
+                if !want {
+                    return None;
+                }
+                sink::weight_grad(w, i * d, |dw, acc| {
+                    sgemm(i, d, m, mat(dz, 1, i), wrow(xs), dw, acc)
                 })
             };
-            (dx, dw(want_g, &da), dw(want_u, &db))
+            (dx, dw(want_g, wg, &da), dw(want_u, wu, &db))
         })?;
         let dev = x.device();
         Ok((

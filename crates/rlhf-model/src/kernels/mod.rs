@@ -13,6 +13,7 @@ pub mod adamw;
 pub mod attention;
 pub mod bf16;
 pub mod elementwise;
+pub mod embed;
 pub mod gemm;
 pub mod head;
 pub mod logprobs;
@@ -21,6 +22,7 @@ pub mod matmul;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod sink;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -133,6 +135,17 @@ impl SharedOut {
         assert!(at + src.len() <= self.len);
         // SAFETY: in bounds (checked above); exclusive per the contract.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) }
+    }
+    /// Add `src` to elements `at..at + src.len()` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other task may access these elements concurrently.
+    #[inline]
+    pub(crate) unsafe fn add(&self, at: usize, src: &[f32]) {
+        assert!(at + src.len() <= self.len);
+        // SAFETY: in bounds (checked above); exclusive per the contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), src.len()) };
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
     }
 }
 

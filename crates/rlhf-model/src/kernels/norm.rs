@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{out, slice, uninit, with_f32};
+use super::{out, sink, slice, uninit, with_f32};
 
 /// Rows per parallel task.
 const ROWS: usize = 16;
@@ -178,6 +178,13 @@ fn backward_saved(
     with_f32(&[x, w, g], |s| backward(s[0], s[1], s[2], center, st))
 }
 
+/// A norm parameter's gradient for candle, or `None` when this thread's gradient sink took it.
+fn param_grad(p: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
+    sink::offer(p, g)
+        .map(|g| Tensor::from_vec(g, p.shape(), p.device()))
+        .transpose()
+}
+
 struct LayerNorm(f32, Saved);
 
 impl CustomOp3 for LayerNorm {
@@ -215,8 +222,8 @@ impl CustomOp3 for LayerNorm {
         let (dx, dw, db) = backward_saved(&self.1, (x, w, g), true, "layer_norm")?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+            param_grad(w, dw)?,
+            param_grad(b, db)?,
         ))
     }
 }
@@ -250,7 +257,7 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw, _) = backward_saved(&self.1, (x, w, g), false, "rms_norm")?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            param_grad(w, dw)?,
         ))
     }
 }
