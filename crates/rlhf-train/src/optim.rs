@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use rlhf_model::kernels::adamw::{adamw_step, AdamW as FusedAdamW, AdamWState};
+use rlhf_model::kernels::math::{tensor_scaled, tensor_sum_squares};
 use rlhf_model::params::Param;
 use serde::{Deserialize, Serialize};
 
@@ -155,7 +156,7 @@ pub fn add_sunk(acc: &mut [Option<Tensor>], sunk: Vec<Option<Tensor>>) -> Result
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut s = 0f64;
     for g in grads.iter().flatten() {
-        s += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        s += tensor_sum_squares(g)?;
     }
     Ok(s.sqrt())
 }
@@ -165,7 +166,7 @@ pub fn clip_grads(grads: &mut [Option<Tensor>], norm: f64, max_norm: f64) -> Res
     if max_norm > 0.0 && norm > max_norm {
         let c = max_norm / (norm + 1e-6);
         for g in grads.iter_mut().flatten() {
-            *g = (&*g * c)?;
+            *g = tensor_scaled(g, c)?;
         }
     }
     Ok(())

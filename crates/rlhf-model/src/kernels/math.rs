@@ -127,8 +127,77 @@ crate::multiversion! {
     }
 }
 
+crate::multiversion! {
+    /// Σ x² accumulated in f64 (eight lanes).
+    fn sum_squares_serial(x: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let c = x.chunks_exact(8);
+        let r = c.remainder();
+        for xs in c {
+            for k in 0..8 {
+                let v = xs[k] as f64;
+                acc[k] += v * v;
+            }
+        }
+        acc.iter().sum::<f64>() + r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+    }
+}
+
+/// Σ x² of an f32 slice in f64, in parallel over chunks (the gradient norm's sum).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    x.par_chunks(1 << 15).map(sum_squares_serial).sum()
+}
+
+/// Σ x² of a tensor in f64: [`sum_squares`] for f32 on the CPU, candle's ops otherwise.
+pub fn tensor_sum_squares(t: &candle_core::Tensor) -> candle_core::Result<f64> {
+    if super::fusable(&[t]) {
+        return super::with_f32(&[t], |s| sum_squares(s[0]));
+    }
+    t.to_dtype(candle_core::DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()
+}
+
+/// `t · c` for f32 on the CPU in parallel (candle's own affine map elsewhere).
+pub fn tensor_scaled(t: &candle_core::Tensor, c: f64) -> candle_core::Result<candle_core::Tensor> {
+    use rayon::prelude::*;
+    if !super::fusable(&[t]) {
+        return t * c;
+    }
+    let c = c as f32;
+    let v = super::with_f32(&[t], |s| {
+        let mut o = super::uninit(s[0].len());
+        o.par_chunks_mut(1 << 15)
+            .zip(s[0].par_chunks(1 << 15))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o = x * c));
+        o
+    })?;
+    candle_core::Tensor::from_vec(v, t.shape(), t.device())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sum_squares_and_scaling() {
+        use candle_core::{Device, Tensor};
+        // Odd length (a remainder after the lanes), several parallel chunks.
+        let x: Vec<f32> = (0..100_003)
+            .map(|i| ((i % 97) as f32 - 48.0) / 7.0)
+            .collect();
+        let want: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let got = super::sum_squares(&x);
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        let t = Tensor::from_vec(x.clone(), 100_003, &Device::Cpu).unwrap();
+        assert_eq!(super::tensor_sum_squares(&t).unwrap(), got);
+        let t64 = t.to_dtype(candle_core::DType::F64).unwrap();
+        let r = super::tensor_sum_squares(&t64).unwrap();
+        assert!((r - want).abs() <= 1e-9 * want);
+        let s: Vec<f32> = super::tensor_scaled(&t, 0.25).unwrap().to_vec1().unwrap();
+        assert!(s.iter().zip(&x).all(|(a, b)| *a == b * 0.25));
+    }
+
     #[test]
     fn exp_tanh_accuracy() {
         let mut x = -100.0f32;
