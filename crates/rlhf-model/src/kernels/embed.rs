@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{out, sink, slice, uninit};
+use super::{out, sink, slice, uninit, with_f32};
 
 /// The ids and positions of the rows, and the output shape (`[..., d]`).
 struct Rows {
@@ -71,10 +71,6 @@ fn table_grad(table: &Tensor, ids: &[u32], g: &[f32]) -> Result<Option<Tensor>> 
         .transpose()
 }
 
-fn upstream(g: &Tensor) -> Result<Vec<f32>> {
-    g.flatten_all()?.to_vec1::<f32>()
-}
-
 /// Token embedding: `table [v, d]` at `ids`.
 struct Embed(Rows);
 
@@ -93,7 +89,7 @@ impl CustomOp1 for Embed {
         if !table.track_op() {
             return Ok(None);
         }
-        table_grad(table, &self.0.ids, &upstream(g)?)
+        with_f32(&[g], |g| table_grad(table, &self.0.ids, g[0]))?
     }
 }
 
@@ -128,18 +124,19 @@ impl CustomOp2 for EmbedPos {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = upstream(g)?;
-        let dt = if table.track_op() {
-            table_grad(table, &self.0.ids, &g)?
-        } else {
-            None
-        };
-        let dp = if pos_table.track_op() {
-            table_grad(pos_table, &self.0.pos, &g)?
-        } else {
-            None
-        };
-        Ok((dt, dp))
+        with_f32(&[g], |g| {
+            let dt = if table.track_op() {
+                table_grad(table, &self.0.ids, g[0])?
+            } else {
+                None
+            };
+            let dp = if pos_table.track_op() {
+                table_grad(pos_table, &self.0.pos, g[0])?
+            } else {
+                None
+            };
+            Ok((dt, dp))
+        })?
     }
 }
 
