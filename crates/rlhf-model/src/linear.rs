@@ -154,14 +154,16 @@ impl Linear {
             if self.adapters_on.load(Ordering::Relaxed) {
                 let (a, b) = (l.a.t(), l.b.t());
                 let x2 = l.input(&x2)?;
-                let d = if crate::kernels::fusable(&[&x2, &a, &b]) {
-                    let h = crate::kernels::matmul::linear(&x2, &a, false)?;
-                    crate::kernels::matmul::linear(&h, &b, false)?
+                if crate::kernels::fusable(&[&x2, &a, &b, &y]) {
+                    // y + (scale · x Aᵀ) Bᵀ: the scale on the r-wide intermediate, and B's
+                    // product accumulating onto y in one op, so no [rows × out] scale or add
+                    // (nor their gradient buffers in candle's backward).
+                    let h = (crate::kernels::matmul::linear(&x2, &a, false)? * l.scale)?;
+                    y = crate::kernels::matmul::linear_residual(&h, &b, &y, false)?;
                 } else {
-                    x2.matmul(&a.t()?)?.matmul(&b.t()?)?
-                };
-                let d = (d * l.scale)?;
-                y = (y + d)?;
+                    let d = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+                    y = (y + (d * l.scale)?)?;
+                }
             }
         }
         if fast {
