@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use rlhf_model::kernels::adamw::{AdamW, AdamWState};
-use rlhf_model::kernels::sink::GradSink;
+use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::{generate, CausalLM, GenerationConfig};
 
 const B: usize = 8;
@@ -345,12 +345,7 @@ fn main() -> anyhow::Result<()> {
                 drop((h, h2, lp));
                 let sunk = sink.take()?;
                 for ((p, st), s) in params.iter().zip(states.iter_mut()).zip(sunk) {
-                    let g = match (grads.get(p.var().as_tensor()), s) {
-                        (Some(a), Some(b)) => Some((a + b)?),
-                        (Some(a), None) => Some(a.clone()),
-                        (None, s) => s,
-                    };
-                    if let Some(g) = g {
+                    if let Some(g) = sum_grads(grads.get(p.var().as_tensor()).cloned(), s)? {
                         rlhf_model::kernels::adamw::adamw_step(p.var().as_tensor(), &g, st, &hp)?;
                     }
                 }

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use rlhf_model::kernels::adamw::{adamw_step, AdamW as FusedAdamW, AdamWState};
 use rlhf_model::kernels::math::{tensor_scaled, tensor_sum_squares};
+use rlhf_model::kernels::sink::sum_grads;
 use rlhf_model::params::Param;
 use serde::{Deserialize, Serialize};
 
@@ -142,12 +143,7 @@ pub fn add_sunk(acc: &mut [Option<Tensor>], sunk: Vec<Option<Tensor>>) -> Result
         )
     }
     for (a, s) in acc.iter_mut().zip(sunk) {
-        if let Some(s) = s {
-            *a = Some(match a.take() {
-                Some(a) => (a + s)?,
-                None => s,
-            });
-        }
+        *a = sum_grads(a.take(), s)?;
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ use rlhf_data::batch::epoch_permutation;
 use rlhf_data::formats::{load_prompts, load_text_prompts, Prompt};
 use rlhf_data::tokenize::tokenize_prompt;
 use rlhf_model::heads::ScalarHead;
-use rlhf_model::kernels::sink::GradSink;
+use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::params::{Param, ParamStore};
 use rlhf_model::weights::MapSource;
 use rlhf_model::{generate, CausalLM, GenerationConfig, LoraConfig, Tokenizer};
@@ -1202,11 +1202,7 @@ impl PpoTrainer {
                         .map(|p| {
                             let t = p.var().as_tensor();
                             let c = grads.as_ref().and_then(|g| g.get(t).cloned());
-                            Ok(match (c, sunk.get(&t.id()).cloned()) {
-                                (Some(a), Some(b)) => Some((a + b)?),
-                                (a, None) => a,
-                                (None, b) => b,
-                            })
+                            Ok(sum_grads(c, sunk.get(&t.id()).cloned())?)
                         })
                         .collect()
                 };

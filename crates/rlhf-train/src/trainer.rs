@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rlhf_data::batch::DataOrder;
-use rlhf_model::kernels::sink::GradSink;
+use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::params::Param;
 use serde::{Deserialize, Serialize};
 
@@ -262,12 +262,7 @@ impl Trainer {
                 }
                 let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
                 for (i, p) in params.iter().enumerate() {
-                    if let Some(g) = grads.get(p.var().as_tensor()) {
-                        acc[i] = Some(match acc[i].take() {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        });
-                    }
+                    acc[i] = sum_grads(acc[i].take(), grads.get(p.var().as_tensor()).cloned())?;
                 }
             }
             add_sunk(&mut acc, sink.take()?)?;

@@ -89,6 +89,16 @@ impl Drop for GradSink {
     }
 }
 
+/// The sum of two optional gradients of one parameter (candle's and the sink's, or two
+/// micro-batches'): either alone, or both added.
+pub fn sum_grads(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, None) => a,
+        (None, b) => b,
+    })
+}
+
 /// The gradient of weight `w` (`len` elements), produced by `write(dst, accumulate)`, which
 /// fills `dst` (`accumulate` false) or adds its contribution onto it (true). With `w` in this
 /// thread's sink, `dst` is its buffer and the result `None` (nothing for candle); otherwise a
