@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm_serial, Mat};
+use super::gemm::{sgemm_serial, transpose, Mat};
 use super::matmul::dot;
 #[cfg(target_arch = "x86_64")]
 use super::matmul::tail_mask;
@@ -336,6 +336,17 @@ crate::multiversion! {
     }
 }
 
+/// `m` [d × tk] = the transpose of the `tk` rows of `d` floats at `x` (`xs` apart), returned
+/// as a slice of `m`. The blocked kernels multiply by Kᵀ (and the backward by Vᵀ) in every
+/// block: the GEMM reads a row-major Kᵀ in place, where a column-major view of K was copied
+/// element by element into the GEMM's panels in each block (2.9% of gpt2-d512's training
+/// step, more than attention's own products; session 14's `perf`).
+fn transposed<'a>(x: &[f32], xs: usize, tk: usize, d: usize, m: &'a mut [f32]) -> &'a [f32] {
+    let m = &mut m[..d * tk];
+    transpose(x, xs, tk, d, m, false);
+    m
+}
+
 /// Row-major view helpers for the GEMMs below.
 fn rows(data: &[f32], rs: usize) -> Mat<'_> {
     Mat { data, rs, cs: 1 }
@@ -346,7 +357,8 @@ fn cols(data: &[f32], cs: usize) -> Mat<'_> {
 
 /// Blocked forward of one (batch, head) pair: per block of `QB` queries, S = Q·Kᵀ over the
 /// block's visible keys, probabilities in place, O = P·V. q/k/v rows are `qs`/`ks`/`vs` apart;
-/// `o` is [tq × d], contiguous.
+/// `o` is [tq × d], contiguous. `kt` [d × tk] is scratch for Kᵀ (see [`transposed`]).
+#[allow(clippy::too_many_arguments)]
 fn fwd_blocked(
     q: &[f32],
     qs: usize,
@@ -359,8 +371,10 @@ fn fwd_blocked(
     o: &mut [f32],
     lse: &mut [f32],
     s: &mut [f32],
+    kt: &mut [f32],
 ) {
-    let (tq, d) = (g.tq, g.d);
+    let (tq, tk, d) = (g.tq, g.tk, g.d);
+    let kt = transposed(k, ks, tk, d, kt);
     for i0 in (0..tq).step_by(QB) {
         let i1 = (i0 + QB).min(tq);
         let r = i1 - i0;
@@ -372,7 +386,7 @@ fn fwd_blocked(
             w,
             d,
             rows(&q[i0 * qs..], qs),
-            cols(&k[lo * ks..], ks),
+            rows(&kt[lo..], tk),
             sb,
             false,
         );
@@ -389,14 +403,12 @@ fn fwd_blocked(
     }
 }
 
-/// One pair's operands for the backward: q/k/v/o/dO rows and their strides.
+/// One pair's operands for the backward: q/k/o/dO rows and their strides (V enters as Vᵀ).
 struct PairIn<'a> {
     q: &'a [f32],
     qs: usize,
     k: &'a [f32],
     ks: usize,
-    v: &'a [f32],
-    vs: usize,
     o: &'a [f32],
     os: usize,
     go: &'a [f32],
@@ -408,14 +420,15 @@ struct PairIn<'a> {
 /// dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. A query that sees no key attends uniformly whatever
 /// q and k are: only v gets a gradient from it. `dq` [tq × d] is overwritten; `dk`, `dv`
 /// [tk × d] are added to (a kv head sums over its group of query heads).
+///
+/// `kt`, `vt` are Kᵀ and Vᵀ [d × tk] (see [`transposed`]).
 fn bwd_blocked(
     x: &PairIn,
+    (kt, vt): (&[f32], &[f32]),
     lse: &[f32],
     bias: &[f32],
     g: Dims,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     s: &mut [f32],
     dp: &mut [f32],
 ) {
@@ -428,9 +441,9 @@ fn bwd_blocked(
         let (sb, db) = (&mut s[..r * w], &mut dp[..r * w]);
         let qb = rows(&x.q[i0 * x.qs..], x.qs);
         let gob = rows(&x.go[i0 * x.gs..], x.gs);
-        sgemm_serial(r, w, d, qb, cols(&x.k[lo * x.ks..], x.ks), sb, false);
+        sgemm_serial(r, w, d, qb, rows(&kt[lo..], tk), sb, false);
         probs(sb, bias, g, i0, lo, hi, Lse::Given(lse));
-        sgemm_serial(r, w, d, gob, cols(&x.v[lo * x.vs..], x.vs), db, false);
+        sgemm_serial(r, w, d, gob, rows(&vt[lo..], tk), db, false);
         ds_rows(
             sb,
             db,
@@ -544,8 +557,14 @@ fn forward(
     let mut lse = vec![0.0f32; b * h * tq];
     let dst = Dst::new(&mut o, orows);
     lse.par_chunks_mut(tq.max(1)).enumerate().for_each_init(
-        || (vec![0.0f32; QB.min(tq) * tk], uninit(tq * d)),
-        |(s, ob), (p, lse)| {
+        || {
+            (
+                vec![0.0f32; QB.min(tq) * tk],
+                uninit(tq * d),
+                uninit(tk * d),
+            )
+        },
+        |(s, ob, kt), (p, lse)| {
             let (bi, hi) = (p / h, p % h);
             let (ki, bsel) = (hi / rep, if bb == 1 { 0 } else { bi });
             let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
@@ -554,7 +573,7 @@ fn forward(
             if tq <= FEW_QUERIES {
                 fwd_rows(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s)
             } else {
-                fwd_blocked(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s)
+                fwd_blocked(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s, kt)
             }
             // SAFETY: pair (bi, hi)'s output rows are written by this task only.
             unsafe { dst.put(bi, hi, 0, d, ob) };
@@ -580,22 +599,31 @@ fn backward(
         || {
             let n = QB.min(tq) * tk;
             let kv = || vec![0.0f32; tk * d];
-            (vec![0.0f32; n], vec![0.0f32; n], uninit(tq * d), kv(), kv())
+            let t = (uninit(tk * d), uninit(tk * d));
+            (
+                vec![0.0f32; n],
+                vec![0.0f32; n],
+                uninit(tq * d),
+                kv(),
+                kv(),
+                t,
+            )
         },
-        |(s, dp, dqb, dkb, dvb), kp| {
+        |(s, dp, dqb, dkb, dvb, (kt, vt)), kp| {
             let (bi, ki) = (kp / hk, kp % hk);
             let bsel = if bb == 1 { 0 } else { bi };
             let bp = &bias[bsel * tq * tk..(bsel + 1) * tq * tk];
             dkb.fill(0.0);
             dvb.fill(0.0);
+            // Kᵀ and Vᵀ once per kv pair, for every query head of its group.
+            let kt = transposed(k.from(bi, ki, 0), k.rows.s2, tk, d, kt);
+            let vt = transposed(v.from(bi, ki, 0), v.rows.s2, tk, d, vt);
             for hi in ki * rep..(ki + 1) * rep {
                 let x = PairIn {
                     q: q.from(bi, hi, 0),
                     qs: q.rows.s2,
                     k: k.from(bi, ki, 0),
                     ks: k.rows.s2,
-                    v: v.from(bi, ki, 0),
-                    vs: v.rows.s2,
                     o: o.from(bi, hi, 0),
                     os: o.rows.s2,
                     go: go.from(bi, hi, 0),
@@ -603,7 +631,7 @@ fn backward(
                 };
                 let p = bi * h + hi;
                 let l = &lse[p * tq..(p + 1) * tq];
-                bwd_blocked(&x, l, bp, g, dqb, dkb, dvb, s, dp);
+                bwd_blocked(&x, (kt, vt), l, bp, g, (dqb, dkb, dvb), s, dp);
                 // SAFETY: query pair (bi, hi) belongs to this kv pair's task only.
                 unsafe { dq.put(bi, hi, 0, d, dqb) };
             }
