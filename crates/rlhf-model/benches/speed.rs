@@ -295,6 +295,8 @@ fn main() -> anyhow::Result<()> {
     rlhf_model::kernels::init_cpu_runtime();
     // RLHF_BENCH_UNFUSED_HEAD=1: logits tensor, then the fused log-softmax+gather.
     let unfused_head = std::env::var_os("RLHF_BENCH_UNFUSED_HEAD").is_some();
+    // RLHF_BENCH_COMPOSED=1: GPT-2's blocks as their ops, not one node each (see the sink below).
+    let composed = std::env::var_os("RLHF_BENCH_COMPOSED").is_some();
     let model = CausalLM::random(cfg, 0)?;
     let vocab = model.config.vocab_size();
     let nparams: usize = model.params.iter().map(|p| p.var().elem_count()).sum();
@@ -329,6 +331,13 @@ fn main() -> anyhow::Result<()> {
         for step in 0..32 {
             let t0 = Instant::now();
             let mut body = || -> anyhow::Result<f32> {
+                // Weight gradients of the fused ops go to the sink; candle returns the rest.
+                // Installed before the forward, so that GPT-2's blocks run as one node each
+                // (after it with RLHF_BENCH_COMPOSED=1: the blocks composed of their ops).
+                let tensors: Vec<&Tensor> = params.iter().map(|p| p.var().as_tensor()).collect();
+                let early = (!composed)
+                    .then(|| GradSink::install(&tensors))
+                    .transpose()?;
                 let h = model.hidden(&x, &mask)?;
                 let h2 = h.reshape((B * T, model.hidden_size()))?;
                 let lp = if unfused_head {
@@ -338,9 +347,10 @@ fn main() -> anyhow::Result<()> {
                     model.head_logprobs(&h2, &y, 1.0)?
                 };
                 let loss = lp.mean_all()?.neg()?;
-                // Weight gradients of the fused ops go to the sink; candle returns the rest.
-                let tensors: Vec<&Tensor> = params.iter().map(|p| p.var().as_tensor()).collect();
-                let sink = GradSink::install(&tensors)?;
+                let sink = match early {
+                    Some(s) => s,
+                    None => GradSink::install(&tensors)?,
+                };
                 let grads = loss.backward()?;
                 drop((h, h2, lp));
                 let sunk = sink.take()?;

@@ -51,6 +51,49 @@ struct Block {
     mlp_proj: Linear,
 }
 
+impl Block {
+    /// The block in training as one graph node ([`crate::kernels::block`]), when every weight
+    /// gradient goes to this thread's gradient sink, every product is a plain biased Conv1D on
+    /// the fused path (no active LoRA adapter) and the norms share one epsilon; `None` otherwise.
+    fn fused_train(&self, x: &Tensor, n_head: usize, bias: &Tensor) -> Result<Option<Tensor>> {
+        let lins = [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj];
+        let plain = |l: &Linear| l.transposed && l.bias.is_some() && l.plain_fused(x);
+        if !lins.iter().all(|l| plain(l)) || self.ln_1.eps != self.ln_2.eps {
+            return Ok(None);
+        }
+        let t = |l: &Linear| {
+            (
+                l.weight.t(),
+                l.bias.as_ref().map(|b| b.t()).expect("checked"),
+            )
+        };
+        let n = |n: &Norm| (n.w.t(), n.b.t());
+        let (l1, ca, cp, l2, fc, mp) = (
+            n(&self.ln_1),
+            t(&self.c_attn),
+            t(&self.c_proj),
+            n(&self.ln_2),
+            t(&self.c_fc),
+            t(&self.mlp_proj),
+        );
+        let w = crate::kernels::block::Gpt2BlockWeights {
+            ln_1: (&l1.0, &l1.1),
+            c_attn: (&ca.0, &ca.1),
+            c_proj: (&cp.0, &cp.1),
+            ln_2: (&l2.0, &l2.1),
+            c_fc: (&fc.0, &fc.1),
+            mlp_proj: (&mp.0, &mp.1),
+        };
+        Ok(crate::kernels::block::gpt2_block(
+            x,
+            &w,
+            n_head,
+            self.ln_1.eps,
+            bias,
+        )?)
+    }
+}
+
 pub struct Gpt2 {
     cfg: Gpt2Config,
     wte: Param,
@@ -116,6 +159,12 @@ impl Backbone for Gpt2 {
         }
         let mut x = crate::fused::embedding_with_positions(&self.wte.t(), ids, &self.wpe.t(), pos)?;
         for (li, blk) in self.blocks.iter().enumerate() {
+            if cache.is_none() {
+                if let Some(y) = blk.fused_train(&x, nh, &ctx.bias)? {
+                    x = y;
+                    continue;
+                }
+            }
             let h = blk.ln_1.forward(&x)?;
             let qkv = blk.c_attn.forward(&h)?; // [b, t, 3d]
             let y = match cache.as_deref_mut() {

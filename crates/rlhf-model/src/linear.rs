@@ -182,7 +182,7 @@ impl Linear {
 
     /// Whether `forward` on `x` is a plain product on the fused CPU path: [`Self::fused_kernels`],
     /// no active LoRA adapter, more rows than decoding's few (those stream the weight instead).
-    fn plain_fused(&self, x: &Tensor) -> bool {
+    pub(crate) fn plain_fused(&self, x: &Tensor) -> bool {
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let lora_on = self.lora.is_some() && self.adapters_on.load(Ordering::Relaxed);
         self.fused_kernels(x) && !lora_on && rows > crate::kernels::matmul::SMALL_M

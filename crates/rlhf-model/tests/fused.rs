@@ -1216,3 +1216,143 @@ fn embedding_matches_index_select_and_accumulates_in_a_sink() {
     let err = embedding(table.as_tensor(), &bad).unwrap_err().to_string();
     assert!(err.contains("37 out of range"), "{err}");
 }
+
+#[test]
+fn gpt2_block_is_the_composed_block() {
+    use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights};
+    use rlhf_model::kernels::matmul::linear_bias;
+    use rlhf_model::kernels::mlp::linear_gelu;
+    use rlhf_model::kernels::sink::GradSink;
+    // b=2, t=20 (40 rows: more than decoding's few), d=32, 4 heads; row 1 left-padded by 3.
+    let (b, t, d, nh) = (2, 20, 32, 4);
+    let mut mask = vec![vec![1u8; t]; b];
+    mask[1][..3].fill(0);
+    let bias = bias(&mask, 0, t);
+    let shapes: [&[usize]; 12] = [
+        &[d],
+        &[d],
+        &[d, 3 * d],
+        &[3 * d],
+        &[d, d],
+        &[d],
+        &[d],
+        &[d],
+        &[d, 4 * d],
+        &[4 * d],
+        &[4 * d, d],
+        &[d],
+    ];
+    let vars: Vec<Var> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n = s.iter().product();
+            // Weights small enough that the block stays well-conditioned; norm weights near 1.
+            let v: Vec<f32> = data(n, 300 + i as u64)
+                .into_iter()
+                .map(|v| {
+                    if s.len() == 1 && i % 6 == 0 {
+                        1.0 + 0.2 * v
+                    } else {
+                        0.2 * v
+                    }
+                })
+                .collect();
+            Var::from_vec(v, *s, &DEV).unwrap()
+        })
+        .collect();
+    let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let x = Var::from_vec(data(b * t * d, 299), (b, t, d), &DEV).unwrap();
+    let weights = Gpt2BlockWeights {
+        ln_1: (&w[0], &w[1]),
+        c_attn: (&w[2], &w[3]),
+        c_proj: (&w[4], &w[5]),
+        ln_2: (&w[6], &w[7]),
+        c_fc: (&w[8], &w[9]),
+        mlp_proj: (&w[10], &w[11]),
+    };
+    let composed = |x: &Tensor| -> Tensor {
+        let h = fused::layer_norm(x, &w[0], &w[1], 1e-5).unwrap();
+        let qkv = linear_bias(&h, &w[2], &w[3], true).unwrap();
+        let y = fused::attention_packed(&qkv, nh, nh, &bias).unwrap();
+        let x1 = (x + linear_bias(&y, &w[4], &w[5], true).unwrap()).unwrap();
+        let h = fused::layer_norm(&x1, &w[6], &w[7], 1e-5).unwrap();
+        let a = linear_gelu(&h, &w[8], &w[9], true).unwrap();
+        (x1 + linear_bias(&a, &w[10], &w[11], true).unwrap()).unwrap()
+    };
+    // Without a sink the block is not taken (weight gradients would have nowhere to go).
+    assert!(gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+        .unwrap()
+        .is_none());
+    let want = composed(x.as_tensor());
+    let probe = probe_for(&want);
+    let gw = (&want * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| vals(g.get(t).unwrap());
+    let want_grads: Vec<Vec<f32>> = w.iter().map(|t| grad(&gw, t)).collect();
+    let want_dx = grad(&gw, x.as_tensor());
+
+    // A sink over all but one tensor: not taken either.
+    let sink = GradSink::install(&w.iter().skip(1).collect::<Vec<_>>()).unwrap();
+    assert!(gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+        .unwrap()
+        .is_none());
+    drop(sink);
+
+    // With the sink over all twelve, before the forward: one node, the same numbers, and every
+    // weight gradient in the sink (none for candle), over two passes accumulated.
+    let sink = GradSink::install(&w.iter().collect::<Vec<_>>()).unwrap();
+    let mut dxs = vec![];
+    for _ in 0..2 {
+        let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+            .unwrap()
+            .expect("the block applies under a sink holding its weights");
+        assert_eq!(vals(&got), vals(&want), "block output");
+        let g = (&got * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            w.iter().all(|t| g.get(t).is_none()),
+            "weight gradients reached candle"
+        );
+        dxs.push(grad(&g, x.as_tensor()));
+    }
+    for dx in &dxs {
+        let e = max_err(dx, &want_dx);
+        assert!(e == 0.0, "block input gradient differs by {e}");
+    }
+    for (i, (h, want)) in sink
+        .take()
+        .unwrap()
+        .into_iter()
+        .zip(&want_grads)
+        .enumerate()
+    {
+        let h = vals(&h.expect("the sink holds every weight gradient"));
+        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        let e = max_err(&h, &twice);
+        assert!(e < 1e-5, "weight {i}: two passes in the sink differ by {e}");
+    }
+    // The sink gone between forward and backward: a clear error, not lost gradients.
+    let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+        .unwrap()
+        .unwrap();
+    drop(sink);
+    let err = (&got * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("gradient sink"),
+        "unexpected error: {err}"
+    );
+}

@@ -1116,6 +1116,10 @@ impl PpoTrainer {
                 let adv = mb.padded(&pick(&ro.advantages, &rows))?;
                 let ret = mb.padded(&pick(&ro.returns, &rows))?;
 
+                // The fused ops write weight gradients into the sink, candle returns the rest.
+                // Installed before the forward: GPT-2's blocks then run as one graph node each
+                // (`rlhf_model::kernels::block`).
+                let sink = GradSink::install(&sink_tensors)?;
                 let (h, logits, new_lp) = policy_forward(&self.policy, &mb, cfg.temperature)?;
                 // Clipped surrogate.
                 let logratio = (&new_lp - &old_lp)?;
@@ -1184,8 +1188,6 @@ impl PpoTrainer {
 
                 // Backward once; the policy and critic graphs share the trunk when shared.
                 let finite_loss = lv.is_finite();
-                // The fused ops write weight gradients into the sink; candle returns the rest.
-                let sink = GradSink::install(&sink_tensors)?;
                 let grads = if finite_loss {
                     Some(loss.backward()?)
                 } else {

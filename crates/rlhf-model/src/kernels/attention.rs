@@ -764,11 +764,11 @@ pub fn attention_forms(
 /// Attention straight from a packed projection `[b, t, (h + 2·hk)·d]` (GPT-2's c_attn output:
 /// q heads, then k heads, then v heads) → `[b, t, h·d]`: one graph node where splitting the
 /// projection would take nine (three narrows, reshapes and transposes).
-struct Packed {
-    bias: Tensor,
-    h: usize,
-    hk: usize,
-    lse: Mutex<Vec<f32>>,
+pub(super) struct Packed {
+    pub(super) bias: Tensor,
+    pub(super) h: usize,
+    pub(super) hk: usize,
+    pub(super) lse: Mutex<Vec<f32>>,
 }
 
 impl Packed {

@@ -177,6 +177,21 @@ pub fn tensor_scaled(t: &candle_core::Tensor, c: f64) -> candle_core::Result<can
     candle_core::Tensor::from_vec(v, t.shape(), t.device())
 }
 
+/// `a + b`, element-wise, in parallel (a new vector; `a` and `b` of one length).
+pub fn added(a: &[f32], b: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert_eq!(a.len(), b.len(), "added: lengths differ");
+    let mut o = super::uninit(a.len());
+    o.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+    o
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -358,8 +358,24 @@ pub fn matmul_nt_op(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `x [m, k] · W + b`: W stored [k, n] (`transposed`, GPT-2 Conv1D) or [n, k] (HF Linear);
 /// the bias is written into the output before the GEMM accumulates onto it, and its gradient
 /// is a column sum in the same backward — one graph node instead of matmul + broadcast add.
-struct LinearBias {
-    transposed: bool,
+pub(super) struct LinearBias {
+    pub(super) transposed: bool,
+}
+
+impl LinearBias {
+    /// (dx, dW, db) for upstream `g`, each only when wanted (`bwd` wants those whose tensor
+    /// tracks gradients; [`super::block`] says which itself).
+    pub(super) fn grads(
+        &self,
+        (x, w, b): (&Tensor, &Tensor, &Tensor),
+        g: &Tensor,
+        wants: (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = rows_k(x.dims())?;
+        let n = b.dim(0)?;
+        let grads = linear_grads(x, w, Some(b), g, (m, k, n), self.transposed, wants)?;
+        grad_tensors(x, w, n, grads)
+    }
 }
 
 fn wmat(w: &[f32], k: usize, n: usize, transposed: bool) -> Mat<'_> {
@@ -486,12 +502,8 @@ impl candle_core::CustomOp3 for LinearBias {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = rows_k(x.dims())?;
-        let n = b.dim(0)?;
-        let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
-        let tr = self.transposed;
-        let grads = linear_grads(x, w, Some(b), g, (m, k, n), tr, (want_x, want_w, want_b))?;
-        grad_tensors(x, w, n, grads)
+        let wants = (x.track_op(), w.track_op(), b.track_op());
+        self.grads((x, w, b), g, wants)
     }
 }
 

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::elementwise::{binary, gelu_bwd, gelu_fwd, swiglu_fwd, swiglu_grads, unary};
 use super::gemm::{sgemm, Mat};
-use super::matmul::{grad_tensors, linear_fwd, linear_grads, rows_k, Onto};
+use super::matmul::{linear_fwd, rows_k, LinearBias, Onto};
 use super::{out, sink, uninit, with_f32};
 
 fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
@@ -32,10 +32,35 @@ fn into_vec(s: CpuStorage) -> Result<Vec<f32>> {
 }
 
 /// `gelu_tanh(x · W + b)`; keeps the pre-activation for the backward when `save`.
-struct LinearGelu {
-    transposed: bool,
-    save: bool,
-    pre: Mutex<Option<Vec<f32>>>,
+pub(super) struct LinearGelu {
+    pub(super) transposed: bool,
+    pub(super) save: bool,
+    pub(super) pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl LinearGelu {
+    /// (dx, dW, db) for upstream `g` of the activation (shaped like the output), each only when
+    /// wanted (`bwd` wants those whose tensor tracks gradients; [`super::block`] says which).
+    pub(super) fn grads(
+        &self,
+        (x, w, b): (&Tensor, &Tensor, &Tensor),
+        g: &Tensor,
+        wants: (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gu = {
+            let pre = self.pre.lock().expect("linear-gelu state");
+            let Some(u) = pre.as_ref() else {
+                candle_core::bail!("linear-gelu: backward of a forward run without gradients")
+            };
+            with_f32(&[g], |s| binary(u, s[0], gelu_bwd))?
+        };
+        let gu = Tensor::from_vec(gu, g.shape(), g.device())?;
+        // The product's gradients at the pre-activation's gradient.
+        let product = LinearBias {
+            transposed: self.transposed,
+        };
+        product.grads((x, w, b), &gu, wants)
+    }
 }
 
 impl CustomOp3 for LinearGelu {
@@ -64,22 +89,11 @@ impl CustomOp3 for LinearGelu {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = rows_k(x.dims())?;
-        let n = b.dim(0)?;
-        let gu = {
-            let pre = self.pre.lock().expect("linear-gelu state");
-            let Some(u) = pre.as_ref() else {
-                candle_core::bail!("linear-gelu: backward of a forward run without gradients")
-            };
-            with_f32(&[g], |s| binary(u, s[0], gelu_bwd))?
-        };
-        let gu = Tensor::from_vec(gu, res.shape(), res.device())?;
         let wants = (x.track_op(), w.track_op(), b.track_op());
-        let grads = linear_grads(x, w, Some(b), &gu, (m, k, n), self.transposed, wants)?;
-        grad_tensors(x, w, n, grads)
+        self.grads((x, w, b), g, wants)
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bf16;
+pub mod block;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;

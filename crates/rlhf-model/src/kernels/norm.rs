@@ -161,7 +161,7 @@ fn check(xl: &Layout, wl: &Layout, op: &str) -> Result<()> {
 }
 
 /// Each row's (mean, 1/std) from the forward, kept for the backward (8 bytes a row).
-type Saved = std::sync::Mutex<Option<Vec<(f32, f32)>>>;
+pub(super) type Saved = std::sync::Mutex<Option<Vec<(f32, f32)>>>;
 
 /// The backward of a norm over `x`'s rows, on the statistics its forward saved.
 fn backward_saved(
@@ -185,7 +185,7 @@ fn param_grad(p: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
         .transpose()
 }
 
-struct LayerNorm(f32, Saved);
+pub(super) struct LayerNorm(pub(super) f32, pub(super) Saved);
 
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {

@@ -99,6 +99,11 @@ pub fn sum_grads(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>>
     })
 }
 
+/// Whether this thread's sink (if one is installed) takes `w`'s gradient.
+pub(crate) fn holds(w: &Tensor) -> bool {
+    SINK.with(|s| s.borrow().as_ref().is_some_and(|m| m.contains_key(&w.id())))
+}
+
 /// The gradient of weight `w` (`len` elements), produced by `write(dst, accumulate)`, which
 /// fills `dst` (`accumulate` false) or adds its contribution onto it (true). With `w` in this
 /// thread's sink, `dst` is its buffer and the result `None` (nothing for candle); otherwise a
