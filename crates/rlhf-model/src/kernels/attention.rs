@@ -281,6 +281,21 @@ fn block_keys(bias: &[f32], tk: usize, i0: usize, i1: usize) -> (usize, usize) {
     (lo, hi)
 }
 
+/// [`block_keys`] of every block of `QB` queries, for each of the `bb` masks in `bias`: a
+/// mask is shared by every head (and both passes), so its blocks' key ranges are found once.
+fn all_block_keys(bias: &[f32], bb: usize, g: Dims) -> Vec<Vec<(usize, usize)>> {
+    let (tq, tk) = (g.tq, g.tk);
+    (0..bb)
+        .map(|bi| {
+            let bp = &bias[bi * tq * tk..(bi + 1) * tq * tk];
+            (0..tq)
+                .step_by(QB)
+                .map(|i0| block_keys(bp, tk, i0, (i0 + QB).min(tq)))
+                .collect()
+        })
+        .collect()
+}
+
 /// The keys one query row can see (first visible ..= last visible), or `None` when it sees none.
 fn visible(bias_row: &[f32]) -> Option<(usize, usize)> {
     let lo = bias_row.iter().position(|&b| b > MASK_BELOW)?;
@@ -372,13 +387,13 @@ fn fwd_blocked(
     lse: &mut [f32],
     s: &mut [f32],
     kt: &mut [f32],
+    keys: &[(usize, usize)],
 ) {
     let (tq, tk, d) = (g.tq, g.tk, g.d);
     let kt = transposed(k, ks, tk, d, kt);
-    for i0 in (0..tq).step_by(QB) {
+    for (i0, &(lo, hi)) in (0..tq).step_by(QB).zip(keys) {
         let i1 = (i0 + QB).min(tq);
         let r = i1 - i0;
-        let (lo, hi) = block_keys(bias, g.tk, i0, i1);
         let w = hi - lo;
         let sb = &mut s[..r * w];
         sgemm_serial(
@@ -431,12 +446,12 @@ fn bwd_blocked(
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     s: &mut [f32],
     dp: &mut [f32],
+    keys: &[(usize, usize)],
 ) {
     let (tq, tk, d) = (g.tq, g.tk, g.d);
-    for i0 in (0..tq).step_by(QB) {
+    for (i0, &(lo, hi)) in (0..tq).step_by(QB).zip(keys) {
         let i1 = (i0 + QB).min(tq);
         let r = i1 - i0;
-        let (lo, hi) = block_keys(bias, tk, i0, i1);
         let w = hi - lo;
         let (sb, db) = (&mut s[..r * w], &mut dp[..r * w]);
         let qb = rows(&x.q[i0 * x.qs..], x.qs);
@@ -556,6 +571,11 @@ fn forward(
     let mut o = uninit(b * h * tq * d);
     let mut lse = vec![0.0f32; b * h * tq];
     let dst = Dst::new(&mut o, orows);
+    let keys = if tq <= FEW_QUERIES {
+        vec![]
+    } else {
+        all_block_keys(bias, bb, g)
+    };
     lse.par_chunks_mut(tq.max(1)).enumerate().for_each_init(
         || {
             (
@@ -573,7 +593,7 @@ fn forward(
             if tq <= FEW_QUERIES {
                 fwd_rows(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s)
             } else {
-                fwd_blocked(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s, kt)
+                fwd_blocked(qp, qs, kp, ks, vp, vs, bp, g, ob, lse, s, kt, &keys[bsel])
             }
             // SAFETY: pair (bi, hi)'s output rows are written by this task only.
             unsafe { dst.put(bi, hi, 0, d, ob) };
@@ -595,6 +615,7 @@ fn backward(
     let Geo { b, h, hk, g } = geo;
     let (tq, tk, d) = (g.tq, g.tk, g.d);
     let rep = h / hk;
+    let keys = all_block_keys(bias, bb, g);
     (0..b * hk).into_par_iter().for_each_init(
         || {
             let n = QB.min(tq) * tk;
@@ -631,7 +652,8 @@ fn backward(
                 };
                 let p = bi * h + hi;
                 let l = &lse[p * tq..(p + 1) * tq];
-                bwd_blocked(&x, (kt, vt), l, bp, g, (dqb, dkb, dvb), s, dp);
+                let ks = &keys[bsel];
+                bwd_blocked(&x, (kt, vt), l, bp, g, (dqb, dkb, dvb), s, dp, ks);
                 // SAFETY: query pair (bi, hi) belongs to this kv pair's task only.
                 unsafe { dq.put(bi, hi, 0, d, dqb) };
             }

@@ -177,6 +177,33 @@ pub fn tensor_scaled(t: &candle_core::Tensor, c: f64) -> candle_core::Result<can
     candle_core::Tensor::from_vec(v, t.shape(), t.device())
 }
 
+crate::multiversion! {
+    /// `d[i] += s[i]` (over the shorter of the two).
+    pub fn add_assign(d: &mut [f32], s: &[f32]) {
+        d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    }
+}
+
+crate::multiversion! {
+    /// `o[i] = a[i] + b[i]` (over the shortest of the three).
+    pub fn sum_into(o: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `d[j] += Σ_r g[r·n + c0 + j]` for `j < d.len()`: columns `c0..` of the rows of `g`
+    /// (`n` floats each) summed onto `d`. A bias gradient, a block of columns per task.
+    pub fn add_columns(d: &mut [f32], g: &[f32], n: usize, c0: usize) {
+        let w = d.len();
+        for r in g.chunks_exact(n) {
+            d.iter_mut().zip(&r[c0..c0 + w]).for_each(|(d, s)| *d += s);
+        }
+    }
+}
+
 /// `a + b`, element-wise, in parallel (a new vector; `a` and `b` of one length).
 pub fn added(a: &[f32], b: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
@@ -184,11 +211,7 @@ pub fn added(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut o = super::uninit(a.len());
     o.par_chunks_mut(1 << 14)
         .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-        .for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = a + b;
-            }
-        });
+        .for_each(|(o, (a, b))| sum_into(o, a, b));
     o
 }
 
@@ -211,6 +234,30 @@ mod tests {
         assert!((r - want).abs() <= 1e-9 * want);
         let s: Vec<f32> = super::tensor_scaled(&t, 0.25).unwrap().to_vec1().unwrap();
         assert!(s.iter().zip(&x).all(|(a, b)| *a == b * 0.25));
+    }
+
+    #[test]
+    fn adds_and_column_sums() {
+        // Odd lengths: lanes and a remainder; `added` over several parallel chunks.
+        let a: Vec<f32> = (0..40_007).map(|i| (i % 13) as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..40_007).map(|i| (i % 7) as f32 * 0.25).collect();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(super::added(&a, &b), want);
+        let mut d = a.clone();
+        super::add_assign(&mut d, &b);
+        assert_eq!(d, want);
+        // Columns 5..5+19 of 37 rows of 29, onto a non-zero start.
+        let (n, c0, w) = (29, 5, 19);
+        let g = &a[..37 * n];
+        let mut got: Vec<f32> = (0..w).map(|j| j as f32).collect();
+        super::add_columns(&mut got, g, n, c0);
+        for (j, v) in got.iter().enumerate() {
+            let mut s = j as f32;
+            for r in 0..37 {
+                s += g[r * n + c0 + j];
+            }
+            assert_eq!(*v, s, "column {j}");
+        }
     }
 
     #[test]

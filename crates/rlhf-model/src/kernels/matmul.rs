@@ -586,14 +586,9 @@ pub(super) fn linear_grads(
             if !acc {
                 db.fill(0.0);
             }
-            db.par_chunks_mut(256).enumerate().for_each(|(j, d)| {
-                let cols = j * 256..j * 256 + d.len();
-                for r in gs.chunks(n) {
-                    d.iter_mut()
-                        .zip(&r[cols.clone()])
-                        .for_each(|(d, v)| *d += v);
-                }
-            });
+            db.par_chunks_mut(256)
+                .enumerate()
+                .for_each(|(j, d)| super::math::add_columns(d, &gs[..m * n], n, j * 256));
         };
         let db = match (want_b, b) {
             (false, _) => None,

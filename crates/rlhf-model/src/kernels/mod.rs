@@ -146,7 +146,7 @@ impl SharedOut {
         assert!(at + src.len() <= self.len);
         // SAFETY: in bounds (checked above); exclusive per the contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), src.len()) };
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        math::add_assign(dst, src);
     }
 }
 

@@ -163,7 +163,7 @@ pub(crate) fn offer(w: &Tensor, g: Vec<f32>) -> Option<Vec<f32>> {
             Some(buf) => buf
                 .par_chunks_mut(1 << 14)
                 .zip(g.par_chunks(1 << 14))
-                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s)),
+                .for_each(|(d, s)| super::math::add_assign(d, s)),
             None => slot.data = Some(g),
         }
         None
