@@ -13,6 +13,12 @@
 //! The sink lives in a thread-local: candle calls every op's backward on the thread that called
 //! `backward()`, so ops find the sink of the backward they belong to, and two trainers on two
 //! threads never share one.
+//!
+//! Install it before the forward where you can (the trainer, PPO and the bench do): GPT-2's
+//! blocks then run in training as one graph node each ([`super::block`]), which needs to know
+//! during the forward that its weights' gradients have somewhere to go. Installed only around
+//! `backward()`, the sink still takes the weight gradients and the blocks are composed of
+//! their ops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
