@@ -1340,6 +1340,18 @@ fn gpt2_block_is_the_composed_block() {
         let e = max_err(&h, &twice);
         assert!(e < 1e-5, "weight {i}: two passes in the sink differ by {e}");
     }
+    // One backward per forward (the tape is consumed): a second is an error saying so.
+    let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+        .unwrap()
+        .unwrap();
+    let loss = (&got * &probe).unwrap().sum_all().unwrap();
+    loss.backward().unwrap();
+    let err = loss.backward().unwrap_err();
+    assert!(
+        err.to_string().contains("backward run twice"),
+        "unexpected error: {err}"
+    );
+    sink.take().unwrap();
     // The sink gone between forward and backward: a clear error, not lost gradients.
     let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
         .unwrap()
