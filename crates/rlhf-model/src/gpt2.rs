@@ -56,37 +56,33 @@ impl Block {
     /// gradient goes to this thread's gradient sink, every product is a plain biased Conv1D on
     /// the fused path (no active LoRA adapter) and the norms share one epsilon; `None` otherwise.
     fn fused_train(&self, x: &Tensor, n_head: usize, bias: &Tensor) -> Result<Option<Tensor>> {
-        let lins = [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj];
-        let plain = |l: &Linear| l.transposed && l.bias.is_some() && l.plain_fused(x);
-        if !lins.iter().all(|l| plain(l)) || self.ln_1.eps != self.ln_2.eps {
+        let conv = |l: &Linear| match &l.bias {
+            Some(b) if l.transposed && l.plain_fused(x) => Some((l.weight.t(), b.t())),
+            _ => None,
+        };
+        let (Some(c_attn), Some(c_proj), Some(c_fc), Some(mlp_proj)) = (
+            conv(&self.c_attn),
+            conv(&self.c_proj),
+            conv(&self.c_fc),
+            conv(&self.mlp_proj),
+        ) else {
+            return Ok(None);
+        };
+        if self.ln_1.eps != self.ln_2.eps {
             return Ok(None);
         }
-        let t = |l: &Linear| {
-            (
-                l.weight.t(),
-                l.bias.as_ref().map(|b| b.t()).expect("checked"),
-            )
-        };
-        let n = |n: &Norm| (n.w.t(), n.b.t());
-        let (l1, ca, cp, l2, fc, mp) = (
-            n(&self.ln_1),
-            t(&self.c_attn),
-            t(&self.c_proj),
-            n(&self.ln_2),
-            t(&self.c_fc),
-            t(&self.mlp_proj),
-        );
+        let norm = |n: &Norm| (n.w.t(), n.b.t());
         let w = crate::kernels::block::Gpt2BlockWeights {
-            ln_1: (&l1.0, &l1.1),
-            c_attn: (&ca.0, &ca.1),
-            c_proj: (&cp.0, &cp.1),
-            ln_2: (&l2.0, &l2.1),
-            c_fc: (&fc.0, &fc.1),
-            mlp_proj: (&mp.0, &mp.1),
+            ln_1: norm(&self.ln_1),
+            c_attn,
+            c_proj,
+            ln_2: norm(&self.ln_2),
+            c_fc,
+            mlp_proj,
         };
         Ok(crate::kernels::block::gpt2_block(
             x,
-            &w,
+            w,
             n_head,
             self.ln_1.eps,
             bias,

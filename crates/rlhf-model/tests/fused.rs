@@ -1263,13 +1263,16 @@ fn gpt2_block_is_the_composed_block() {
         .collect();
     let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let x = Var::from_vec(data(b * t * d, 299), (b, t, d), &DEV).unwrap();
-    let weights = Gpt2BlockWeights {
-        ln_1: (&w[0], &w[1]),
-        c_attn: (&w[2], &w[3]),
-        c_proj: (&w[4], &w[5]),
-        ln_2: (&w[6], &w[7]),
-        c_fc: (&w[8], &w[9]),
-        mlp_proj: (&w[10], &w[11]),
+    let weights = || {
+        let p = |i: usize| (w[i].clone(), w[i + 1].clone());
+        Gpt2BlockWeights {
+            ln_1: p(0),
+            c_attn: p(2),
+            c_proj: p(4),
+            ln_2: p(6),
+            c_fc: p(8),
+            mlp_proj: p(10),
+        }
     };
     let composed = |x: &Tensor| -> Tensor {
         let h = fused::layer_norm(x, &w[0], &w[1], 1e-5).unwrap();
@@ -1281,7 +1284,7 @@ fn gpt2_block_is_the_composed_block() {
         (x1 + linear_bias(&a, &w[10], &w[11], true).unwrap()).unwrap()
     };
     // Without a sink the block is not taken (weight gradients would have nowhere to go).
-    assert!(gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+    assert!(gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
         .unwrap()
         .is_none());
     let want = composed(x.as_tensor());
@@ -1298,7 +1301,7 @@ fn gpt2_block_is_the_composed_block() {
 
     // A sink over all but one tensor: not taken either.
     let sink = GradSink::install(&w.iter().skip(1).collect::<Vec<_>>()).unwrap();
-    assert!(gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+    assert!(gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
         .unwrap()
         .is_none());
     drop(sink);
@@ -1308,7 +1311,7 @@ fn gpt2_block_is_the_composed_block() {
     let sink = GradSink::install(&w.iter().collect::<Vec<_>>()).unwrap();
     let mut dxs = vec![];
     for _ in 0..2 {
-        let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+        let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
             .unwrap()
             .expect("the block applies under a sink holding its weights");
         assert_eq!(vals(&got), vals(&want), "block output");
@@ -1341,7 +1344,7 @@ fn gpt2_block_is_the_composed_block() {
         assert!(e < 1e-5, "weight {i}: two passes in the sink differ by {e}");
     }
     // One backward per forward (the tape is consumed): a second is an error saying so.
-    let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+    let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
         .unwrap()
         .unwrap();
     let loss = (&got * &probe).unwrap().sum_all().unwrap();
@@ -1353,7 +1356,7 @@ fn gpt2_block_is_the_composed_block() {
     );
     sink.take().unwrap();
     // The sink gone between forward and backward: a clear error, not lost gradients.
-    let got = gpt2_block(x.as_tensor(), &weights, nh, 1e-5, &bias)
+    let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
         .unwrap()
         .unwrap();
     drop(sink);

@@ -29,17 +29,18 @@ use super::norm::{LayerNorm, Saved};
 use super::{fusable, math, out, sink, with_f32};
 
 /// The block's tensors: LayerNorm weights and biases, Conv1D weights `[in, out]` and biases.
-pub struct Gpt2BlockWeights<'a> {
-    pub ln_1: (&'a Tensor, &'a Tensor),
-    pub c_attn: (&'a Tensor, &'a Tensor),
-    pub c_proj: (&'a Tensor, &'a Tensor),
-    pub ln_2: (&'a Tensor, &'a Tensor),
-    pub c_fc: (&'a Tensor, &'a Tensor),
-    pub mlp_proj: (&'a Tensor, &'a Tensor),
+pub struct Gpt2BlockWeights {
+    pub ln_1: (Tensor, Tensor),
+    pub c_attn: (Tensor, Tensor),
+    pub c_proj: (Tensor, Tensor),
+    pub ln_2: (Tensor, Tensor),
+    pub c_fc: (Tensor, Tensor),
+    pub mlp_proj: (Tensor, Tensor),
 }
 
-impl Gpt2BlockWeights<'_> {
-    fn all(&self) -> [&Tensor; 12] {
+impl Gpt2BlockWeights {
+    /// The twelve tensors in block order (the tape's indices).
+    fn into_all(self) -> [Tensor; 12] {
         let [a, b, c, d, e, f] = [
             self.ln_1,
             self.c_attn,
@@ -147,17 +148,18 @@ impl CustomOp1 for Block {
 /// that tracks no gradient, or a weight this thread's gradient sink does not hold.
 pub fn gpt2_block(
     x: &Tensor,
-    w: &Gpt2BlockWeights,
+    w: Gpt2BlockWeights,
     n_head: usize,
     eps: f64,
     mask_bias: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let ws = w.all();
-    let mut all = ws.to_vec();
+    let w = w.into_all();
+    let mut all: Vec<&Tensor> = w.iter().collect();
     all.push(x);
-    if x.rank() != 3 || !x.track_op() || !fusable(&all) || !ws.iter().all(|t| sink::holds(t)) {
+    if x.rank() != 3 || !x.track_op() || !fusable(&all) || !w.iter().all(sink::holds) {
         return Ok(None);
     }
+    let ws: [&Tensor; 12] = std::array::from_fn(|i| &w[i]);
     let x = x.contiguous()?;
     // The same ops as the composed path, run without recording (candle sees only the block).
     let xd = x.detach();
@@ -185,7 +187,7 @@ pub fn gpt2_block(
     let block = Block {
         out: Mutex::new(Some(o)),
         tape: Mutex::new(Some(Tape {
-            w: ws.map(|t| t.clone()),
+            w,
             x: xd,
             h1,
             qkv,
