@@ -35,6 +35,53 @@ struct Layer {
     down: Linear,
 }
 
+impl Layer {
+    /// The layer in training as one graph node ([`crate::kernels::block::llama_block`]), when
+    /// every weight gradient goes to this thread's gradient sink and every projection is a
+    /// plain HF linear on the fused path (no active LoRA adapter; biases only on q/k/v);
+    /// `None` otherwise.
+    fn fused_train(
+        &self,
+        x: &Tensor,
+        heads: (usize, usize),
+        eps: f64,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let plain = |l: &Linear| !l.transposed && l.plain_fused(x);
+        let with_bias =
+            |l: &Linear| plain(l).then(|| (l.weight.t(), l.bias.as_ref().map(|b| b.t())));
+        let bare = |l: &Linear| (plain(l) && l.bias.is_none()).then(|| l.weight.t());
+        let (Some(q), Some(k), Some(v)) =
+            (with_bias(&self.q), with_bias(&self.k), with_bias(&self.v))
+        else {
+            return Ok(None);
+        };
+        let (Some(o), Some(gate), Some(up), Some(down)) = (
+            bare(&self.o),
+            bare(&self.gate),
+            bare(&self.up),
+            bare(&self.down),
+        ) else {
+            return Ok(None);
+        };
+        let w = crate::kernels::block::LlamaBlockWeights {
+            input_norm: self.input_norm.t(),
+            q,
+            k,
+            v,
+            o,
+            post_norm: self.post_norm.t(),
+            gate,
+            up,
+            down,
+        };
+        Ok(crate::kernels::block::llama_block(
+            x, w, heads, eps, rope, bias,
+        )?)
+    }
+}
+
 pub struct Llama {
     cfg: LlamaConfig,
     embed: Param,
@@ -110,6 +157,12 @@ impl Backbone for Llama {
         let (cos, sin) = ops::rope_tables(&ctx.positions, hd, self.cfg.rope_theta, ids.device())?;
         let mut x = crate::fused::embedding(&self.embed.t(), ids)?;
         for (li, l) in self.layers.iter().enumerate() {
+            if cache.is_none() {
+                if let Some(y) = l.fused_train(&x, (nh, nkv), eps, (&cos, &sin), &ctx.bias)? {
+                    x = y;
+                    continue;
+                }
+            }
             let h = crate::fused::rms_norm(&x, &l.input_norm.t(), eps)?;
             // q and k: RoPE reads the projections' [b, t, h·hd] outputs in place; v is read
             // in place by attention, which writes [b, t, h·hd] for the output projection.

@@ -1217,6 +1217,41 @@ fn embedding_matches_index_select_and_accumulates_in_a_sink() {
     assert!(err.contains("37 out of range"), "{err}");
 }
 
+/// A block's tensors of `shapes`, drawn from `seed`: small enough that the block stays
+/// well-conditioned, and near 1 for the norm weights (`norm(i)`).
+fn block_vars(shapes: &[&[usize]], seed: u64, norm: impl Fn(usize) -> bool) -> Vec<Var> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n = s.iter().product();
+            let v: Vec<f32> = data(n, seed + i as u64)
+                .into_iter()
+                .map(|v| if norm(i) { 1.0 + 0.2 * v } else { 0.2 * v })
+                .collect();
+            Var::from_vec(v, *s, &DEV).unwrap()
+        })
+        .collect()
+}
+
+/// Every weight gradient is in `sink` (none went to candle), twice `want` (two passes).
+fn assert_sink_holds_twice(sink: &rlhf_model::kernels::sink::GradSink, want: &[Vec<f32>]) {
+    for (i, (h, want)) in sink.take().unwrap().into_iter().zip(want).enumerate() {
+        let h = vals(&h.expect("the sink holds every weight gradient"));
+        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        let e = max_err(&h, &twice);
+        assert!(e < 1e-5, "weight {i}: two passes in the sink differ by {e}");
+    }
+}
+
+/// The gradients of `sum(y · probe)`.
+fn probed_backward(
+    y: &Tensor,
+    probe: &Tensor,
+) -> candle_core::Result<candle_core::backprop::GradStore> {
+    (y * probe)?.sum_all()?.backward()
+}
+
 #[test]
 fn gpt2_block_is_the_composed_block() {
     use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights};
@@ -1242,25 +1277,8 @@ fn gpt2_block_is_the_composed_block() {
         &[4 * d, d],
         &[d],
     ];
-    let vars: Vec<Var> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let n = s.iter().product();
-            // Weights small enough that the block stays well-conditioned; norm weights near 1.
-            let v: Vec<f32> = data(n, 300 + i as u64)
-                .into_iter()
-                .map(|v| {
-                    if s.len() == 1 && i % 6 == 0 {
-                        1.0 + 0.2 * v
-                    } else {
-                        0.2 * v
-                    }
-                })
-                .collect();
-            Var::from_vec(v, *s, &DEV).unwrap()
-        })
-        .collect();
+    // ln_1 and ln_2's weights are the norms'.
+    let vars = block_vars(&shapes, 300, |i| i == 0 || i == 6);
     let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let x = Var::from_vec(data(b * t * d, 299), (b, t, d), &DEV).unwrap();
     let weights = || {
@@ -1289,12 +1307,7 @@ fn gpt2_block_is_the_composed_block() {
         .is_none());
     let want = composed(x.as_tensor());
     let probe = probe_for(&want);
-    let gw = (&want * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let gw = probed_backward(&want, &probe).unwrap();
     let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| vals(g.get(t).unwrap());
     let want_grads: Vec<Vec<f32>> = w.iter().map(|t| grad(&gw, t)).collect();
     let want_dx = grad(&gw, x.as_tensor());
@@ -1315,12 +1328,7 @@ fn gpt2_block_is_the_composed_block() {
             .unwrap()
             .expect("the block applies under a sink holding its weights");
         assert_eq!(vals(&got), vals(&want), "block output");
-        let g = (&got * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = probed_backward(&got, &probe).unwrap();
         assert!(
             w.iter().all(|t| g.get(t).is_none()),
             "weight gradients reached candle"
@@ -1331,18 +1339,7 @@ fn gpt2_block_is_the_composed_block() {
         let e = max_err(dx, &want_dx);
         assert!(e == 0.0, "block input gradient differs by {e}");
     }
-    for (i, (h, want)) in sink
-        .take()
-        .unwrap()
-        .into_iter()
-        .zip(&want_grads)
-        .enumerate()
-    {
-        let h = vals(&h.expect("the sink holds every weight gradient"));
-        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-        let e = max_err(&h, &twice);
-        assert!(e < 1e-5, "weight {i}: two passes in the sink differ by {e}");
-    }
+    assert_sink_holds_twice(&sink, &want_grads);
     // One backward per forward (the tape is consumed): a second is an error saying so.
     let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
         .unwrap()
@@ -1360,12 +1357,133 @@ fn gpt2_block_is_the_composed_block() {
         .unwrap()
         .unwrap();
     drop(sink);
-    let err = (&got * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap_err();
+    let err = probed_backward(&got, &probe).unwrap_err();
+    assert!(
+        err.to_string().contains("gradient sink"),
+        "unexpected error: {err}"
+    );
+}
+
+/// The Llama block node against the same block composed of the fused ops, with and without
+/// Qwen2's q/k/v biases, on grouped-query attention and left padding.
+#[test]
+fn llama_block_is_the_composed_block() {
+    for qkv_bias in [false, true] {
+        llama_block_case(qkv_bias);
+    }
+}
+
+fn llama_block_case(qkv_bias: bool) {
+    use rlhf_model::kernels::block::{llama_block, LlamaBlockWeights};
+    use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
+    use rlhf_model::kernels::mlp::swiglu_mlp;
+    use rlhf_model::kernels::sink::GradSink;
+    // b=2, t=20 (40 rows: more than decoding's few), d=32; 4 query heads over 2 kv heads of 8;
+    // an MLP of 48; row 1 left-padded by 3 (its positions start after the padding).
+    let (b, t, d, nh, nkv, hd, inner) = (2, 20, 32, 4, 2, 8, 48);
+    let eps = 1e-5;
+    let mut mask = vec![vec![1u8; t]; b];
+    mask[1][..3].fill(0);
+    let bias = bias(&mask, 0, t);
+    let positions: Vec<Vec<u32>> = vec![
+        (0..t as u32).collect(),
+        (0..t as u32).map(|i| i.saturating_sub(3)).collect(),
+    ];
+    let (cos, sin) = ops::rope_tables(&positions, hd, 10000.0, &DEV).unwrap();
+    // input_norm, q, k, v, o, post_norm, gate, up, down, then q/k/v biases.
+    let mut shapes: Vec<Vec<usize>> = vec![
+        vec![d],
+        vec![nh * hd, d],
+        vec![nkv * hd, d],
+        vec![nkv * hd, d],
+        vec![d, nh * hd],
+        vec![d],
+        vec![inner, d],
+        vec![inner, d],
+        vec![d, inner],
+    ];
+    if qkv_bias {
+        shapes.extend([vec![nh * hd], vec![nkv * hd], vec![nkv * hd]]);
+    }
+    let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    let vars = block_vars(&shapes, 400, |i| i == 0 || i == 5);
+    let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let x = Var::from_vec(data(b * t * d, 399), (b, t, d), &DEV).unwrap();
+    let weights = || {
+        let bias_of = |i: usize| qkv_bias.then(|| w[9 + i].clone());
+        LlamaBlockWeights {
+            input_norm: w[0].clone(),
+            q: (w[1].clone(), bias_of(0)),
+            k: (w[2].clone(), bias_of(1)),
+            v: (w[3].clone(), bias_of(2)),
+            o: w[4].clone(),
+            post_norm: w[5].clone(),
+            gate: w[6].clone(),
+            up: w[7].clone(),
+            down: w[8].clone(),
+        }
+    };
+    let block = |x: &Tensor| llama_block(x, weights(), (nh, nkv), eps, (&cos, &sin), &bias);
+    let composed = |x: &Tensor| -> Tensor {
+        let h = fused::rms_norm(x, &w[0], eps).unwrap();
+        let proj = |i: usize| match qkv_bias {
+            true => linear_bias(&h, &w[i], &w[8 + i], false).unwrap(),
+            false => linear(&h, &w[i], false).unwrap(),
+        };
+        let m = fused::Heads::Merged;
+        let q = fused::rope_heads(&proj(1), m(nh), &cos, &sin).unwrap();
+        let k = fused::rope_heads(&proj(2), m(nkv), &cos, &sin).unwrap();
+        let v = proj(3);
+        let s = fused::Heads::Split;
+        let y = fused::attention_forms((&q, s), (&k, s), (&v, m(nkv)), &bias, m(nh)).unwrap();
+        let x1 = linear_residual(&y, &w[4], x, false).unwrap();
+        let h = fused::rms_norm(&x1, &w[5], eps).unwrap();
+        let g = swiglu_mlp(&h, &w[6], &w[7]).unwrap();
+        linear_residual(&g, &w[8], &x1, false).unwrap()
+    };
+    // Without a sink the block is not taken (weight gradients would have nowhere to go).
+    assert!(block(x.as_tensor()).unwrap().is_none());
+    let want = composed(x.as_tensor());
+    let probe = probe_for(&want);
+    let gw = probed_backward(&want, &probe).unwrap();
+    let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| vals(g.get(t).unwrap());
+    let want_grads: Vec<Vec<f32>> = w.iter().map(|t| grad(&gw, t)).collect();
+    let want_dx = grad(&gw, x.as_tensor());
+
+    // A sink missing one tensor (the last: down_proj, or v's bias): not taken either.
+    let sink = GradSink::install(&w[..w.len() - 1].iter().collect::<Vec<_>>()).unwrap();
+    assert!(block(x.as_tensor()).unwrap().is_none());
+    drop(sink);
+
+    // With the sink over all, before the forward: one node, the composed block's numbers, and
+    // every weight gradient in the sink (none for candle), over two passes accumulated.
+    let sink = GradSink::install(&w.iter().collect::<Vec<_>>()).unwrap();
+    for _ in 0..2 {
+        let got = block(x.as_tensor())
+            .unwrap()
+            .expect("the block applies under a sink holding its weights");
+        let e = max_err(&vals(&got), &vals(&want));
+        // The stacked q/k/v product sums each element as the three products do (one k-block
+        // at d = 32), and RoPE in place is the op's arithmetic: the same bits.
+        assert!(e == 0.0, "block output differs by {e} (bias {qkv_bias})");
+        let g = probed_backward(&got, &probe).unwrap();
+        assert!(
+            w.iter().all(|t| g.get(t).is_none()),
+            "weight gradients reached candle"
+        );
+        let e = max_err(&grad(&g, x.as_tensor()), &want_dx);
+        // dx sums q's, k's and v's contributions in one product, where candle adds three:
+        // another order of the same sums (7e-7 here).
+        assert!(
+            e < 1e-5,
+            "block input gradient differs by {e} (bias {qkv_bias})"
+        );
+    }
+    assert_sink_holds_twice(&sink, &want_grads);
+    // The sink gone between forward and backward: a clear error, not lost gradients.
+    let got = block(x.as_tensor()).unwrap().unwrap();
+    drop(sink);
+    let err = probed_backward(&got, &probe).unwrap_err();
     assert!(
         err.to_string().contains("gradient sink"),
         "unexpected error: {err}"

@@ -842,6 +842,15 @@ impl CustomOp1 for Packed {
         out(o, &Shape::from(shape))
     }
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = self.grad_vec(x, res, grad)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl Packed {
+    /// The gradient of the packed input `x` (the forward's output `res`, its gradient
+    /// `grad`), as a vector shaped like `x`.
+    pub(super) fn grad_vec(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Vec<f32>> {
         let st = Layout::contiguous(x.dims()).stride().to_vec();
         let (geo, [qr, kr, vr]) = self.split(x.dims(), &st, 0)?;
         let (_, or) = rows_contiguous(res.dims(), Heads::Merged(self.h))?;
@@ -859,7 +868,7 @@ impl CustomOp1 for Packed {
             let ins = (at(0, qr), at(0, kr), at(0, vr), at(1, or), at(2, or));
             backward(geo, ins, &lse, t[3], bb, dsts)
         })?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        Ok(dx)
     }
 }
 

@@ -1,18 +1,28 @@
-//! GPT-2's transformer block in training as **one graph node**, its weight gradients written
-//! straight into the thread's gradient sink ([`super::sink`]).
+//! A transformer block in training as **one graph node** — GPT-2's ([`gpt2_block`]) and the
+//! Llama family's ([`llama_block`]) — its weight gradients written straight into the thread's
+//! gradient sink ([`super::sink`]).
 //!
-//! The block is the same fused ops as the composed path (LayerNorm, the biased Conv1D products,
-//! packed attention, the product with GELU), run in the same order on the same kernels, so its
-//! values and gradients are the composed path's. What changes is candle's share: for every
-//! input of every node its backward zero-fills a gradient buffer and adds the contribution onto
-//! it, on one thread, while the other threads wait. A block of nine nodes made eleven such
-//! buffers (`[rows × d]`, `[rows × 3d]`, `[rows × 4d]`); as one node it makes one. The two
-//! residual adds, forward and backward, run here in parallel.
+//! The block is the same fused ops as the composed path (GPT-2: LayerNorm, the biased Conv1D
+//! products, packed attention, the product with GELU; Llama: RMSNorm, the q/k/v projections,
+//! RoPE, grouped-query attention, the output projection onto the residual, the SwiGLU MLP),
+//! run in the same order on the same kernels, so its values and gradients are the composed
+//! path's. What changes is candle's share: for every input of every node its backward
+//! zero-fills a gradient buffer and adds the contribution onto it, on one thread, while the
+//! other threads wait. A GPT-2 block of nine nodes made eleven such buffers (`[rows × d]`,
+//! `[rows × 3d]`, `[rows × 4d]`); as one node it makes one. The residual adds, forward and
+//! backward, run here in parallel.
+//!
+//! Llama's q, k and v projections run as **one product** on their weights stacked row-wise
+//! (with Qwen2's biases, stacked too), so the normalised input is packed once for the GEMM,
+//! not three times, and k's and v's narrow products (a GQA model's kv heads are few) become
+//! part of one wide one. RoPE rotates q's and k's heads in place inside that packed output,
+//! attention reads q, k and v there (as GPT-2's packed attention does), and the backward
+//! takes each projection's weight gradient from its own columns of the packed gradient.
 //!
 //! It applies only where every weight gradient has a destination without candle: each of the
-//! block's twelve tensors is held by the sink installed on this thread *before the forward*,
-//! and the block's input tracks gradients (otherwise candle would never call its backward).
-//! [`gpt2_block`] returns `None` otherwise, and the caller composes the block from its ops.
+//! block's tensors is held by the sink installed on this thread *before the forward*, and the
+//! block's input tracks gradients (otherwise candle would never call its backward). The
+//! functions return `None` otherwise, and the caller composes the block from its ops.
 //!
 //! The backward consumes the tape, freeing each block's activations as soon as its gradients
 //! are out (part of why a step's peak memory fell by a tenth): one backward per forward, as
@@ -20,12 +30,15 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
-use super::matmul::LinearBias;
-use super::mlp::LinearGelu;
-use super::norm::{LayerNorm, Saved};
+use super::matmul::{
+    grad_tensors, linear_fwd, linear_grads, rows_k, split_grads, LinearBias, LinearResidual, Onto,
+};
+use super::mlp::{LinearGelu, SwiGluMlp};
+use super::norm::{LayerNorm, RmsNorm, Saved};
+use super::rope::rope_packed_in_place;
 use super::{fusable, math, out, sink, with_f32};
 
 /// The block's tensors: LayerNorm weights and biases, Conv1D weights `[in, out]` and biases.
@@ -53,10 +66,10 @@ impl Gpt2BlockWeights {
     }
 }
 
-/// What the forward keeps for the backward: the block's activations, its weights and the ops
-/// (each holding its own saved state: norm statistics, attention's log-sum-exp, the
+/// What GPT-2's forward keeps for the backward: the block's activations, its weights and the
+/// ops (each holding its own saved state: norm statistics, attention's log-sum-exp, the
 /// pre-activation of the GELU).
-struct Tape {
+struct Gpt2Tape {
     w: [Tensor; 12],
     x: Tensor,
     h1: Tensor,
@@ -71,9 +84,16 @@ struct Tape {
     fc: LinearGelu,
 }
 
-/// The graph node: its forward hands candle the output computed by [`gpt2_block`], its
-/// backward runs the block's backward on the tape.
+/// A block's tape: GPT-2's or a Llama's.
+enum Tape {
+    Gpt2(Box<Gpt2Tape>),
+    Llama(Box<LlamaTape>),
+}
+
+/// The graph node: its forward hands candle the output computed by [`gpt2_block`] or
+/// [`llama_block`], its backward runs the block's backward on the tape.
 struct Block {
+    name: &'static str,
     out: Mutex<Option<Vec<f32>>>,
     tape: Mutex<Option<Tape>>,
 }
@@ -86,15 +106,15 @@ const ALL: (bool, bool, bool) = (true, true, true);
 
 /// `Some(t)` as `t`, `None` as an error naming what is missing.
 fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
-    t.ok_or_else(|| candle_core::Error::Msg(format!("gpt2 block: no gradient for {what}")))
+    t.ok_or_else(|| candle_core::Error::Msg(format!("block: no gradient for {what}")))
 }
 
 /// A weight gradient must have gone to the sink: the block returns nothing for candle.
 fn sunk(grads: &[Option<Tensor>], what: &str) -> Result<()> {
     if grads.iter().any(Option::is_some) {
         candle_core::bail!(
-            "gpt2 block: the gradient of {what} found no gradient sink; the sink installed \
-             before the forward must still be installed for the backward"
+            "block: the gradient of {what} found no gradient sink; the sink installed before \
+             the forward must still be installed for the backward"
         )
     }
     Ok(())
@@ -108,39 +128,47 @@ fn added(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 impl CustomOp1 for Block {
     fn name(&self) -> &'static str {
-        "gpt2-block"
+        self.name
     }
     fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(o) = self.out.lock().expect("gpt2 block").take() else {
-            candle_core::bail!("gpt2 block: forward applied twice")
+        let Some(o) = self.out.lock().expect("block").take() else {
+            candle_core::bail!("{}: forward applied twice", self.name)
         };
         out(o, l.shape())
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let Some(t) = self.tape.lock().expect("gpt2 block").take() else {
-            candle_core::bail!("gpt2 block: backward run twice on one forward")
+        let Some(t) = self.tape.lock().expect("block").take() else {
+            candle_core::bail!("{}: backward run twice on one forward", self.name)
         };
         let g = g.contiguous()?;
-        let w = &t.w;
-        // out = x1 + mlp_proj(gelu(c_fc(ln_2(x1)))), x1 = x + c_proj(attn(c_attn(ln_1(x)))).
-        let (da, dw, db) = CONV1D.grads((&t.a, &w[10], &w[11]), &g, ALL)?;
-        sunk(&[dw, db], "mlp.c_proj")?;
-        let (dh2, dw, db) = t.fc.grads((&t.h2, &w[8], &w[9]), &need(da, "mlp")?, ALL)?;
-        sunk(&[dw, db], "mlp.c_fc")?;
-        let (dx1, dw, db) = t
-            .ln_2
-            .bwd(&t.x1, &w[6], &w[7], &t.h2, &need(dh2, "ln_2")?)?;
-        sunk(&[dw, db], "ln_2")?;
-        let g1 = added(&g, &need(dx1, "ln_2's input")?)?;
-        let (dy, dw, db) = CONV1D.grads((&t.y, &w[4], &w[5]), &g1, ALL)?;
-        sunk(&[dw, db], "attn.c_proj")?;
-        let dqkv = t.attn.bwd(&t.qkv, &t.y, &need(dy, "attention")?)?;
-        let (dh1, dw, db) = CONV1D.grads((&t.h1, &w[2], &w[3]), &need(dqkv, "qkv")?, ALL)?;
-        sunk(&[dw, db], "attn.c_attn")?;
-        let (dx, dw, db) = t.ln_1.bwd(&t.x, &w[0], &w[1], &t.h1, &need(dh1, "ln_1")?)?;
-        sunk(&[dw, db], "ln_1")?;
-        Ok(Some(added(&g1, &need(dx, "the block's input")?)?))
+        Ok(Some(match t {
+            Tape::Gpt2(t) => gpt2_bwd(*t, &g)?,
+            Tape::Llama(t) => llama_bwd(*t, &g)?,
+        }))
     }
+}
+
+/// GPT-2's block backward: the input's gradient, every weight's into the sink.
+fn gpt2_bwd(t: Gpt2Tape, g: &Tensor) -> Result<Tensor> {
+    let w = &t.w;
+    // out = x1 + mlp_proj(gelu(c_fc(ln_2(x1)))), x1 = x + c_proj(attn(c_attn(ln_1(x)))).
+    let (da, dw, db) = CONV1D.grads((&t.a, &w[10], &w[11]), g, ALL)?;
+    sunk(&[dw, db], "mlp.c_proj")?;
+    let (dh2, dw, db) = t.fc.grads((&t.h2, &w[8], &w[9]), &need(da, "mlp")?, ALL)?;
+    sunk(&[dw, db], "mlp.c_fc")?;
+    let (dx1, dw, db) = t
+        .ln_2
+        .bwd(&t.x1, &w[6], &w[7], &t.h2, &need(dh2, "ln_2")?)?;
+    sunk(&[dw, db], "ln_2")?;
+    let g1 = added(g, &need(dx1, "ln_2's input")?)?;
+    let (dy, dw, db) = CONV1D.grads((&t.y, &w[4], &w[5]), &g1, ALL)?;
+    sunk(&[dw, db], "attn.c_proj")?;
+    let dqkv = t.attn.bwd(&t.qkv, &t.y, &need(dy, "attention")?)?;
+    let (dh1, dw, db) = CONV1D.grads((&t.h1, &w[2], &w[3]), &need(dqkv, "qkv")?, ALL)?;
+    sunk(&[dw, db], "attn.c_attn")?;
+    let (dx, dw, db) = t.ln_1.bwd(&t.x, &w[0], &w[1], &t.h1, &need(dh1, "ln_1")?)?;
+    sunk(&[dw, db], "ln_1")?;
+    added(&g1, &need(dx, "the block's input")?)
 }
 
 /// GPT-2's block `[b, t, d] → [b, t, d]` in training as one graph node (see the module's
@@ -185,8 +213,9 @@ pub fn gpt2_block(
     let m = a.apply_op3_no_bwd(ws[10], ws[11], &CONV1D)?;
     let o = with_f32(&[&x1, &m], |s| math::added(s[0], s[1]))?;
     let block = Block {
+        name: "gpt2-block",
         out: Mutex::new(Some(o)),
-        tape: Mutex::new(Some(Tape {
+        tape: Mutex::new(Some(Tape::Gpt2(Box::new(Gpt2Tape {
             w,
             x: xd,
             h1,
@@ -199,7 +228,254 @@ pub fn gpt2_block(
             attn,
             ln_2,
             fc,
-        })),
+        })))),
+    };
+    Ok(Some(x.apply_op1(block)?))
+}
+
+/// A Llama-family block's tensors, in HF layouts: the two RMSNorm weights, the q/k/v
+/// projections `[out, d]` with their biases (Qwen2's: all three or none), and the bias-free
+/// o, gate, up and down projections.
+pub struct LlamaBlockWeights {
+    pub input_norm: Tensor,
+    pub q: (Tensor, Option<Tensor>),
+    pub k: (Tensor, Option<Tensor>),
+    pub v: (Tensor, Option<Tensor>),
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl LlamaBlockWeights {
+    /// Every tensor (weights, then any biases).
+    fn all(&self) -> Vec<&Tensor> {
+        let mut all = vec![
+            &self.input_norm,
+            &self.q.0,
+            &self.k.0,
+            &self.v.0,
+            &self.o,
+            &self.post_norm,
+            &self.gate,
+            &self.up,
+            &self.down,
+        ];
+        all.extend([&self.q.1, &self.k.1, &self.v.1].into_iter().flatten());
+        all
+    }
+}
+
+/// What a Llama block's forward keeps for the backward.
+struct LlamaTape {
+    w: LlamaBlockWeights,
+    /// q, k and v stacked row-wise `[(h + 2·hk)·hd, d]`: the product's weight.
+    wqkv: Tensor,
+    x: Tensor,
+    h1: Tensor,
+    /// The packed projection after RoPE (what attention read).
+    qkv: Tensor,
+    y: Tensor,
+    x1: Tensor,
+    h2: Tensor,
+    s: Tensor,
+    rms_1: RmsNorm,
+    attn: Packed,
+    rms_2: RmsNorm,
+    mlp: SwiGluMlp,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The input gradient of a bias-free HF-layout product `x · Wᵀ` for upstream `g`, its weight
+/// gradient into the sink.
+fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
+    let (m, k) = rows_k(x.dims())?;
+    let n = w.dim(0)?;
+    let grads = linear_grads(x, w, None, g, (m, k, n), false, (true, true, false))?;
+    let (dx, dw, _) = grad_tensors(x, w, n, grads)?;
+    sunk(&[dw], what)?;
+    need(dx, what)
+}
+
+/// A Llama block's backward: the input's gradient, every weight's into the sink.
+fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
+    let w = &t.w;
+    // out = x1 + down(silu(gate(h2)) ⊙ up(h2)), h2 = rms_2(x1);
+    // x1 = x + o(attn(rope(qkv(rms_1(x))))).
+    let ds = product_bwd(&t.s, &w.down, g, "mlp.down_proj")?;
+    let (dh2, dwg, dwu) = t.mlp.grads((&t.h2, &w.gate, &w.up), &ds, ALL)?;
+    sunk(&[dwg, dwu], "mlp.gate_proj/up_proj")?;
+    let (dx1, dw) = t.rms_2.bwd(
+        &t.x1,
+        &w.post_norm,
+        &t.h2,
+        &need(dh2, "post_attention_layernorm")?,
+    )?;
+    sunk(&[dw], "post_attention_layernorm")?;
+    let g1 = added(g, &need(dx1, "post_attention_layernorm's input")?)?;
+    let dy = product_bwd(&t.y, &w.o, &g1, "self_attn.o_proj")?;
+    let mut dqkv = t.attn.grad_vec(&t.qkv, &t.y, &dy)?;
+    let (b, tt, n) = t.qkv.dims3()?;
+    let hd = t.cos.dim(3)?;
+    with_f32(&[&t.cos, &t.sin], |cs| {
+        rope_packed_in_place(
+            &mut dqkv,
+            (b, tt, n),
+            t.attn.h + t.attn.hk,
+            hd,
+            (cs[0], cs[1]),
+            true,
+        )
+    })?;
+    let dqkv = Tensor::from_vec(dqkv, t.qkv.shape(), t.qkv.device())?;
+    let parts = [
+        (&w.q.0, w.q.1.as_ref()),
+        (&w.k.0, w.k.1.as_ref()),
+        (&w.v.0, w.v.1.as_ref()),
+    ];
+    let (dh1, grads) = split_grads(&t.h1, &t.wqkv, &parts, &dqkv)?;
+    for (dw, db) in grads {
+        sunk(&[dw, db], "self_attn's q/k/v projections")?;
+    }
+    let (dx, dw) = t.rms_1.bwd(&t.x, &w.input_norm, &t.h1, &dh1)?;
+    sunk(&[dw], "input_layernorm")?;
+    added(&g1, &need(dx, "the block's input")?)
+}
+
+/// `onto + x · Wᵀ` (an HF-layout product onto nothing, a bias or a residual) as a vector: the
+/// packed projection, which RoPE then rotates in place, and the block's output.
+fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<Vec<f32>> {
+    use candle_core::Storage;
+    fn cpu(s: &Storage) -> Result<&CpuStorage> {
+        match s {
+            Storage::Cpu(s) => Ok(s),
+            _ => candle_core::bail!("llama block: cpu only"),
+        }
+    }
+    let (sx, lx) = x.storage_and_layout();
+    let (sw, lw) = w.storage_and_layout();
+    let (o, _) = match onto {
+        (Some(r), residual) => {
+            let (sr, lr) = r.storage_and_layout();
+            let sr = cpu(&sr)?;
+            let onto = if residual {
+                Onto::Residual(sr, lr)
+            } else {
+                Onto::Bias(sr, lr)
+            };
+            linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, onto, false)?
+        }
+        (None, _) => linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, Onto::Zero, false)?,
+    };
+    match o {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("llama block: f32 only"),
+    }
+}
+
+/// A Llama-family block `[b, t, d] → [b, t, d]` (Llama, SmolLM2, Mistral-style GQA, Qwen2) in
+/// training as one graph node (see the module's documentation): `heads` = (query heads, kv
+/// heads), RMSNorm's `eps`, RoPE's `cos`/`sin` tables `[b, 1, t, head_dim]`. `None` where it
+/// does not apply: a tensor not f32 on the CPU, an input that tracks no gradient, a weight this
+/// thread's gradient sink does not hold, or biases on some of q/k/v but not all.
+pub fn llama_block(
+    x: &Tensor,
+    w: LlamaBlockWeights,
+    heads: (usize, usize),
+    eps: f64,
+    (cos, sin): (&Tensor, &Tensor),
+    mask_bias: &Tensor,
+) -> Result<Option<Tensor>> {
+    let mut all = w.all();
+    let biases = all.len() - 9;
+    all.extend([x, cos, sin, mask_bias]);
+    if x.rank() != 3
+        || !x.track_op()
+        || !fusable(&all)
+        || !(biases == 0 || biases == 3)
+        || !w.all().into_iter().all(sink::holds)
+    {
+        return Ok(None);
+    }
+    let (h, hk) = heads;
+    let (b, t, d) = x.dims3()?;
+    let hd = w.q.0.dim(0)? / h.max(1);
+    let shapes_ok = h > 0
+        && hk > 0
+        && h % hk == 0
+        && hd % 2 == 0
+        && w.q.0.dims() == [h * hd, d]
+        && w.k.0.dims() == [hk * hd, d]
+        && w.v.0.dims() == [hk * hd, d]
+        && cos.dims() == [b, 1, t, hd]
+        && sin.dims() == [b, 1, t, hd];
+    if !shapes_ok {
+        candle_core::bail!(
+            "llama block: x {:?}, q {:?}, k {:?}, v {:?}, {h}/{hk} heads, rope tables {:?}",
+            x.dims(),
+            w.q.0.dims(),
+            w.k.0.dims(),
+            w.v.0.dims(),
+            cos.dims()
+        )
+    }
+    // The same ops as the composed path, run without recording (candle sees only the block).
+    let xd = x.contiguous()?.detach();
+    let rms_1 = RmsNorm(eps as f32, Saved::default());
+    let h1 = xd.apply_op2_no_bwd(&w.input_norm, &rms_1)?;
+    let wqkv = Tensor::cat(&[w.q.0.detach(), w.k.0.detach(), w.v.0.detach()], 0)?;
+    let bqkv = match (&w.q.1, &w.k.1, &w.v.1) {
+        (Some(bq), Some(bk), Some(bv)) => {
+            Some(Tensor::cat(&[bq.detach(), bk.detach(), bv.detach()], 0)?)
+        }
+        _ => None,
+    };
+    let mut qkv = product_vec(&h1, &wqkv, (bqkv.as_ref(), false))?;
+    let n = (h + 2 * hk) * hd;
+    let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
+    with_f32(&[&cos, &sin], |cs| {
+        rope_packed_in_place(&mut qkv, (b, t, n), h + hk, hd, (cs[0], cs[1]), false)
+    })?;
+    let qkv = Tensor::from_vec(qkv, (b, t, n), x.device())?;
+    let attn = Packed {
+        bias: mask_bias.contiguous()?.detach(),
+        h,
+        hk,
+        lse: Mutex::new(vec![]),
+    };
+    let y = qkv.apply_op1_no_bwd(&attn)?;
+    let res = LinearResidual { transposed: false };
+    let x1 = y.apply_op3_no_bwd(&w.o, &xd, &res)?;
+    let rms_2 = RmsNorm(eps as f32, Saved::default());
+    let h2 = x1.apply_op2_no_bwd(&w.post_norm, &rms_2)?;
+    let mlp = SwiGluMlp {
+        save: true,
+        pre: Mutex::new(None),
+    };
+    let s = h2.apply_op3_no_bwd(&w.gate, &w.up, &mlp)?;
+    let o = product_vec(&s, &w.down, (Some(&x1), true))?;
+    let block = Block {
+        name: "llama-block",
+        out: Mutex::new(Some(o)),
+        tape: Mutex::new(Some(Tape::Llama(Box::new(LlamaTape {
+            w,
+            wqkv,
+            x: xd,
+            h1,
+            qkv,
+            y,
+            x1,
+            h2,
+            s,
+            rms_1,
+            attn,
+            rms_2,
+            mlp,
+            cos,
+            sin,
+        })))),
     };
     Ok(Some(x.apply_op1(block)?))
 }

@@ -603,6 +603,99 @@ pub(super) fn linear_grads(
     })
 }
 
+/// Gradients of `y = x · Wᵀ (+ b)` for `x [m, k]` whose HF-layout weight `w [n, k]` is the
+/// row-wise concatenation of `parts` (each `[n_i, k]`, with its bias `[n_i]` if any) — q, k
+/// and v projections run as one product. `dx` comes from the concatenated weight in one GEMM;
+/// each part's dW (and db) from its own columns of `g [m, n]`, into this thread's gradient
+/// sink where it holds the part (`None` then), else returned.
+#[allow(clippy::type_complexity)]
+pub(super) fn split_grads(
+    x: &Tensor,
+    w: &Tensor,
+    parts: &[(&Tensor, Option<&Tensor>)],
+    g: &Tensor,
+) -> Result<(Tensor, Vec<(Option<Tensor>, Option<Tensor>)>)> {
+    let (m, k) = rows_k(x.dims())?;
+    let n = w.dim(0)?;
+    let mut widths = Vec::with_capacity(parts.len());
+    for (p, b) in parts {
+        let (ni, ki) = p.dims2()?;
+        if ki != k || b.is_some_and(|b| b.dims() != [ni]) {
+            candle_core::bail!("split linear: x {:?}, part {:?}", x.dims(), p.dims())
+        }
+        widths.push(ni);
+    }
+    if widths.iter().sum::<usize>() != n || w.dim(1)? != k || rows_k(g.dims())? != (m, n) {
+        candle_core::bail!(
+            "split linear: x {:?}, w {:?}, g {:?}",
+            x.dims(),
+            w.dims(),
+            g.dims()
+        )
+    }
+    let (dx, grads) = with_f32(&[x, w, g], |t| {
+        let (xs, ws, gs) = (t[0], t[1], t[2]);
+        // dx = g · W, W as [n, k].
+        let mut dx = uninit(m * k);
+        let gm = Mat {
+            data: gs,
+            rs: n,
+            cs: 1,
+        };
+        let wm = Mat {
+            data: ws,
+            rs: k,
+            cs: 1,
+        };
+        sgemm(m, k, n, gm, wm, &mut dx, false);
+        let xm = Mat {
+            data: xs,
+            rs: k,
+            cs: 1,
+        };
+        let mut c0 = 0;
+        let mut grads = Vec::with_capacity(parts.len());
+        for (&(p, b), &ni) in parts.iter().zip(&widths) {
+            // dW_i = g[:, c0..c0 + n_i]ᵀ · x, [n_i, k]: gᵀ's rows are g's columns.
+            let gt = Mat {
+                data: &gs[c0..],
+                rs: 1,
+                cs: n,
+            };
+            let dw = sink::weight_grad(p, ni * k, |dw, acc| sgemm(ni, k, m, gt, xm, dw, acc));
+            let db = b.and_then(|b| {
+                sink::weight_grad(b, ni, |db, acc| {
+                    if !acc {
+                        db.fill(0.0);
+                    }
+                    db.par_chunks_mut(256).enumerate().for_each(|(j, d)| {
+                        super::math::add_columns(d, &gs[..m * n], n, c0 + j * 256)
+                    });
+                })
+            });
+            grads.push((dw, db));
+            c0 += ni;
+        }
+        (dx, grads)
+    })?;
+    let dev = x.device();
+    let grads = grads
+        .into_iter()
+        .zip(parts)
+        .map(|((dw, db), (p, b))| -> Result<_> {
+            let dw = dw
+                .map(|v| Tensor::from_vec(v, p.shape(), dev))
+                .transpose()?;
+            let db = match (db, b) {
+                (Some(v), Some(b)) => Some(Tensor::from_vec(v, b.shape(), dev)?),
+                _ => None,
+            };
+            Ok((dw, db))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((Tensor::from_vec(dx, x.shape(), dev)?, grads))
+}
+
 /// (dx, dW) of a bias-free `x · W` for the upstream gradient `g`, each only when wanted.
 fn product_grads(
     x: &Tensor,
@@ -620,8 +713,8 @@ fn product_grads(
 
 /// `r + x · W`: the residual `r` is copied into the output first and the GEMM accumulates onto
 /// it, so the residual stream's add is no op (and no gradient buffer) of its own.
-struct LinearResidual {
-    transposed: bool,
+pub(super) struct LinearResidual {
+    pub(super) transposed: bool,
 }
 
 impl candle_core::CustomOp3 for LinearResidual {
@@ -664,8 +757,8 @@ pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, transposed: bool) -> 
 
 /// `x [m, k] · W` without bias, W stored [k, n] (`transposed`) or [n, k]: the GEMM runs on the
 /// rayon pool (candle's own matmul follows `CANDLE_NUM_THREADS`, which we set to 1).
-struct Linear {
-    transposed: bool,
+pub(super) struct Linear {
+    pub(super) transposed: bool,
 }
 
 impl candle_core::CustomOp2 for Linear {

@@ -111,9 +111,61 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Resu
 
 /// `silu(x · W_gateᵀ) ⊙ (x · W_upᵀ)` with HF [inner, d] weights; keeps both pre-activations for
 /// the backward when `save`.
-struct SwiGluMlp {
-    save: bool,
-    pre: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+pub(super) struct SwiGluMlp {
+    pub(super) save: bool,
+    pub(super) pre: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl SwiGluMlp {
+    /// (dx, dW_gate, dW_up) for upstream `g`, each only when wanted (`bwd` wants those whose
+    /// tensor tracks gradients; [`super::block`] says which itself). Weight gradients go to
+    /// this thread's gradient sink where it holds them.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn grads(
+        &self,
+        (x, wg, wu): (&Tensor, &Tensor, &Tensor),
+        g: &Tensor,
+        (want_x, want_g, want_u): (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, d) = rows_k(x.dims())?;
+        let i = wg.dim(0)?;
+        let pre = self.pre.lock().expect("swiglu-mlp state");
+        let Some((a, b)) = pre.as_ref() else {
+            candle_core::bail!("swiglu-mlp: backward of a forward run without gradients")
+        };
+        let (da, db) = with_f32(&[g], |s| swiglu_grads(a, b, s[0]))?;
+        drop(pre);
+        let r = with_f32(&[x, wg, wu], |s| {
+            let (xs, wgs, wus) = (s[0], s[1], s[2]);
+            let wrow = |data| mat(data, d, 1);
+            // dx = da · W_gate + db · W_up: the second product accumulates onto the first.
+            let dx = want_x.then(|| {
+                let mut dx = uninit(m * d);
+                sgemm(m, d, i, mat(&da, i, 1), wrow(wgs), &mut dx, false);
+                sgemm(m, d, i, mat(&db, i, 1), wrow(wus), &mut dx, true);
+                dx
+            });
+            // dW = daᵀ · x, [inner, d].
+            let dw = |want: bool, w: &Tensor, dz: &[f32]| {
+                if !want {
+                    return None;
+                }
+                sink::weight_grad(w, i * d, |dw, acc| {
+                    sgemm(i, d, m, mat(dz, 1, i), wrow(xs), dw, acc)
+                })
+            };
+            (dx, dw(want_g, wg, &da), dw(want_u, wu, &db))
+        })?;
+        let dev = x.device();
+        Ok((
+            r.0.map(|v| Tensor::from_vec(v, x.shape(), dev))
+                .transpose()?,
+            r.1.map(|v| Tensor::from_vec(v, wg.shape(), dev))
+                .transpose()?,
+            r.2.map(|v| Tensor::from_vec(v, wu.shape(), dev))
+                .transpose()?,
+        ))
+    }
 }
 
 impl CustomOp3 for SwiGluMlp {
@@ -149,45 +201,8 @@ impl CustomOp3 for SwiGluMlp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, d) = rows_k(x.dims())?;
-        let i = wg.dim(0)?;
-        let pre = self.pre.lock().expect("swiglu-mlp state");
-        let Some((a, b)) = pre.as_ref() else {
-            candle_core::bail!("swiglu-mlp: backward of a forward run without gradients")
-        };
-        let (da, db) = with_f32(&[g], |s| swiglu_grads(a, b, s[0]))?;
-        drop(pre);
-        let (want_x, want_g, want_u) = (x.track_op(), wg.track_op(), wu.track_op());
-        let r = with_f32(&[x, wg, wu], |s| {
-            let (xs, wgs, wus) = (s[0], s[1], s[2]);
-            let wrow = |data| mat(data, d, 1);
-            // dx = da · W_gate + db · W_up: the second product accumulates onto the first.
-            let dx = want_x.then(|| {
-                let mut dx = uninit(m * d);
-                sgemm(m, d, i, mat(&da, i, 1), wrow(wgs), &mut dx, false);
-                sgemm(m, d, i, mat(&db, i, 1), wrow(wus), &mut dx, true);
-                dx
-            });
-            // dW = daᵀ · x, [inner, d].
-            let dw = |want: bool, w: &Tensor, dz: &[f32]| {
-                if !want {
-                    return None;
-                }
-                sink::weight_grad(w, i * d, |dw, acc| {
-                    sgemm(i, d, m, mat(dz, 1, i), wrow(xs), dw, acc)
-                })
-            };
-            (dx, dw(want_g, wg, &da), dw(want_u, wu, &db))
-        })?;
-        let dev = x.device();
-        Ok((
-            r.0.map(|v| Tensor::from_vec(v, x.shape(), dev))
-                .transpose()?,
-            r.1.map(|v| Tensor::from_vec(v, wg.shape(), dev))
-                .transpose()?,
-            r.2.map(|v| Tensor::from_vec(v, wu.shape(), dev))
-                .transpose()?,
-        ))
+        let wants = (x.track_op(), wg.track_op(), wu.track_op());
+        self.grads((x, wg, wu), g, wants)
     }
 }
 

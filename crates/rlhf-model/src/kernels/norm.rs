@@ -228,7 +228,7 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
-struct RmsNorm(f32, Saved);
+pub(super) struct RmsNorm(pub(super) f32, pub(super) Saved);
 
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {

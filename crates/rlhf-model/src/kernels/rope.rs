@@ -93,6 +93,95 @@ fn run(
     y
 }
 
+/// One row in place: [`row`]'s arithmetic, each pair read before it is written.
+#[inline(always)]
+fn row_in_place(x: &mut [f32], c: &[f32], s: &[f32], back: bool) {
+    let h = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(h);
+    let (c1, c2) = c.split_at(h);
+    let (s1, s2) = s.split_at(h);
+    if back {
+        for i in 0..h {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * c1[i] + b * s2[i];
+            x2[i] = b * c2[i] - a * s1[i];
+        }
+    } else {
+        for i in 0..h {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * c1[i] - b * s1[i];
+            x2[i] = b * c2[i] + a * s2[i];
+        }
+    }
+}
+
+crate::multiversion! {
+    /// The first `heads` heads (`d` wide) of each of `rows` (whose rows are `w` floats and
+    /// whose first is token `r0` of a sequence of `t`), rotated in place.
+    fn packed_rows(
+        rows: &mut [f32], w: usize, r0: usize, t: usize, heads: usize, d: usize,
+        cos: &[f32], sin: &[f32], back: bool,
+    ) {
+        for (i, r) in rows.chunks_exact_mut(w).enumerate() {
+            let ti = (r0 + i) % t;
+            let tab = ti * d..(ti + 1) * d;
+            let (c, s) = (&cos[tab.clone()], &sin[tab]);
+            for hx in r[..heads * d].chunks_exact_mut(d) {
+                row_in_place(hx, c, s, back);
+            }
+        }
+    }
+}
+
+/// RoPE in place on a packed projection `[b, t, w]` (`dims`) whose first `heads` heads of `d`
+/// (q's, then k's) rotate and the rest (v) do not; cos/sin `[b, 1, t, d]` (contiguous, as
+/// slices). `back`: the backward (the rotation's transpose) on the gradient of such a tensor.
+/// The same arithmetic as the [`rope`] op, so the same values.
+pub(super) fn rope_packed_in_place(
+    x: &mut [f32],
+    dims: (usize, usize, usize),
+    heads: usize,
+    d: usize,
+    (cos, sin): (&[f32], &[f32]),
+    back: bool,
+) {
+    let (b, t, w) = dims;
+    assert!(
+        heads * d <= w && x.len() == b * t * w && cos.len() == b * t * d && sin.len() == cos.len(),
+        "rope: packed [{b}, {t}, {w}], {heads} heads of {d}, tables of {}",
+        cos.len()
+    );
+    if x.is_empty() {
+        return;
+    }
+    // Blocks of rows within one sequence, so each block reads one sequence's tables.
+    let per = 16usize.min(t);
+    x.par_chunks_mut(w * per).enumerate().for_each(|(j, rows)| {
+        let r0 = j * per;
+        let bi = r0 / t;
+        // A block may run past its sequence's end when t is not a multiple of `per`: split it.
+        let first = rows.len() / w;
+        let in_seq = (t - r0 % t).min(first);
+        let (a, rest) = rows.split_at_mut(in_seq * w);
+        let tab = |bi: usize| bi * t * d..(bi + 1) * t * d;
+        packed_rows(
+            a,
+            w,
+            r0 % t,
+            t,
+            heads,
+            d,
+            &cos[tab(bi)],
+            &sin[tab(bi)],
+            back,
+        );
+        if !rest.is_empty() {
+            let tb = tab(bi + 1);
+            packed_rows(rest, w, 0, t, heads, d, &cos[tb.clone()], &sin[tb], back);
+        }
+    });
+}
+
 /// `(b, h, t, d)`.
 type Dims4 = (usize, usize, usize, usize);
 
