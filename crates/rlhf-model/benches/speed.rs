@@ -295,7 +295,7 @@ fn main() -> anyhow::Result<()> {
     rlhf_model::kernels::init_cpu_runtime();
     // RLHF_BENCH_UNFUSED_HEAD=1: logits tensor, then the fused log-softmax+gather.
     let unfused_head = std::env::var_os("RLHF_BENCH_UNFUSED_HEAD").is_some();
-    // RLHF_BENCH_COMPOSED=1: GPT-2's blocks as their ops, not one node each (see the sink below).
+    // RLHF_BENCH_COMPOSED=1: the blocks as their ops, not one node each (see the sink below).
     let composed = std::env::var_os("RLHF_BENCH_COMPOSED").is_some();
     let model = CausalLM::random(cfg, 0)?;
     let vocab = model.config.vocab_size();
@@ -332,7 +332,7 @@ fn main() -> anyhow::Result<()> {
             let t0 = Instant::now();
             let mut body = || -> anyhow::Result<f32> {
                 // Weight gradients of the fused ops go to the sink; candle returns the rest.
-                // Installed before the forward, so that GPT-2's blocks run as one node each
+                // Installed before the forward, so that the blocks run as one node each
                 // (after it with RLHF_BENCH_COMPOSED=1: the blocks composed of their ops).
                 let tensors: Vec<&Tensor> = params.iter().map(|p| p.var().as_tensor()).collect();
                 let early = (!composed)

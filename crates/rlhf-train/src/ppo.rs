@@ -1117,7 +1117,7 @@ impl PpoTrainer {
                 let ret = mb.padded(&pick(&ro.returns, &rows))?;
 
                 // The fused ops write weight gradients into the sink, candle returns the rest.
-                // Installed before the forward: GPT-2's blocks then run as one graph node each
+                // Installed before the forward: GPT-2's and Llama's blocks then run as one node each
                 // (`rlhf_model::kernels::block`).
                 let sink = GradSink::install(&sink_tensors)?;
                 let (h, logits, new_lp) = policy_forward(&self.policy, &mb, cfg.temperature)?;

@@ -15,7 +15,7 @@
 //! threads never share one.
 //!
 //! Install it before the forward where you can (the trainer, PPO and the bench do): GPT-2's
-//! blocks then run in training as one graph node each ([`super::block`]), which needs to know
+//! blocks and Llama-family layers then run in training as one graph node each ([`super::block`]), which needs to know
 //! during the forward that its weights' gradients have somewhere to go. Installed only around
 //! `backward()`, the sink still takes the weight gradients and the blocks are composed of
 //! their ops.
