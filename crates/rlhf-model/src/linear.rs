@@ -188,6 +188,31 @@ impl Linear {
         self.fused_kernels(x) && !lora_on && rows > crate::kernels::matmul::SMALL_M
     }
 
+    /// This HF-layout linear inside a fused block in training
+    /// ([`crate::kernels::block::llama_block`]): its weight, bias and active adapter (A, B,
+    /// scale); `None` where the block cannot run it (off the fused path, decoding's few rows,
+    /// a Conv1D weight, or an adapter whose dropout is drawing masks in this step).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn block_parts(
+        &self,
+        x: &Tensor,
+    ) -> Option<(Tensor, Option<Tensor>, Option<(Tensor, Tensor, f64)>)> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        if self.transposed || !self.fused_kernels(x) || rows <= crate::kernels::matmul::SMALL_M {
+            return None;
+        }
+        let lora = match &self.lora {
+            Some(l) if self.adapters_on.load(Ordering::Relaxed) => {
+                if l.dropout > 0.0 && l.noise.load(Ordering::Relaxed) != 0 {
+                    return None;
+                }
+                Some((l.a.t(), l.b.t(), l.scale))
+            }
+            _ => None,
+        };
+        Some((self.weight.t(), self.bias.as_ref().map(|b| b.t()), lora))
+    }
+
     /// `gelu_tanh(forward(x))`: on the fused path with a bias (GPT-2's `c_fc`), one op for the
     /// product, the bias and the activation ([`crate::kernels::mlp::linear_gelu`]).
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {

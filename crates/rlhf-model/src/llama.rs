@@ -37,9 +37,9 @@ struct Layer {
 
 impl Layer {
     /// The layer in training as one graph node ([`crate::kernels::block::llama_block`]), when
-    /// every weight gradient goes to this thread's gradient sink and every projection is a
-    /// plain HF linear on the fused path (no active LoRA adapter; biases only on q/k/v);
-    /// `None` otherwise.
+    /// every trained tensor's gradient goes to this thread's gradient sink and every
+    /// projection is an HF linear on the fused path (adapters only on q/k/v/o, without dropout
+    /// masks in this step; biases only on q/k/v); `None` otherwise.
     fn fused_train(
         &self,
         x: &Tensor,
@@ -48,24 +48,30 @@ impl Layer {
         rope: (&Tensor, &Tensor),
         bias: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let plain = |l: &Linear| !l.transposed && l.plain_fused(x);
-        let with_bias =
-            |l: &Linear| plain(l).then(|| (l.weight.t(), l.bias.as_ref().map(|b| b.t())));
-        let bare = |l: &Linear| (plain(l) && l.bias.is_none()).then(|| l.weight.t());
-        let (Some(q), Some(k), Some(v)) =
-            (with_bias(&self.q), with_bias(&self.k), with_bias(&self.v))
+        use crate::kernels::block::{LlamaBlockWeights, LoraWeights, Projection};
+        let proj = |l: &Linear| {
+            l.block_parts(x).map(|(w, bias, lora)| Projection {
+                w,
+                bias,
+                lora: lora.map(|(a, b, scale)| LoraWeights { a, b, scale }),
+            })
+        };
+        // The MLP's products: plain (no bias, no active adapter).
+        let bare = |l: &Linear| match l.block_parts(x) {
+            Some((w, None, None)) => Some(w),
+            _ => None,
+        };
+        let (Some(q), Some(k), Some(v), Some(o)) =
+            (proj(&self.q), proj(&self.k), proj(&self.v), proj(&self.o))
         else {
             return Ok(None);
         };
-        let (Some(o), Some(gate), Some(up), Some(down)) = (
-            bare(&self.o),
-            bare(&self.gate),
-            bare(&self.up),
-            bare(&self.down),
-        ) else {
+        let (Some(gate), Some(up), Some(down)) =
+            (bare(&self.gate), bare(&self.up), bare(&self.down))
+        else {
             return Ok(None);
         };
-        let w = crate::kernels::block::LlamaBlockWeights {
+        let w = LlamaBlockWeights {
             input_norm: self.input_norm.t(),
             q,
             k,

@@ -1365,23 +1365,25 @@ fn gpt2_block_is_the_composed_block() {
 }
 
 /// The Llama block node against the same block composed of the fused ops, with and without
-/// Qwen2's q/k/v biases, on grouped-query attention and left padding.
+/// Qwen2's q/k/v biases, on grouped-query attention and left padding; and as a LoRA model
+/// trains it: every base tensor frozen, adapters on q, v and o.
 #[test]
 fn llama_block_is_the_composed_block() {
-    for qkv_bias in [false, true] {
-        llama_block_case(qkv_bias);
+    for (qkv_bias, lora) in [(false, false), (true, false), (true, true)] {
+        llama_block_case(qkv_bias, lora);
     }
 }
 
-fn llama_block_case(qkv_bias: bool) {
-    use rlhf_model::kernels::block::{llama_block, LlamaBlockWeights};
+fn llama_block_case(qkv_bias: bool, lora: bool) {
+    use rlhf_model::kernels::block::{llama_block, LlamaBlockWeights, LoraWeights, Projection};
     use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
     use rlhf_model::kernels::mlp::swiglu_mlp;
     use rlhf_model::kernels::sink::GradSink;
     // b=2, t=20 (40 rows: more than decoding's few), d=32; 4 query heads over 2 kv heads of 8;
     // an MLP of 48; row 1 left-padded by 3 (its positions start after the padding).
-    let (b, t, d, nh, nkv, hd, inner) = (2, 20, 32, 4, 2, 8, 48);
+    let (b, t, d, nh, nkv, hd, inner, r) = (2, 20, 32, 4, 2, 8, 48, 4);
     let eps = 1e-5;
+    let scale = 2.0;
     let mut mask = vec![vec![1u8; t]; b];
     mask[1][..3].fill(0);
     let bias = bias(&mask, 0, t);
@@ -1407,16 +1409,47 @@ fn llama_block_case(qkv_bias: bool) {
     }
     let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
     let vars = block_vars(&shapes, 400, |i| i == 0 || i == 5);
-    let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    // A LoRA model's base is frozen (tensors that track no gradient).
+    let w: Vec<Tensor> = vars
+        .iter()
+        .map(|v| match lora {
+            true => v.as_tensor().detach(),
+            false => v.as_tensor().clone(),
+        })
+        .collect();
+    // Adapters (A [r, in], B [out, r]) on q, v and o; B non-zero so that they matter.
+    let ad_shapes: [&[usize]; 6] = [
+        &[r, d],
+        &[nh * hd, r],
+        &[r, d],
+        &[nkv * hd, r],
+        &[r, nh * hd],
+        &[d, r],
+    ];
+    let ad_vars = block_vars(&ad_shapes, 500, |_| false);
+    let ad: Vec<Tensor> = ad_vars.iter().map(|v| v.as_tensor().clone()).collect();
+    // What trains: every tensor, or the adapters alone.
+    let trained: Vec<Tensor> = if lora { ad.clone() } else { w.clone() };
     let x = Var::from_vec(data(b * t * d, 399), (b, t, d), &DEV).unwrap();
+    let adapter = |i: usize| {
+        lora.then(|| LoraWeights {
+            a: ad[i].clone(),
+            b: ad[i + 1].clone(),
+            scale,
+        })
+    };
     let weights = || {
-        let bias_of = |i: usize| qkv_bias.then(|| w[9 + i].clone());
+        let proj = |i: usize, lora: Option<LoraWeights>| Projection {
+            w: w[i].clone(),
+            bias: (qkv_bias && i < 4).then(|| w[8 + i].clone()),
+            lora,
+        };
         LlamaBlockWeights {
             input_norm: w[0].clone(),
-            q: (w[1].clone(), bias_of(0)),
-            k: (w[2].clone(), bias_of(1)),
-            v: (w[3].clone(), bias_of(2)),
-            o: w[4].clone(),
+            q: proj(1, adapter(0)),
+            k: proj(2, None),
+            v: proj(3, adapter(2)),
+            o: proj(4, adapter(4)),
             post_norm: w[5].clone(),
             gate: w[6].clone(),
             up: w[7].clone(),
@@ -1424,6 +1457,14 @@ fn llama_block_case(qkv_bias: bool) {
         }
     };
     let block = |x: &Tensor| llama_block(x, weights(), (nh, nkv), eps, (&cos, &sin), &bias);
+    // As `Linear::forward` composes an adapter: y + (scale · x Aᵀ) Bᵀ, B's product onto y.
+    let with_adapter = |y: Tensor, x: &Tensor, i: usize| match lora {
+        true => {
+            let h = (linear(x, &ad[i], false).unwrap() * scale).unwrap();
+            linear_residual(&h, &ad[i + 1], &y, false).unwrap()
+        }
+        false => y,
+    };
     let composed = |x: &Tensor| -> Tensor {
         let h = fused::rms_norm(x, &w[0], eps).unwrap();
         let proj = |i: usize| match qkv_bias {
@@ -1431,53 +1472,61 @@ fn llama_block_case(qkv_bias: bool) {
             false => linear(&h, &w[i], false).unwrap(),
         };
         let m = fused::Heads::Merged;
-        let q = fused::rope_heads(&proj(1), m(nh), &cos, &sin).unwrap();
+        let q = with_adapter(proj(1), &h, 0);
+        let q = fused::rope_heads(&q, m(nh), &cos, &sin).unwrap();
         let k = fused::rope_heads(&proj(2), m(nkv), &cos, &sin).unwrap();
-        let v = proj(3);
+        let v = with_adapter(proj(3), &h, 2);
         let s = fused::Heads::Split;
         let y = fused::attention_forms((&q, s), (&k, s), (&v, m(nkv)), &bias, m(nh)).unwrap();
-        let x1 = linear_residual(&y, &w[4], x, false).unwrap();
+        let x1 = match lora {
+            // `Linear::forward_residual` with an active adapter: residual + forward(x).
+            true => (x + with_adapter(linear(&y, &w[4], false).unwrap(), &y, 4)).unwrap(),
+            false => linear_residual(&y, &w[4], x, false).unwrap(),
+        };
         let h = fused::rms_norm(&x1, &w[5], eps).unwrap();
         let g = swiglu_mlp(&h, &w[6], &w[7]).unwrap();
         linear_residual(&g, &w[8], &x1, false).unwrap()
     };
+    let case = format!("bias {qkv_bias}, lora {lora}");
     // Without a sink the block is not taken (weight gradients would have nowhere to go).
     assert!(block(x.as_tensor()).unwrap().is_none());
     let want = composed(x.as_tensor());
     let probe = probe_for(&want);
     let gw = probed_backward(&want, &probe).unwrap();
     let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| vals(g.get(t).unwrap());
-    let want_grads: Vec<Vec<f32>> = w.iter().map(|t| grad(&gw, t)).collect();
+    let want_grads: Vec<Vec<f32>> = trained.iter().map(|t| grad(&gw, t)).collect();
     let want_dx = grad(&gw, x.as_tensor());
 
-    // A sink missing one tensor (the last: down_proj, or v's bias): not taken either.
-    let sink = GradSink::install(&w[..w.len() - 1].iter().collect::<Vec<_>>()).unwrap();
+    // A sink missing one trained tensor (the last): not taken either.
+    let sink = GradSink::install(&trained[..trained.len() - 1].iter().collect::<Vec<_>>()).unwrap();
     assert!(block(x.as_tensor()).unwrap().is_none());
     drop(sink);
 
-    // With the sink over all, before the forward: one node, the composed block's numbers, and
-    // every weight gradient in the sink (none for candle), over two passes accumulated.
-    let sink = GradSink::install(&w.iter().collect::<Vec<_>>()).unwrap();
+    // With the sink over what trains, before the forward: one node, the composed block's
+    // numbers, and every weight gradient in the sink (none for candle), over two passes.
+    let sink = GradSink::install(&trained.iter().collect::<Vec<_>>()).unwrap();
     for _ in 0..2 {
         let got = block(x.as_tensor())
             .unwrap()
             .expect("the block applies under a sink holding its weights");
         let e = max_err(&vals(&got), &vals(&want));
-        // The stacked q/k/v product sums each element as the three products do (one k-block
-        // at d = 32), and RoPE in place is the op's arithmetic: the same bits.
-        assert!(e == 0.0, "block output differs by {e} (bias {qkv_bias})");
+        if lora {
+            // o's adapter adds onto x + y·Woᵀ, where the composed layer adds x last.
+            assert!(e < 1e-6, "block output differs by {e} ({case})");
+        } else {
+            // The stacked q/k/v product sums each element as the three products do (one
+            // k-block at d = 32), and RoPE in place is the op's arithmetic: the same bits.
+            assert!(e == 0.0, "block output differs by {e} ({case})");
+        }
         let g = probed_backward(&got, &probe).unwrap();
         assert!(
-            w.iter().all(|t| g.get(t).is_none()),
+            trained.iter().all(|t| g.get(t).is_none()),
             "weight gradients reached candle"
         );
         let e = max_err(&grad(&g, x.as_tensor()), &want_dx);
         // dx sums q's, k's and v's contributions in one product, where candle adds three:
         // another order of the same sums (7e-7 here).
-        assert!(
-            e < 1e-5,
-            "block input gradient differs by {e} (bias {qkv_bias})"
-        );
+        assert!(e < 1e-5, "block input gradient differs by {e} ({case})");
     }
     assert_sink_holds_twice(&sink, &want_grads);
     // The sink gone between forward and backward: a clear error, not lost gradients.

@@ -21,7 +21,9 @@
 //!
 //! It applies only where every weight gradient has a destination without candle: each of the
 //! block's tensors is held by the sink installed on this thread *before the forward*, and the
-//! block's input tracks gradients (otherwise candle would never call its backward). The
+//! block's input tracks gradients (otherwise candle would never call its backward). The Llama
+//! block also takes frozen tensors (tracking no gradient: it computes none for them) and runs
+//! LoRA adapters on q, k, v and o itself, so a LoRA model's layers are one node each too. The
 //! functions return `None` otherwise, and the caller composes the block from its ops.
 //!
 //! The backward consumes the tape, freeing each block's activations as soon as its gradients
@@ -33,13 +35,13 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
-use super::matmul::{
-    grad_tensors, linear_fwd, linear_grads, rows_k, split_grads, LinearBias, LinearResidual, Onto,
-};
+use super::gemm::{sgemm, Mat};
+use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, LinearBias, Onto};
 use super::mlp::{LinearGelu, SwiGluMlp};
 use super::norm::{LayerNorm, RmsNorm, Saved};
 use super::rope::rope_packed_in_place;
 use super::{fusable, math, out, sink, with_f32};
+use rayon::prelude::*;
 
 /// The block's tensors: LayerNorm weights and biases, Conv1D weights `[in, out]` and biases.
 pub struct Gpt2BlockWeights {
@@ -109,13 +111,18 @@ fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
     t.ok_or_else(|| candle_core::Error::Msg(format!("block: no gradient for {what}")))
 }
 
+/// The error for a weight gradient that found no sink to go to.
+fn no_sink(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "block: the gradient of {what} found no gradient sink; the sink installed before the \
+         forward must still be installed for the backward"
+    ))
+}
+
 /// A weight gradient must have gone to the sink: the block returns nothing for candle.
 fn sunk(grads: &[Option<Tensor>], what: &str) -> Result<()> {
     if grads.iter().any(Option::is_some) {
-        candle_core::bail!(
-            "block: the gradient of {what} found no gradient sink; the sink installed before \
-             the forward must still be installed for the backward"
-        )
+        return Err(no_sink(what));
     }
     Ok(())
 }
@@ -233,15 +240,31 @@ pub fn gpt2_block(
     Ok(Some(x.apply_op1(block)?))
 }
 
-/// A Llama-family block's tensors, in HF layouts: the two RMSNorm weights, the q/k/v
-/// projections `[out, d]` with their biases (Qwen2's: all three or none), and the bias-free
-/// o, gate, up and down projections.
+/// A LoRA adapter on a projection: `y += scale · (x · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`.
+pub struct LoraWeights {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// One of a Llama layer's attention projections (HF layout `[out, in]`): its weight, its bias
+/// (Qwen2's q/k/v; never on o), and its LoRA adapter if one is active.
+pub struct Projection {
+    pub w: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraWeights>,
+}
+
+/// A Llama-family block's tensors, in HF layouts: the two RMSNorm weights, the q/k/v/o
+/// projections (q/k/v biases all three or none), and the bias-free gate, up and down
+/// projections. A tensor that tracks no gradient is frozen: the block computes no gradient
+/// for it (a LoRA model's base weights).
 pub struct LlamaBlockWeights {
     pub input_norm: Tensor,
-    pub q: (Tensor, Option<Tensor>),
-    pub k: (Tensor, Option<Tensor>),
-    pub v: (Tensor, Option<Tensor>),
-    pub o: Tensor,
+    pub q: Projection,
+    pub k: Projection,
+    pub v: Projection,
+    pub o: Projection,
     pub post_norm: Tensor,
     pub gate: Tensor,
     pub up: Tensor,
@@ -249,20 +272,22 @@ pub struct LlamaBlockWeights {
 }
 
 impl LlamaBlockWeights {
-    /// Every tensor (weights, then any biases).
+    /// Every tensor: weights, biases, adapters.
     fn all(&self) -> Vec<&Tensor> {
         let mut all = vec![
             &self.input_norm,
-            &self.q.0,
-            &self.k.0,
-            &self.v.0,
-            &self.o,
             &self.post_norm,
             &self.gate,
             &self.up,
             &self.down,
         ];
-        all.extend([&self.q.1, &self.k.1, &self.v.1].into_iter().flatten());
+        for p in [&self.q, &self.k, &self.v, &self.o] {
+            all.push(&p.w);
+            all.extend(&p.bias);
+            if let Some(l) = &p.lora {
+                all.extend([&l.a, &l.b]);
+            }
+        }
         all
     }
 }
@@ -280,6 +305,8 @@ struct LlamaTape {
     x1: Tensor,
     h2: Tensor,
     s: Tensor,
+    /// Each adapter's `scale · x · Aᵀ` (q, k, v, o), kept for its gradients.
+    lora_h: [Option<Vec<f32>>; 4],
     rms_1: RmsNorm,
     attn: Packed,
     rms_2: RmsNorm,
@@ -288,34 +315,154 @@ struct LlamaTape {
     sin: Tensor,
 }
 
-/// The input gradient of a bias-free HF-layout product `x · Wᵀ` for upstream `g`, its weight
-/// gradient into the sink.
-fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
-    let (m, k) = rows_k(x.dims())?;
-    let n = w.dim(0)?;
-    let grads = linear_grads(x, w, None, g, (m, k, n), false, (true, true, false))?;
-    let (dx, dw, _) = grad_tensors(x, w, n, grads)?;
-    sunk(&[dw], what)?;
-    need(dx, what)
+/// Whether the block computes `t`'s gradient: it tracks one (a frozen tensor does not).
+fn trains(t: &Tensor) -> bool {
+    t.track_op()
 }
 
-/// A Llama block's backward: the input's gradient, every weight's into the sink.
+/// A norm weight's gradient must have gone to the sink, unless the weight is frozen.
+fn sunk_unless_frozen(grad: Option<Tensor>, w: &Tensor, what: &str) -> Result<()> {
+    if trains(w) {
+        sunk(&[grad], what)?;
+    }
+    Ok(())
+}
+
+/// The input gradient of a bias-free HF-layout product `x · Wᵀ` for upstream `g` as a vector,
+/// its weight gradient into the sink (none for a frozen weight).
+fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let (m, k) = rows_k(x.dims())?;
+    let n = w.dim(0)?;
+    let (dx, dw, _) = linear_grads(x, w, None, g, (m, k, n), false, (true, trains(w), false))?;
+    if dw.is_some() {
+        return Err(no_sink(what));
+    }
+    dx.ok_or_else(|| candle_core::Error::Msg(format!("block: no gradient for {what}")))
+}
+
+/// A row-major `[rows × cols]` slice as a GEMM operand (`t`: its transpose).
+fn rm(data: &[f32], cols: usize, t: bool) -> Mat<'_> {
+    if t {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    } else {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+}
+
+/// An adapter's forward on `x [m, k]`: `ha = scale · x · Aᵀ` `[m, r]` (kept for the backward),
+/// and `y[:, c0..c0 + o] += ha · Bᵀ` on `y`'s rows of `n`.
+fn lora_fwd(
+    x: &Tensor,
+    l: &LoraWeights,
+    y: &mut [f32],
+    (n, c0): (usize, usize),
+) -> Result<Vec<f32>> {
+    let (m, k) = rows_k(x.dims())?;
+    let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
+    if l.a.dims() != [r, k] || l.b.dims() != [o, r] || c0 + o > n || y.len() != m * n {
+        candle_core::bail!(
+            "llama block: adapter {:?} {:?} on x {:?}",
+            l.a.dims(),
+            l.b.dims(),
+            x.dims()
+        )
+    }
+    with_f32(&[x, &l.a, &l.b], |s| {
+        let mut ha = super::uninit(m * r);
+        sgemm(
+            m,
+            r,
+            k,
+            rm(s[0], k, false),
+            rm(s[1], k, true),
+            &mut ha,
+            false,
+        );
+        let scale = l.scale as f32;
+        ha.par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= scale));
+        let mut d = super::uninit(m * o);
+        sgemm(m, o, r, rm(&ha, r, false), rm(s[2], r, true), &mut d, false);
+        y.par_chunks_mut(n)
+            .zip(d.par_chunks(o))
+            .for_each(|(yr, dr)| math::add_assign(&mut yr[c0..c0 + o], dr));
+        ha
+    })
+}
+
+/// An adapter's backward: for the gradient `g` of its output (columns `c0..c0 + o` of rows of
+/// `n`), dB = gᵀ · ha and dA = (scale · g · B)ᵀ · x into the sink, and (scale · g · B) · A
+/// added onto `dx [m, k]`.
+fn lora_bwd(
+    x: &Tensor,
+    l: &LoraWeights,
+    ha: &[f32],
+    g: &[f32],
+    (n, c0): (usize, usize),
+    dx: &mut [f32],
+    what: &str,
+) -> Result<()> {
+    let (m, k) = rows_k(x.dims())?;
+    let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
+    let gc = &g[c0..];
+    let (db, da) = with_f32(&[x, &l.a, &l.b], |s| {
+        let db = sink::weight_grad(&l.b, o * r, |dst, acc| {
+            sgemm(o, r, m, rm(gc, n, true), rm(ha, r, false), dst, acc)
+        });
+        let mut du = super::uninit(m * r);
+        sgemm(
+            m,
+            r,
+            o,
+            rm(gc, n, false),
+            rm(s[2], r, false),
+            &mut du,
+            false,
+        );
+        let scale = l.scale as f32;
+        du.iter_mut().for_each(|v| *v *= scale);
+        let da = sink::weight_grad(&l.a, r * k, |dst, acc| {
+            sgemm(r, k, m, rm(&du, r, true), rm(s[0], k, false), dst, acc)
+        });
+        sgemm(m, k, r, rm(&du, r, false), rm(s[1], k, false), dx, true);
+        (db, da)
+    })?;
+    if db.is_some() || da.is_some() {
+        return Err(no_sink(what));
+    }
+    Ok(())
+}
+
+/// A Llama block's backward: the input's gradient, every trained weight's into the sink.
 fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
     let w = &t.w;
+    let dev = t.x.device();
     // out = x1 + down(silu(gate(h2)) ⊙ up(h2)), h2 = rms_2(x1);
-    // x1 = x + o(attn(rope(qkv(rms_1(x))))).
+    // x1 = x + o(attn(rope(qkv(rms_1(x))))), each of q/k/v/o plus its adapter if any.
     let ds = product_bwd(&t.s, &w.down, g, "mlp.down_proj")?;
-    let (dh2, dwg, dwu) = t.mlp.grads((&t.h2, &w.gate, &w.up), &ds, ALL)?;
+    let ds = Tensor::from_vec(ds, t.s.shape(), dev)?;
+    let wants = (true, trains(&w.gate), trains(&w.up));
+    let (dh2, dwg, dwu) = t.mlp.grads((&t.h2, &w.gate, &w.up), &ds, wants)?;
     sunk(&[dwg, dwu], "mlp.gate_proj/up_proj")?;
-    let (dx1, dw) = t.rms_2.bwd(
-        &t.x1,
-        &w.post_norm,
-        &t.h2,
-        &need(dh2, "post_attention_layernorm")?,
-    )?;
-    sunk(&[dw], "post_attention_layernorm")?;
+    let dh2 = need(dh2, "post_attention_layernorm")?;
+    let (dx1, dw) = t.rms_2.bwd(&t.x1, &w.post_norm, &t.h2, &dh2)?;
+    sunk_unless_frozen(dw, &w.post_norm, "post_attention_layernorm")?;
     let g1 = added(g, &need(dx1, "post_attention_layernorm's input")?)?;
-    let dy = product_bwd(&t.y, &w.o, &g1, "self_attn.o_proj")?;
+    let mut dy = product_bwd(&t.y, &w.o.w, &g1, "self_attn.o_proj")?;
+    if let (Some(l), Some(ha)) = (&w.o.lora, &t.lora_h[3]) {
+        let d = g1.dim(2)?;
+        let g1v = g1.flatten_all()?.to_vec1::<f32>()?;
+        lora_bwd(&t.y, l, ha, &g1v, (d, 0), &mut dy, "o_proj's adapter")?;
+    }
+    let dy = Tensor::from_vec(dy, t.y.shape(), dev)?;
     let mut dqkv = t.attn.grad_vec(&t.qkv, &t.y, &dy)?;
     let (b, tt, n) = t.qkv.dims3()?;
     let hd = t.cos.dim(3)?;
@@ -329,18 +476,21 @@ fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
             true,
         )
     })?;
-    let dqkv = Tensor::from_vec(dqkv, t.qkv.shape(), t.qkv.device())?;
-    let parts = [
-        (&w.q.0, w.q.1.as_ref()),
-        (&w.k.0, w.k.1.as_ref()),
-        (&w.v.0, w.v.1.as_ref()),
-    ];
-    let (dh1, grads) = split_grads(&t.h1, &t.wqkv, &parts, &dqkv)?;
+    let parts = [&w.q, &w.k, &w.v].map(|p| (&p.w, p.bias.as_ref()));
+    let (mut dh1, grads) = split_grads(&t.h1, &t.wqkv, &parts, &dqkv)?;
     for (dw, db) in grads {
         sunk(&[dw, db], "self_attn's q/k/v projections")?;
     }
+    let mut c0 = 0;
+    for (i, p) in [&w.q, &w.k, &w.v].into_iter().enumerate() {
+        if let (Some(l), Some(ha)) = (&p.lora, &t.lora_h[i]) {
+            lora_bwd(&t.h1, l, ha, &dqkv, (n, c0), &mut dh1, "a q/k/v adapter")?;
+        }
+        c0 += p.w.dim(0)?;
+    }
+    let dh1 = Tensor::from_vec(dh1, t.h1.shape(), dev)?;
     let (dx, dw) = t.rms_1.bwd(&t.x, &w.input_norm, &t.h1, &dh1)?;
-    sunk(&[dw], "input_layernorm")?;
+    sunk_unless_frozen(dw, &w.input_norm, "input_layernorm")?;
     added(&g1, &need(dx, "the block's input")?)
 }
 
@@ -377,9 +527,11 @@ fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<
 
 /// A Llama-family block `[b, t, d] → [b, t, d]` (Llama, SmolLM2, Mistral-style GQA, Qwen2) in
 /// training as one graph node (see the module's documentation): `heads` = (query heads, kv
-/// heads), RMSNorm's `eps`, RoPE's `cos`/`sin` tables `[b, 1, t, head_dim]`. `None` where it
-/// does not apply: a tensor not f32 on the CPU, an input that tracks no gradient, a weight this
-/// thread's gradient sink does not hold, or biases on some of q/k/v but not all.
+/// heads), RMSNorm's `eps`, RoPE's `cos`/`sin` tables `[b, 1, t, head_dim]`. Frozen tensors
+/// (tracking no gradient) get none; LoRA adapters on q/k/v/o run inside the block. `None`
+/// where it does not apply: a tensor not f32 on the CPU, an input that tracks no gradient, a
+/// trained tensor this thread's gradient sink does not hold, biases on some of q/k/v but not
+/// all, or a bias on o.
 pub fn llama_block(
     x: &Tensor,
     w: LlamaBlockWeights,
@@ -389,35 +541,40 @@ pub fn llama_block(
     mask_bias: &Tensor,
 ) -> Result<Option<Tensor>> {
     let mut all = w.all();
-    let biases = all.len() - 9;
+    let biases = [&w.q, &w.k, &w.v]
+        .iter()
+        .filter(|p| p.bias.is_some())
+        .count();
+    let held = all.iter().all(|t| !trains(t) || sink::holds(t));
     all.extend([x, cos, sin, mask_bias]);
     if x.rank() != 3
         || !x.track_op()
         || !fusable(&all)
         || !(biases == 0 || biases == 3)
-        || !w.all().into_iter().all(sink::holds)
+        || w.o.bias.is_some()
+        || !held
     {
         return Ok(None);
     }
     let (h, hk) = heads;
     let (b, t, d) = x.dims3()?;
-    let hd = w.q.0.dim(0)? / h.max(1);
+    let hd = w.q.w.dim(0)? / h.max(1);
     let shapes_ok = h > 0
         && hk > 0
         && h % hk == 0
         && hd % 2 == 0
-        && w.q.0.dims() == [h * hd, d]
-        && w.k.0.dims() == [hk * hd, d]
-        && w.v.0.dims() == [hk * hd, d]
+        && w.q.w.dims() == [h * hd, d]
+        && w.k.w.dims() == [hk * hd, d]
+        && w.v.w.dims() == [hk * hd, d]
         && cos.dims() == [b, 1, t, hd]
         && sin.dims() == [b, 1, t, hd];
     if !shapes_ok {
         candle_core::bail!(
             "llama block: x {:?}, q {:?}, k {:?}, v {:?}, {h}/{hk} heads, rope tables {:?}",
             x.dims(),
-            w.q.0.dims(),
-            w.k.0.dims(),
-            w.v.0.dims(),
+            w.q.w.dims(),
+            w.k.w.dims(),
+            w.v.w.dims(),
             cos.dims()
         )
     }
@@ -425,8 +582,8 @@ pub fn llama_block(
     let xd = x.contiguous()?.detach();
     let rms_1 = RmsNorm(eps as f32, Saved::default());
     let h1 = xd.apply_op2_no_bwd(&w.input_norm, &rms_1)?;
-    let wqkv = Tensor::cat(&[w.q.0.detach(), w.k.0.detach(), w.v.0.detach()], 0)?;
-    let bqkv = match (&w.q.1, &w.k.1, &w.v.1) {
+    let wqkv = Tensor::cat(&[w.q.w.detach(), w.k.w.detach(), w.v.w.detach()], 0)?;
+    let bqkv = match (&w.q.bias, &w.k.bias, &w.v.bias) {
         (Some(bq), Some(bk), Some(bv)) => {
             Some(Tensor::cat(&[bq.detach(), bk.detach(), bv.detach()], 0)?)
         }
@@ -434,6 +591,15 @@ pub fn llama_block(
     };
     let mut qkv = product_vec(&h1, &wqkv, (bqkv.as_ref(), false))?;
     let n = (h + 2 * hk) * hd;
+    // Adapters add onto their projection's columns before RoPE, as in the composed layer.
+    let mut lora_h: [Option<Vec<f32>>; 4] = [None, None, None, None];
+    let mut c0 = 0;
+    for (i, p) in [&w.q, &w.k, &w.v].into_iter().enumerate() {
+        if let Some(l) = &p.lora {
+            lora_h[i] = Some(lora_fwd(&h1, l, &mut qkv, (n, c0))?);
+        }
+        c0 += p.w.dim(0)?;
+    }
     let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
     with_f32(&[&cos, &sin], |cs| {
         rope_packed_in_place(&mut qkv, (b, t, n), h + hk, hd, (cs[0], cs[1]), false)
@@ -446,8 +612,11 @@ pub fn llama_block(
         lse: Mutex::new(vec![]),
     };
     let y = qkv.apply_op1_no_bwd(&attn)?;
-    let res = LinearResidual { transposed: false };
-    let x1 = y.apply_op3_no_bwd(&w.o, &xd, &res)?;
+    let mut x1 = product_vec(&y, &w.o.w, (Some(&xd), true))?;
+    if let Some(l) = &w.o.lora {
+        lora_h[3] = Some(lora_fwd(&y, l, &mut x1, (d, 0))?);
+    }
+    let x1 = Tensor::from_vec(x1, (b, t, d), x.device())?;
     let rms_2 = RmsNorm(eps as f32, Saved::default());
     let h2 = x1.apply_op2_no_bwd(&w.post_norm, &rms_2)?;
     let mlp = SwiGluMlp {
@@ -469,6 +638,7 @@ pub fn llama_block(
             x1,
             h2,
             s,
+            lora_h,
             rms_1,
             attn,
             rms_2,

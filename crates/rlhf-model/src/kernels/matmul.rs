@@ -605,16 +605,17 @@ pub(super) fn linear_grads(
 
 /// Gradients of `y = x · Wᵀ (+ b)` for `x [m, k]` whose HF-layout weight `w [n, k]` is the
 /// row-wise concatenation of `parts` (each `[n_i, k]`, with its bias `[n_i]` if any) — q, k
-/// and v projections run as one product. `dx` comes from the concatenated weight in one GEMM;
-/// each part's dW (and db) from its own columns of `g [m, n]`, into this thread's gradient
-/// sink where it holds the part (`None` then), else returned.
+/// and v projections run as one product — and `g [m, n]` the gradient of `y`. `dx` (a vector
+/// shaped like `x`) comes from the concatenated weight in one GEMM; each part's dW (and db)
+/// from its own columns of `g`, for those that track gradients (frozen ones get none), into
+/// this thread's gradient sink where it holds the part (`None` then), else returned.
 #[allow(clippy::type_complexity)]
 pub(super) fn split_grads(
     x: &Tensor,
     w: &Tensor,
     parts: &[(&Tensor, Option<&Tensor>)],
-    g: &Tensor,
-) -> Result<(Tensor, Vec<(Option<Tensor>, Option<Tensor>)>)> {
+    g: &[f32],
+) -> Result<(Vec<f32>, Vec<(Option<Tensor>, Option<Tensor>)>)> {
     let (m, k) = rows_k(x.dims())?;
     let n = w.dim(0)?;
     let mut widths = Vec::with_capacity(parts.len());
@@ -625,16 +626,17 @@ pub(super) fn split_grads(
         }
         widths.push(ni);
     }
-    if widths.iter().sum::<usize>() != n || w.dim(1)? != k || rows_k(g.dims())? != (m, n) {
+    if widths.iter().sum::<usize>() != n || w.dim(1)? != k || g.len() != m * n {
         candle_core::bail!(
-            "split linear: x {:?}, w {:?}, g {:?}",
+            "split linear: x {:?}, w {:?}, g of {}",
             x.dims(),
             w.dims(),
-            g.dims()
+            g.len()
         )
     }
-    let (dx, grads) = with_f32(&[x, w, g], |t| {
-        let (xs, ws, gs) = (t[0], t[1], t[2]);
+    let gs = g;
+    let (dx, grads) = with_f32(&[x, w], |t| {
+        let (xs, ws) = (t[0], t[1]);
         // dx = g · W, W as [n, k].
         let mut dx = uninit(m * k);
         let gm = Mat {
@@ -662,8 +664,10 @@ pub(super) fn split_grads(
                 rs: 1,
                 cs: n,
             };
-            let dw = sink::weight_grad(p, ni * k, |dw, acc| sgemm(ni, k, m, gt, xm, dw, acc));
-            let db = b.and_then(|b| {
+            let dw = p
+                .track_op()
+                .then(|| sink::weight_grad(p, ni * k, |dw, acc| sgemm(ni, k, m, gt, xm, dw, acc)));
+            let db = b.filter(|b| b.track_op()).and_then(|b| {
                 sink::weight_grad(b, ni, |db, acc| {
                     if !acc {
                         db.fill(0.0);
@@ -673,7 +677,7 @@ pub(super) fn split_grads(
                     });
                 })
             });
-            grads.push((dw, db));
+            grads.push((dw.flatten(), db));
             c0 += ni;
         }
         (dx, grads)
@@ -693,7 +697,7 @@ pub(super) fn split_grads(
             Ok((dw, db))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((Tensor::from_vec(dx, x.shape(), dev)?, grads))
+    Ok((dx, grads))
 }
 
 /// (dx, dW) of a bias-free `x · W` for the upstream gradient `g`, each only when wanted.
