@@ -605,16 +605,16 @@ pub(super) fn linear_grads(
 
 /// Gradients of `y = x · Wᵀ (+ b)` for `x [m, k]` whose HF-layout weight `w [n, k]` is the
 /// row-wise concatenation of `parts` (each `[n_i, k]`, with its bias `[n_i]` if any) — q, k
-/// and v projections run as one product — and `g [m, n]` the gradient of `y`. `dx` (a vector
+/// and v projections run as one product — and `gs [m, n]` the gradient of `y`. `dx` (a vector
 /// shaped like `x`) comes from the concatenated weight in one GEMM; each part's dW (and db)
-/// from its own columns of `g`, for those that track gradients (frozen ones get none), into
+/// from its own columns of `gs`, for those that track gradients (frozen ones get none), into
 /// this thread's gradient sink where it holds the part (`None` then), else returned.
 #[allow(clippy::type_complexity)]
 pub(super) fn split_grads(
     x: &Tensor,
     w: &Tensor,
     parts: &[(&Tensor, Option<&Tensor>)],
-    g: &[f32],
+    gs: &[f32],
 ) -> Result<(Vec<f32>, Vec<(Option<Tensor>, Option<Tensor>)>)> {
     let (m, k) = rows_k(x.dims())?;
     let n = w.dim(0)?;
@@ -626,15 +626,14 @@ pub(super) fn split_grads(
         }
         widths.push(ni);
     }
-    if widths.iter().sum::<usize>() != n || w.dim(1)? != k || g.len() != m * n {
+    if widths.iter().sum::<usize>() != n || w.dim(1)? != k || gs.len() != m * n {
         candle_core::bail!(
             "split linear: x {:?}, w {:?}, g of {}",
             x.dims(),
             w.dims(),
-            g.len()
+            gs.len()
         )
     }
-    let gs = g;
     let (dx, grads) = with_f32(&[x, w], |t| {
         let (xs, ws) = (t[0], t[1]);
         // dx = g · W, W as [n, k].
@@ -717,8 +716,8 @@ fn product_grads(
 
 /// `r + x · W`: the residual `r` is copied into the output first and the GEMM accumulates onto
 /// it, so the residual stream's add is no op (and no gradient buffer) of its own.
-pub(super) struct LinearResidual {
-    pub(super) transposed: bool,
+struct LinearResidual {
+    transposed: bool,
 }
 
 impl candle_core::CustomOp3 for LinearResidual {
@@ -761,8 +760,8 @@ pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, transposed: bool) -> 
 
 /// `x [m, k] · W` without bias, W stored [k, n] (`transposed`) or [n, k]: the GEMM runs on the
 /// rayon pool (candle's own matmul follows `CANDLE_NUM_THREADS`, which we set to 1).
-pub(super) struct Linear {
-    pub(super) transposed: bool,
+struct Linear {
+    transposed: bool,
 }
 
 impl candle_core::CustomOp2 for Linear {
