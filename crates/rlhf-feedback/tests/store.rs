@@ -275,26 +275,32 @@ async fn concurrent_library_annotators_never_over_assign() {
         let s = store(&url).await;
         let p = s.create_project(&spec("conc", 3, 3, 600)).await.unwrap();
         s.import_candidates(p.id, &rows(20, 3)).await.unwrap();
+        // Annotator u skips the items with (item + u) % 7 == 0 and ranks the others.
+        let judge = |item: i64, u: i64| {
+            if (item + u) % 7 == 0 {
+                Judgement {
+                    skip: true,
+                    reason: Some("x".into()),
+                    ..Default::default()
+                }
+            } else {
+                rank(vec![vec![0], vec![1, 2]])
+            }
+        };
         let mut handles = Vec::new();
+        let mut users = Vec::new();
         for u in 0..8 {
             let user = s
                 .add_user(&format!("u{u}"), "password-x", Role::Annotator)
                 .await
                 .unwrap();
+            users.push(user.id);
             let s = s.clone();
             let pid = p.id;
             handles.push(tokio::spawn(async move {
                 let mut n = 0;
                 while let Some(t) = s.next_task(user.id, pid).await.unwrap() {
-                    let j = if (t.item_id + u) % 7 == 0 {
-                        Judgement {
-                            skip: true,
-                            reason: Some("x".into()),
-                            ..Default::default()
-                        }
-                    } else {
-                        rank(vec![vec![0], vec![1, 2]])
-                    };
+                    let j = judge(t.item_id, u);
                     s.submit_judgement(user.id, t.assignment_id, &j)
                         .await
                         .unwrap();
@@ -306,6 +312,24 @@ async fn concurrent_library_annotators_never_over_assign() {
         let mut total = 0;
         for h in handles {
             total += h.await.unwrap();
+        }
+        // A worker stops at its first "nothing for you", which may come while another holds
+        // the last lease of an item that it then skips: that item goes back to the pool with
+        // no one left polling (a real annotator keeps the page open and gets it later). So
+        // the annotators come back, one at a time, until none gets anything.
+        loop {
+            let mut more = 0;
+            for (u, &uid) in users.iter().enumerate() {
+                while let Some(t) = s.next_task(uid, p.id).await.unwrap() {
+                    let j = judge(t.item_id, u as i64);
+                    s.submit_judgement(uid, t.assignment_id, &j).await.unwrap();
+                    more += 1;
+                }
+            }
+            if more == 0 {
+                break;
+            }
+            total += more;
         }
         let i = s.integrity(p.id).await.unwrap();
         assert_eq!(i.over_assigned_items, 0);
