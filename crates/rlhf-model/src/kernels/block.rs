@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
-use super::gemm::{sgemm, Mat};
+use super::gemm::{mat, sgemm};
 use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, LinearBias, Onto};
 use super::mlp::{LinearGelu, SwiGluMlp};
 use super::norm::{LayerNorm, RmsNorm, Saved};
@@ -107,7 +107,7 @@ const CONV1D: LinearBias = LinearBias { transposed: true };
 const ALL: (bool, bool, bool) = (true, true, true);
 
 /// `Some(t)` as `t`, `None` as an error naming what is missing.
-fn need(t: Option<Tensor>, what: &str) -> Result<Tensor> {
+fn need<T>(t: Option<T>, what: &str) -> Result<T> {
     t.ok_or_else(|| candle_core::Error::Msg(format!("block: no gradient for {what}")))
 }
 
@@ -337,24 +337,7 @@ fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Vec<f32
     if dw.is_some() {
         return Err(no_sink(what));
     }
-    dx.ok_or_else(|| candle_core::Error::Msg(format!("block: no gradient for {what}")))
-}
-
-/// A row-major `[rows × cols]` slice as a GEMM operand (`t`: its transpose).
-fn rm(data: &[f32], cols: usize, t: bool) -> Mat<'_> {
-    if t {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    } else {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
+    need(dx, what)
 }
 
 /// An adapter's forward on `x [m, k]`: `ha = scale · x · Aᵀ` `[m, r]` (kept for the backward),
@@ -377,20 +360,12 @@ fn lora_fwd(
     }
     with_f32(&[x, &l.a, &l.b], |s| {
         let mut ha = super::uninit(m * r);
-        sgemm(
-            m,
-            r,
-            k,
-            rm(s[0], k, false),
-            rm(s[1], k, true),
-            &mut ha,
-            false,
-        );
+        sgemm(m, r, k, mat(s[0], k, 1), mat(s[1], 1, k), &mut ha, false);
         let scale = l.scale as f32;
         ha.par_chunks_mut(1 << 14)
             .for_each(|c| c.iter_mut().for_each(|v| *v *= scale));
         let mut d = super::uninit(m * o);
-        sgemm(m, o, r, rm(&ha, r, false), rm(s[2], r, true), &mut d, false);
+        sgemm(m, o, r, mat(&ha, r, 1), mat(s[2], 1, r), &mut d, false);
         y.par_chunks_mut(n)
             .zip(d.par_chunks(o))
             .for_each(|(yr, dr)| math::add_assign(&mut yr[c0..c0 + o], dr));
@@ -415,24 +390,16 @@ fn lora_bwd(
     let gc = &g[c0..];
     let (db, da) = with_f32(&[x, &l.a, &l.b], |s| {
         let db = sink::weight_grad(&l.b, o * r, |dst, acc| {
-            sgemm(o, r, m, rm(gc, n, true), rm(ha, r, false), dst, acc)
+            sgemm(o, r, m, mat(gc, 1, n), mat(ha, r, 1), dst, acc)
         });
         let mut du = super::uninit(m * r);
-        sgemm(
-            m,
-            r,
-            o,
-            rm(gc, n, false),
-            rm(s[2], r, false),
-            &mut du,
-            false,
-        );
+        sgemm(m, r, o, mat(gc, n, 1), mat(s[2], r, 1), &mut du, false);
         let scale = l.scale as f32;
         du.iter_mut().for_each(|v| *v *= scale);
         let da = sink::weight_grad(&l.a, r * k, |dst, acc| {
-            sgemm(r, k, m, rm(&du, r, true), rm(s[0], k, false), dst, acc)
+            sgemm(r, k, m, mat(&du, 1, r), mat(s[0], k, 1), dst, acc)
         });
-        sgemm(m, k, r, rm(&du, r, false), rm(s[1], k, false), dx, true);
+        sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), dx, true);
         (db, da)
     })?;
     if db.is_some() || da.is_some() {
@@ -459,8 +426,9 @@ fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
     let mut dy = product_bwd(&t.y, &w.o.w, &g1, "self_attn.o_proj")?;
     if let (Some(l), Some(ha)) = (&w.o.lora, &t.lora_h[3]) {
         let d = g1.dim(2)?;
-        let g1v = g1.flatten_all()?.to_vec1::<f32>()?;
-        lora_bwd(&t.y, l, ha, &g1v, (d, 0), &mut dy, "o_proj's adapter")?;
+        with_f32(&[&g1], |gv| {
+            lora_bwd(&t.y, l, ha, gv[0], (d, 0), &mut dy, "o_proj's adapter")
+        })??;
     }
     let dy = Tensor::from_vec(dy, t.y.shape(), dev)?;
     let mut dqkv = t.attn.grad_vec(&t.qkv, &t.y, &dy)?;

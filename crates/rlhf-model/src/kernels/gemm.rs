@@ -10,6 +10,11 @@ pub struct Mat<'a> {
     pub cs: usize,
 }
 
+/// The view of `data` with element (r, c) at `data[r * rs + c * cs]`.
+pub(crate) fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
+    Mat { data, rs, cs }
+}
+
 /// The precision of the products [`sgemm`] and [`sgemm_serial`] compute (process-wide; this
 /// includes the attention kernel's blocked products, as `torch.autocast(bfloat16)` runs
 /// attention in BF16 too). Decoding's few-row products, and attention over a few queries, are

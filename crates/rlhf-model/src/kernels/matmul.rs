@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Mat};
+use super::gemm::{mat, sgemm, Mat};
 use super::{out, sink, slice, uninit, with_f32, SharedOut};
 
 /// At most this many rows take the dot-product kernel.
@@ -638,31 +638,13 @@ pub(super) fn split_grads(
         let (xs, ws) = (t[0], t[1]);
         // dx = g · W, W as [n, k].
         let mut dx = uninit(m * k);
-        let gm = Mat {
-            data: gs,
-            rs: n,
-            cs: 1,
-        };
-        let wm = Mat {
-            data: ws,
-            rs: k,
-            cs: 1,
-        };
-        sgemm(m, k, n, gm, wm, &mut dx, false);
-        let xm = Mat {
-            data: xs,
-            rs: k,
-            cs: 1,
-        };
+        sgemm(m, k, n, mat(gs, n, 1), mat(ws, k, 1), &mut dx, false);
+        let xm = mat(xs, k, 1);
         let mut c0 = 0;
         let mut grads = Vec::with_capacity(parts.len());
         for (&(p, b), &ni) in parts.iter().zip(&widths) {
             // dW_i = g[:, c0..c0 + n_i]ᵀ · x, [n_i, k]: gᵀ's rows are g's columns.
-            let gt = Mat {
-                data: &gs[c0..],
-                rs: 1,
-                cs: n,
-            };
+            let gt = mat(&gs[c0..], 1, n);
             let dw = p
                 .track_op()
                 .then(|| sink::weight_grad(p, ni * k, |dw, acc| sgemm(ni, k, m, gt, xm, dw, acc)));

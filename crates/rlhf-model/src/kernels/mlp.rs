@@ -16,13 +16,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::elementwise::{binary, gelu_bwd, gelu_fwd, swiglu_fwd, swiglu_grads, unary};
-use super::gemm::{sgemm, Mat};
+use super::gemm::{mat, sgemm};
 use super::matmul::{linear_fwd, rows_k, LinearBias, Onto};
 use super::{out, sink, uninit, with_f32};
-
-fn mat(data: &[f32], rs: usize, cs: usize) -> Mat<'_> {
-    Mat { data, rs, cs }
-}
 
 fn into_vec(s: CpuStorage) -> Result<Vec<f32>> {
     match s {
