@@ -45,21 +45,33 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// The adapter input: `x` itself, or in training mode `x · mask / (1 − p)` with a Bernoulli
-    /// mask drawn from (noise seed, layer) — reproducible, so a resumed run draws the same masks.
+    /// The adapter input: `x` itself, or in training mode `x ⊙ mask` ([`Self::mask`]).
     fn input(&self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.shape(), x.device())? {
+            Some(mask) => Ok(x.mul(&mask)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The dropout mask for an adapter input of `shape`: `None` in evaluation mode or without
+    /// dropout, else a Bernoulli mask of 1/(1 − p) or 0 drawn from (noise seed, layer) —
+    /// reproducible, so a resumed run draws the same masks.
+    fn mask(
+        &self,
+        shape: &candle_core::Shape,
+        dev: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
         let seed = self.noise.load(Ordering::Relaxed);
         if self.dropout <= 0.0 || seed == 0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 - self.dropout;
         let mut rng = rlhf_rng(seed, self.salt);
-        let n = x.elem_count();
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..n)
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| if rng() < keep { scale } else { 0.0 })
             .collect();
-        Ok(x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)?)
+        Ok(Some(Tensor::from_vec(mask, shape, dev)?))
     }
 }
 
@@ -189,28 +201,43 @@ impl Linear {
     }
 
     /// This HF-layout linear inside a fused block in training
-    /// ([`crate::kernels::block::llama_block`]): its weight, bias and active adapter (A, B,
-    /// scale); `None` where the block cannot run it (off the fused path, decoding's few rows,
-    /// a Conv1D weight, or an adapter whose dropout is drawing masks in this step).
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn block_parts(
-        &self,
-        x: &Tensor,
-    ) -> Option<(Tensor, Option<Tensor>, Option<(Tensor, Tensor, f64)>)> {
+    /// ([`crate::kernels::block::llama_block`]) whose input is `x` (`[..., d]`): its weight,
+    /// bias and active adapter (its dropout mask not drawn yet: [`Self::adapter_mask`]); `None`
+    /// where the block cannot run it (off the fused path, decoding's few rows, a Conv1D weight).
+    pub(crate) fn block_parts(&self, x: &Tensor) -> Option<crate::kernels::block::Projection> {
+        use crate::kernels::block::{LoraWeights, Projection};
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         if self.transposed || !self.fused_kernels(x) || rows <= crate::kernels::matmul::SMALL_M {
             return None;
         }
         let lora = match &self.lora {
-            Some(l) if self.adapters_on.load(Ordering::Relaxed) => {
-                if l.dropout > 0.0 && l.noise.load(Ordering::Relaxed) != 0 {
-                    return None;
-                }
-                Some((l.a.t(), l.b.t(), l.scale))
-            }
+            Some(l) if self.adapters_on.load(Ordering::Relaxed) => Some(LoraWeights {
+                a: l.a.t(),
+                b: l.b.t(),
+                scale: l.scale,
+                mask: None,
+            }),
             _ => None,
         };
-        Some((self.weight.t(), self.bias.as_ref().map(|b| b.t()), lora))
+        Some(Projection {
+            w: self.weight.t(),
+            bias: self.bias.as_ref().map(|b| b.t()),
+            lora,
+        })
+    }
+
+    /// The dropout mask this step's forward would draw for the adapter's input, `x`'s rows of
+    /// this linear's input width (the same draw as the composed path's); `None` without an
+    /// active adapter drawing one.
+    pub(crate) fn adapter_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) if self.adapters_on.load(Ordering::Relaxed) => {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = self.in_out().0;
+                l.mask(&dims.into(), x.device())
+            }
+            _ => Ok(None),
+        }
     }
 
     /// `gelu_tanh(forward(x))`: on the fused path with a bias (GPT-2's `c_fc`), one op for the

@@ -38,8 +38,8 @@ struct Layer {
 impl Layer {
     /// The layer in training as one graph node ([`crate::kernels::block::llama_block`]), when
     /// every trained tensor's gradient goes to this thread's gradient sink and every
-    /// projection is an HF linear on the fused path (adapters only on q/k/v/o, without dropout
-    /// masks in this step; biases only on q/k/v); `None` otherwise.
+    /// projection is an HF linear on the fused path (biases only on q/k/v; adapters on any,
+    /// their dropout masks drawn here as the composed layer draws them); `None` otherwise.
     fn fused_train(
         &self,
         x: &Tensor,
@@ -48,30 +48,19 @@ impl Layer {
         rope: (&Tensor, &Tensor),
         bias: &Tensor,
     ) -> Result<Option<Tensor>> {
-        use crate::kernels::block::{LlamaBlockWeights, LoraWeights, Projection};
-        let proj = |l: &Linear| {
-            l.block_parts(x).map(|(w, bias, lora)| Projection {
-                w,
-                bias,
-                lora: lora.map(|(a, b, scale)| LoraWeights { a, b, scale }),
-            })
-        };
-        // The MLP's products: plain (no bias, no active adapter).
-        let bare = |l: &Linear| match l.block_parts(x) {
-            Some((w, None, None)) => Some(w),
-            _ => None,
-        };
-        let (Some(q), Some(k), Some(v), Some(o)) =
-            (proj(&self.q), proj(&self.k), proj(&self.v), proj(&self.o))
-        else {
-            return Ok(None);
-        };
-        let (Some(gate), Some(up), Some(down)) =
-            (bare(&self.gate), bare(&self.up), bare(&self.down))
-        else {
-            return Ok(None);
-        };
-        let w = LlamaBlockWeights {
+        use crate::kernels::block::LlamaBlockWeights;
+        let linears = [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ];
+        let mut p = Vec::with_capacity(7);
+        for l in linears {
+            match l.block_parts(x) {
+                Some(part) => p.push(part),
+                None => return Ok(None),
+            }
+        }
+        let [q, k, v, o, gate, up, down]: [_; 7] = p.try_into().ok().expect("seven projections");
+        let mut w = LlamaBlockWeights {
             input_norm: self.input_norm.t(),
             q,
             k,
@@ -82,6 +71,15 @@ impl Layer {
             up,
             down,
         };
+        if !w.applies(x) {
+            return Ok(None);
+        }
+        // Dropout masks only now that the block runs (the composed layer would draw them).
+        for (l, part) in linears.iter().zip(w.projections_mut()) {
+            if let Some(lw) = &mut part.lora {
+                lw.mask = l.adapter_mask(x)?;
+            }
+        }
         Ok(crate::kernels::block::llama_block(
             x, w, heads, eps, rope, bias,
         )?)

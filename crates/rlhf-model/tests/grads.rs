@@ -242,6 +242,9 @@ fn batched_and_few_row_paths_give_the_same_gradients() {
 /// buffers (accumulating over backward passes) and candle returns only the rest. candle's
 /// gradients plus the sink's must equal candle's alone, summed over the passes, for every
 /// architecture and for LoRA adapters; the sink must actually take the products' weights.
+/// The LoRA Llama has adapters on all seven projections with dropout drawing masks (training
+/// mode), so its layers run as one node each with adapters and masks inside, the first layer
+/// too (its input, the frozen embedding's output, tracks no gradient).
 #[test]
 fn gradient_sink_matches_candles_gradients_and_accumulates() {
     use rlhf_model::kernels::sink::GradSink;
@@ -251,14 +254,28 @@ fn gradient_sink_matches_candles_gradients_and_accumulates() {
         ("llama", false),
         ("qwen2", false),
         ("gpt2", true),
+        ("llama", true),
     ] {
         let mut m = load(name);
         if lora {
+            let targets: &[&str] = match name {
+                "gpt2" => &["c_attn", "c_fc"],
+                _ => &rlhf_model::kernels::block::LLAMA_PROJECTIONS,
+            };
             let cfg = LoraConfig {
-                target_modules: vec!["c_attn".into(), "c_fc".into()],
+                target_modules: targets.iter().map(|t| t.to_string()).collect(),
+                dropout: if name == "llama" { 0.25 } else { 0.0 },
                 ..LoraConfig::default()
             };
             m.add_lora(&cfg, 3).unwrap();
+            // B is zero at init: give it values, so that every adapter's gradients matter.
+            for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
+                let n = p.var().elem_count();
+                let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
+                let t = Tensor::from_vec(v, p.var().shape(), &Device::Cpu).unwrap();
+                p.var().set(&t).unwrap();
+            }
+            m.set_train_noise(Some(7));
         }
         let params: Vec<_> = m.params.iter().filter(|p| p.is_trainable()).collect();
         let batch = |s: u32| {

@@ -23,7 +23,10 @@
 //! block's tensors is held by the sink installed on this thread *before the forward*, and the
 //! block's input tracks gradients (otherwise candle would never call its backward). The Llama
 //! block also takes frozen tensors (tracking no gradient: it computes none for them) and runs
-//! LoRA adapters on q, k, v and o itself, so a LoRA model's layers are one node each too. The
+//! LoRA adapters on any of its seven projections itself, with their dropout masks, so a LoRA
+//! model's layers are one node each too. Its input may be frozen as well (a LoRA model's first
+//! layer reads the frozen embedding): the node is then applied to the input and one of its
+//! trained tensors, for candle to call its backward, which computes no input gradient. The
 //! functions return `None` otherwise, and the caller composes the block from its ops.
 //!
 //! The backward consumes the tape, freeing each block's activations as soon as its gradients
@@ -35,9 +38,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
+use super::elementwise::{binary, swiglu_fwd};
 use super::gemm::{mat, sgemm};
 use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, LinearBias, Onto};
-use super::mlp::{LinearGelu, SwiGluMlp};
+use super::mlp::{swiglu_product_grads, LinearGelu, SwiGluMlp};
 use super::norm::{LayerNorm, RmsNorm, Saved};
 use super::rope::rope_packed_in_place;
 use super::{fusable, math, out, sink, with_f32};
@@ -93,7 +97,11 @@ enum Tape {
 }
 
 /// The graph node: its forward hands candle the output computed by [`gpt2_block`] or
-/// [`llama_block`], its backward runs the block's backward on the tape.
+/// [`llama_block`], its backward runs the block's backward on the tape. It is applied to the
+/// block's input (a `CustomOp1`), or, where the input tracks no gradient (the first layer of a
+/// model whose embedding is frozen), as a `CustomOp2` on the input and one of the block's
+/// trained tensors, so that candle still calls its backward; that backward computes no input
+/// gradient and returns nothing for the tensor (its gradient went to the sink).
 struct Block {
     name: &'static str,
     out: Mutex<Option<Vec<f32>>>,
@@ -133,25 +141,62 @@ fn added(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, a.shape(), a.device())
 }
 
-impl CustomOp1 for Block {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+impl Block {
+    /// The output the block's forward computed, handed to candle once.
+    fn output(&self, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let Some(o) = self.out.lock().expect("block").take() else {
             candle_core::bail!("{}: forward applied twice", self.name)
         };
         out(o, l.shape())
     }
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+
+    /// The backward on the tape: the input's gradient when `want_dx`.
+    fn backward(&self, g: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let Some(t) = self.tape.lock().expect("block").take() else {
             candle_core::bail!("{}: backward run twice on one forward", self.name)
         };
         let g = g.contiguous()?;
-        Ok(Some(match t {
-            Tape::Gpt2(t) => gpt2_bwd(*t, &g)?,
-            Tape::Llama(t) => llama_bwd(*t, &g)?,
-        }))
+        Ok(match t {
+            Tape::Gpt2(t) => Some(gpt2_bwd(*t, &g)?),
+            Tape::Llama(t) => llama_bwd(*t, &g, want_dx)?,
+        })
+    }
+}
+
+impl CustomOp1 for Block {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.output(l)
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        self.backward(g, true)
+    }
+}
+
+impl CustomOp2 for Block {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output(l1)
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.backward(g, false)?;
+        Ok((None, None))
     }
 }
 
@@ -240,25 +285,39 @@ pub fn gpt2_block(
     Ok(Some(x.apply_op1(block)?))
 }
 
-/// A LoRA adapter on a projection: `y += scale · (x · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`.
+/// A LoRA adapter on a projection: `y += scale · (x' · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`,
+/// where `x'` is the projection's input `x`, or `x ⊙ mask` under adapter dropout (the mask
+/// `[..., in]` shaped like `x`, holding 0 or 1/(1 − p), as [`crate::linear::Lora`] draws it).
 pub struct LoraWeights {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    pub mask: Option<Tensor>,
 }
 
-/// One of a Llama layer's attention projections (HF layout `[out, in]`): its weight, its bias
-/// (Qwen2's q/k/v; never on o), and its LoRA adapter if one is active.
+/// One of a Llama layer's projections (HF layout `[out, in]`): its weight, its bias (Qwen2's
+/// q/k/v; the block takes none elsewhere), and its LoRA adapter if one is active.
 pub struct Projection {
     pub w: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraWeights>,
 }
 
+impl Projection {
+    /// A bias-free projection without an adapter.
+    pub fn plain(w: Tensor) -> Self {
+        Self {
+            w,
+            bias: None,
+            lora: None,
+        }
+    }
+}
+
 /// A Llama-family block's tensors, in HF layouts: the two RMSNorm weights, the q/k/v/o
 /// projections (q/k/v biases all three or none), and the bias-free gate, up and down
-/// projections. A tensor that tracks no gradient is frozen: the block computes no gradient
-/// for it (a LoRA model's base weights).
+/// projections; any projection may carry a LoRA adapter. A tensor that tracks no gradient is
+/// frozen: the block computes no gradient for it (a LoRA model's base weights).
 pub struct LlamaBlockWeights {
     pub input_norm: Tensor,
     pub q: Projection,
@@ -266,26 +325,84 @@ pub struct LlamaBlockWeights {
     pub v: Projection,
     pub o: Projection,
     pub post_norm: Tensor,
-    pub gate: Tensor,
-    pub up: Tensor,
-    pub down: Tensor,
+    pub gate: Projection,
+    pub up: Projection,
+    pub down: Projection,
 }
 
+/// The HF names of a Llama layer's projections in block order (LoRA's `target_modules` for
+/// all of them).
+pub const LLAMA_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The adapters' slots, in block order.
+const Q: usize = 0;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
 impl LlamaBlockWeights {
-    /// Every tensor: weights, biases, adapters.
+    /// The seven projections in block order: q, k, v, o, gate, up, down.
+    fn projections(&self) -> [&Projection; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// The same, mutable.
+    pub fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// Whether [`llama_block`] runs on these tensors and input `x` (what its `None` depends on,
+    /// besides RoPE's tables and the mask bias being f32 on the CPU): every tensor f32 on the
+    /// CPU, something that trains, every trained tensor held by this thread's gradient sink,
+    /// biases on all of q/k/v or none and nowhere else.
+    pub fn applies(&self, x: &Tensor) -> bool {
+        let mut all = self.all();
+        let qkv_biases = [&self.q, &self.k, &self.v]
+            .iter()
+            .filter(|p| p.bias.is_some())
+            .count();
+        let other_biases = [&self.o, &self.gate, &self.up, &self.down]
+            .iter()
+            .any(|p| p.bias.is_some());
+        let held = all.iter().all(|t| !trains(t) || sink::holds(t));
+        let something_trains = x.track_op() || all.iter().any(|t| trains(t));
+        all.push(x);
+        x.rank() == 3
+            && fusable(&all)
+            && (qkv_biases == 0 || qkv_biases == 3)
+            && !other_biases
+            && held
+            && something_trains
+    }
+
+    /// Every tensor: weights, biases, adapters and their masks.
     fn all(&self) -> Vec<&Tensor> {
-        let mut all = vec![
-            &self.input_norm,
-            &self.post_norm,
-            &self.gate,
-            &self.up,
-            &self.down,
-        ];
-        for p in [&self.q, &self.k, &self.v, &self.o] {
+        let mut all = vec![&self.input_norm, &self.post_norm];
+        for p in self.projections() {
             all.push(&p.w);
             all.extend(&p.bias);
             if let Some(l) = &p.lora {
                 all.extend([&l.a, &l.b]);
+                all.extend(&l.mask);
             }
         }
         all
@@ -305,11 +422,12 @@ struct LlamaTape {
     x1: Tensor,
     h2: Tensor,
     s: Tensor,
-    /// Each adapter's `scale · x · Aᵀ` (q, k, v, o), kept for its gradients.
-    lora_h: [Option<Vec<f32>>; 4],
+    /// Each adapter's `scale · x' · Aᵀ` (q, k, v, o, gate, up, down), kept for its gradients.
+    lora_h: [Option<Vec<f32>>; 7],
     rms_1: RmsNorm,
     attn: Packed,
     rms_2: RmsNorm,
+    /// SwiGLU's pre-activations (gate's and up's products, adapters included).
     mlp: SwiGluMlp,
     cos: Tensor,
     sin: Tensor,
@@ -340,27 +458,60 @@ fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Vec<f32
     need(dx, what)
 }
 
-/// An adapter's forward on `x [m, k]`: `ha = scale · x · Aᵀ` `[m, r]` (kept for the backward),
-/// and `y[:, c0..c0 + o] += ha · Bᵀ` on `y`'s rows of `n`.
+/// `x ⊙ mask`, elementwise in parallel (candle's `mul`, the same products).
+fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
+    let mut o = super::uninit(x.len());
+    o.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14).zip(mask.par_chunks(1 << 14)))
+        .for_each(|(o, (x, m))| {
+            o.iter_mut()
+                .zip(x.iter().zip(m))
+                .for_each(|(o, (x, m))| *o = x * m)
+        });
+    o
+}
+
+/// An adapter's operands: `x`, A, B, and the dropout mask if any, and `[m, k, r, o]`; checked
+/// against `x [m, k]` and an output of rows of `n` whose columns `c0..c0 + o` it adds onto.
+fn lora_operands<'a>(
+    x: &'a Tensor,
+    l: &'a LoraWeights,
+    (n, c0): (usize, usize),
+) -> Result<(Vec<&'a Tensor>, [usize; 4])> {
+    let (m, k) = rows_k(x.dims())?;
+    let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
+    let mask_ok = l.mask.as_ref().is_none_or(|mk| mk.dims() == x.dims());
+    if l.a.dims() != [r, k] || l.b.dims() != [o, r] || c0 + o > n || !mask_ok {
+        candle_core::bail!(
+            "llama block: adapter {:?} {:?} (mask {:?}) on x {:?}",
+            l.a.dims(),
+            l.b.dims(),
+            l.mask.as_ref().map(|mk| mk.dims().to_vec()),
+            x.dims()
+        )
+    }
+    let mut ts = vec![x, &l.a, &l.b];
+    ts.extend(&l.mask);
+    Ok((ts, [m, k, r, o]))
+}
+
+/// An adapter's forward on `x [m, k]`: `ha = scale · x' · Aᵀ` `[m, r]` (kept for the
+/// backward), and `y[:, c0..c0 + o] += ha · Bᵀ` on `y`'s rows of `n`.
 fn lora_fwd(
     x: &Tensor,
     l: &LoraWeights,
     y: &mut [f32],
     (n, c0): (usize, usize),
 ) -> Result<Vec<f32>> {
-    let (m, k) = rows_k(x.dims())?;
-    let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
-    if l.a.dims() != [r, k] || l.b.dims() != [o, r] || c0 + o > n || y.len() != m * n {
-        candle_core::bail!(
-            "llama block: adapter {:?} {:?} on x {:?}",
-            l.a.dims(),
-            l.b.dims(),
-            x.dims()
-        )
+    let (ts, [m, k, r, o]) = lora_operands(x, l, (n, c0))?;
+    if y.len() != m * n {
+        candle_core::bail!("llama block: adapter output of {} for {m} × {n}", y.len())
     }
-    with_f32(&[x, &l.a, &l.b], |s| {
+    with_f32(&ts, |s| {
+        let xm = s.get(3).map(|mask| masked(s[0], mask));
         let mut ha = super::uninit(m * r);
-        sgemm(m, r, k, mat(s[0], k, 1), mat(s[1], 1, k), &mut ha, false);
+        let xs = xm.as_deref().unwrap_or(s[0]);
+        sgemm(m, r, k, mat(xs, k, 1), mat(s[1], 1, k), &mut ha, false);
         let scale = l.scale as f32;
         ha.par_chunks_mut(1 << 14)
             .for_each(|c| c.iter_mut().for_each(|v| *v *= scale));
@@ -374,21 +525,20 @@ fn lora_fwd(
 }
 
 /// An adapter's backward: for the gradient `g` of its output (columns `c0..c0 + o` of rows of
-/// `n`), dB = gᵀ · ha and dA = (scale · g · B)ᵀ · x into the sink, and (scale · g · B) · A
-/// added onto `dx [m, k]`.
+/// `n`), dB = gᵀ · ha and dA = (scale · g · B)ᵀ · x' into the sink, and (scale · g · B) · A
+/// (times the mask under dropout) added onto `dx [m, k]` when the input's gradient is wanted.
 fn lora_bwd(
     x: &Tensor,
     l: &LoraWeights,
     ha: &[f32],
     g: &[f32],
     (n, c0): (usize, usize),
-    dx: &mut [f32],
+    dx: Option<&mut [f32]>,
     what: &str,
 ) -> Result<()> {
-    let (m, k) = rows_k(x.dims())?;
-    let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
+    let (ts, [m, k, r, o]) = lora_operands(x, l, (n, c0))?;
     let gc = &g[c0..];
-    let (db, da) = with_f32(&[x, &l.a, &l.b], |s| {
+    let (db, da) = with_f32(&ts, |s| {
         let db = sink::weight_grad(&l.b, o * r, |dst, acc| {
             sgemm(o, r, m, mat(gc, 1, n), mat(ha, r, 1), dst, acc)
         });
@@ -396,10 +546,27 @@ fn lora_bwd(
         sgemm(m, r, o, mat(gc, n, 1), mat(s[2], r, 1), &mut du, false);
         let scale = l.scale as f32;
         du.iter_mut().for_each(|v| *v *= scale);
+        let xm = s.get(3).map(|mask| masked(s[0], mask));
+        let xs = xm.as_deref().unwrap_or(s[0]);
         let da = sink::weight_grad(&l.a, r * k, |dst, acc| {
-            sgemm(r, k, m, mat(&du, 1, r), mat(s[0], k, 1), dst, acc)
+            sgemm(r, k, m, mat(&du, 1, r), mat(xs, k, 1), dst, acc)
         });
-        sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), dx, true);
+        if let Some(dx) = dx {
+            match s.get(3) {
+                Some(mask) => {
+                    let mut dxm = super::uninit(m * k);
+                    sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), &mut dxm, false);
+                    dx.par_chunks_mut(1 << 14)
+                        .zip(dxm.par_chunks(1 << 14).zip(mask.par_chunks(1 << 14)))
+                        .for_each(|(d, (g, mk))| {
+                            d.iter_mut().zip(g.iter().zip(mk)).for_each(|(d, (g, mk))| {
+                                *d += g * mk;
+                            })
+                        });
+                }
+                None => sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), dx, true),
+            }
+        }
         (db, da)
     })?;
     if db.is_some() || da.is_some() {
@@ -408,28 +575,52 @@ fn lora_bwd(
     Ok(())
 }
 
-/// A Llama block's backward: the input's gradient, every trained weight's into the sink.
-fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
+/// The backward of adapter `i` of the tape (if its projection has one), input `x`, upstream
+/// `g` on columns `c0..` of rows of `n`.
+fn tape_lora_bwd(
+    t: &LlamaTape,
+    i: usize,
+    x: &Tensor,
+    g: &[f32],
+    cols: (usize, usize),
+    dx: Option<&mut [f32]>,
+) -> Result<()> {
+    if let (Some(l), Some(ha)) = (&t.w.projections()[i].lora, &t.lora_h[i]) {
+        let what = format!("{}'s adapter", LLAMA_PROJECTIONS[i]);
+        lora_bwd(x, l, ha, g, cols, dx, &what)?;
+    }
+    Ok(())
+}
+
+/// A Llama block's backward: the input's gradient (when `want_dx`), every trained weight's
+/// into the sink.
+fn llama_bwd(t: LlamaTape, g: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
     let w = &t.w;
     let dev = t.x.device();
+    let d = g.dim(2)?;
     // out = x1 + down(silu(gate(h2)) ⊙ up(h2)), h2 = rms_2(x1);
-    // x1 = x + o(attn(rope(qkv(rms_1(x))))), each of q/k/v/o plus its adapter if any.
-    let ds = product_bwd(&t.s, &w.down, g, "mlp.down_proj")?;
+    // x1 = x + o(attn(rope(qkv(rms_1(x))))), each projection plus its adapter if any.
+    let mut ds = product_bwd(&t.s, &w.down.w, g, "mlp.down_proj")?;
+    with_f32(&[g], |gv| {
+        tape_lora_bwd(&t, DOWN, &t.s, gv[0], (d, 0), Some(&mut ds))
+    })??;
     let ds = Tensor::from_vec(ds, t.s.shape(), dev)?;
-    let wants = (true, trains(&w.gate), trains(&w.up));
-    let (dh2, dwg, dwu) = t.mlp.grads((&t.h2, &w.gate, &w.up), &ds, wants)?;
+    let (da, db) = t.mlp.pre_grads(&ds)?;
+    let wants = (true, trains(&w.gate.w), trains(&w.up.w));
+    let (dh2, dwg, dwu) = swiglu_product_grads((&t.h2, &w.gate.w, &w.up.w), (&da, &db), wants)?;
     sunk(&[dwg, dwu], "mlp.gate_proj/up_proj")?;
-    let dh2 = need(dh2, "post_attention_layernorm")?;
+    let mut dh2 = need(dh2, "post_attention_layernorm")?;
+    let inner = w.gate.w.dim(0)?;
+    tape_lora_bwd(&t, GATE, &t.h2, &da, (inner, 0), Some(&mut dh2))?;
+    tape_lora_bwd(&t, UP, &t.h2, &db, (inner, 0), Some(&mut dh2))?;
+    let dh2 = Tensor::from_vec(dh2, t.h2.shape(), dev)?;
     let (dx1, dw) = t.rms_2.bwd(&t.x1, &w.post_norm, &t.h2, &dh2)?;
     sunk_unless_frozen(dw, &w.post_norm, "post_attention_layernorm")?;
     let g1 = added(g, &need(dx1, "post_attention_layernorm's input")?)?;
     let mut dy = product_bwd(&t.y, &w.o.w, &g1, "self_attn.o_proj")?;
-    if let (Some(l), Some(ha)) = (&w.o.lora, &t.lora_h[3]) {
-        let d = g1.dim(2)?;
-        with_f32(&[&g1], |gv| {
-            lora_bwd(&t.y, l, ha, gv[0], (d, 0), &mut dy, "o_proj's adapter")
-        })??;
-    }
+    with_f32(&[&g1], |gv| {
+        tape_lora_bwd(&t, O, &t.y, gv[0], (d, 0), Some(&mut dy))
+    })??;
     let dy = Tensor::from_vec(dy, t.y.shape(), dev)?;
     let mut dqkv = t.attn.grad_vec(&t.qkv, &t.y, &dy)?;
     let (b, tt, n) = t.qkv.dims3()?;
@@ -444,26 +635,34 @@ fn llama_bwd(t: LlamaTape, g: &Tensor) -> Result<Tensor> {
             true,
         )
     })?;
+    // The normalised input's gradient is needed for the block's input or input_norm's weight;
+    // without either (the first layer of a LoRA model) only the weights' gradients are taken.
+    let want_dh1 = want_dx || trains(&w.input_norm);
     let parts = [&w.q, &w.k, &w.v].map(|p| (&p.w, p.bias.as_ref()));
-    let (mut dh1, grads) = split_grads(&t.h1, &t.wqkv, &parts, &dqkv)?;
+    let (mut dh1, grads) = split_grads(&t.h1, &t.wqkv, &parts, &dqkv, want_dh1)?;
     for (dw, db) in grads {
         sunk(&[dw, db], "self_attn's q/k/v projections")?;
     }
     let mut c0 = 0;
     for (i, p) in [&w.q, &w.k, &w.v].into_iter().enumerate() {
-        if let (Some(l), Some(ha)) = (&p.lora, &t.lora_h[i]) {
-            lora_bwd(&t.h1, l, ha, &dqkv, (n, c0), &mut dh1, "a q/k/v adapter")?;
-        }
+        tape_lora_bwd(&t, Q + i, &t.h1, &dqkv, (n, c0), dh1.as_deref_mut())?;
         c0 += p.w.dim(0)?;
     }
+    let Some(dh1) = dh1 else {
+        return Ok(None);
+    };
     let dh1 = Tensor::from_vec(dh1, t.h1.shape(), dev)?;
     let (dx, dw) = t.rms_1.bwd(&t.x, &w.input_norm, &t.h1, &dh1)?;
     sunk_unless_frozen(dw, &w.input_norm, "input_layernorm")?;
-    added(&g1, &need(dx, "the block's input")?)
+    if !want_dx {
+        return Ok(None);
+    }
+    Ok(Some(added(&g1, &need(dx, "the block's input")?)?))
 }
 
 /// `onto + x · Wᵀ` (an HF-layout product onto nothing, a bias or a residual) as a vector: the
-/// packed projection, which RoPE then rotates in place, and the block's output.
+/// packed projection, which RoPE then rotates in place, the MLP's products, and the block's
+/// output.
 fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<Vec<f32>> {
     use candle_core::Storage;
     fn cpu(s: &Storage) -> Result<&CpuStorage> {
@@ -496,10 +695,10 @@ fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<
 /// A Llama-family block `[b, t, d] → [b, t, d]` (Llama, SmolLM2, Mistral-style GQA, Qwen2) in
 /// training as one graph node (see the module's documentation): `heads` = (query heads, kv
 /// heads), RMSNorm's `eps`, RoPE's `cos`/`sin` tables `[b, 1, t, head_dim]`. Frozen tensors
-/// (tracking no gradient) get none; LoRA adapters on q/k/v/o run inside the block. `None`
-/// where it does not apply: a tensor not f32 on the CPU, an input that tracks no gradient, a
-/// trained tensor this thread's gradient sink does not hold, biases on some of q/k/v but not
-/// all, or a bias on o.
+/// (tracking no gradient) get none; LoRA adapters (with their dropout masks) run inside the
+/// block. An input that tracks no gradient gets none either (the first layer of a model with a
+/// frozen embedding), as long as something in the block trains. `None` where it does not
+/// apply ([`LlamaBlockWeights::applies`]).
 pub fn llama_block(
     x: &Tensor,
     w: LlamaBlockWeights,
@@ -508,25 +707,18 @@ pub fn llama_block(
     (cos, sin): (&Tensor, &Tensor),
     mask_bias: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let mut all = w.all();
-    let biases = [&w.q, &w.k, &w.v]
-        .iter()
-        .filter(|p| p.bias.is_some())
-        .count();
-    let held = all.iter().all(|t| !trains(t) || sink::holds(t));
-    all.extend([x, cos, sin, mask_bias]);
-    if x.rank() != 3
-        || !x.track_op()
-        || !fusable(&all)
-        || !(biases == 0 || biases == 3)
-        || w.o.bias.is_some()
-        || !held
-    {
+    if !w.applies(x) || !fusable(&[cos, sin, mask_bias]) {
         return Ok(None);
     }
+    // What candle applies the node to: the input, or with a frozen input a trained tensor.
+    let anchor = match x.track_op() {
+        true => None,
+        false => w.all().into_iter().find(|t| trains(t)).cloned(),
+    };
     let (h, hk) = heads;
     let (b, t, d) = x.dims3()?;
     let hd = w.q.w.dim(0)? / h.max(1);
+    let inner = w.gate.w.dim(0)?;
     let shapes_ok = h > 0
         && hk > 0
         && h % hk == 0
@@ -534,15 +726,22 @@ pub fn llama_block(
         && w.q.w.dims() == [h * hd, d]
         && w.k.w.dims() == [hk * hd, d]
         && w.v.w.dims() == [hk * hd, d]
+        && w.gate.w.dims() == [inner, d]
+        && w.up.w.dims() == [inner, d]
+        && w.down.w.dims() == [d, inner]
         && cos.dims() == [b, 1, t, hd]
         && sin.dims() == [b, 1, t, hd];
     if !shapes_ok {
         candle_core::bail!(
-            "llama block: x {:?}, q {:?}, k {:?}, v {:?}, {h}/{hk} heads, rope tables {:?}",
+            "llama block: x {:?}, q {:?}, k {:?}, v {:?}, gate {:?}, up {:?}, down {:?}, {h}/{hk} \
+             heads, rope tables {:?}",
             x.dims(),
             w.q.w.dims(),
             w.k.w.dims(),
             w.v.w.dims(),
+            w.gate.w.dims(),
+            w.up.w.dims(),
+            w.down.w.dims(),
             cos.dims()
         )
     }
@@ -560,11 +759,11 @@ pub fn llama_block(
     let mut qkv = product_vec(&h1, &wqkv, (bqkv.as_ref(), false))?;
     let n = (h + 2 * hk) * hd;
     // Adapters add onto their projection's columns before RoPE, as in the composed layer.
-    let mut lora_h: [Option<Vec<f32>>; 4] = [None, None, None, None];
+    let mut lora_h: [Option<Vec<f32>>; 7] = Default::default();
     let mut c0 = 0;
     for (i, p) in [&w.q, &w.k, &w.v].into_iter().enumerate() {
         if let Some(l) = &p.lora {
-            lora_h[i] = Some(lora_fwd(&h1, l, &mut qkv, (n, c0))?);
+            lora_h[Q + i] = Some(lora_fwd(&h1, l, &mut qkv, (n, c0))?);
         }
         c0 += p.w.dim(0)?;
     }
@@ -582,17 +781,31 @@ pub fn llama_block(
     let y = qkv.apply_op1_no_bwd(&attn)?;
     let mut x1 = product_vec(&y, &w.o.w, (Some(&xd), true))?;
     if let Some(l) = &w.o.lora {
-        lora_h[3] = Some(lora_fwd(&y, l, &mut x1, (d, 0))?);
+        lora_h[O] = Some(lora_fwd(&y, l, &mut x1, (d, 0))?);
     }
     let x1 = Tensor::from_vec(x1, (b, t, d), x.device())?;
     let rms_2 = RmsNorm(eps as f32, Saved::default());
     let h2 = x1.apply_op2_no_bwd(&w.post_norm, &rms_2)?;
+    // SwiGLU as its fused op runs it (both products, then the activation), each product
+    // plus its adapter if any; the pre-activations stay for the backward.
+    let mut mlp_product = |p: &Projection, i: usize| -> Result<Vec<f32>> {
+        let mut a = product_vec(&h2, &p.w, (None, false))?;
+        if let Some(l) = &p.lora {
+            lora_h[i] = Some(lora_fwd(&h2, l, &mut a, (inner, 0))?);
+        }
+        Ok(a)
+    };
+    let a = mlp_product(&w.gate, GATE)?;
+    let u = mlp_product(&w.up, UP)?;
+    let s = Tensor::from_vec(binary(&a, &u, swiglu_fwd), (b, t, inner), x.device())?;
     let mlp = SwiGluMlp {
         save: true,
-        pre: Mutex::new(None),
+        pre: Mutex::new(Some((a, u))),
     };
-    let s = h2.apply_op3_no_bwd(&w.gate, &w.up, &mlp)?;
-    let o = product_vec(&s, &w.down, (Some(&x1), true))?;
+    let mut o = product_vec(&s, &w.down.w, (Some(&x1), true))?;
+    if let Some(l) = &w.down.lora {
+        lora_h[DOWN] = Some(lora_fwd(&s, l, &mut o, (d, 0))?);
+    }
     let block = Block {
         name: "llama-block",
         out: Mutex::new(Some(o)),
@@ -615,5 +828,8 @@ pub fn llama_block(
             sin,
         })))),
     };
-    Ok(Some(x.apply_op1(block)?))
+    Ok(Some(match anchor {
+        None => x.apply_op1(block)?,
+        Some(anchor) => x.apply_op2(&anchor, block)?,
+    }))
 }

@@ -606,7 +606,7 @@ pub(super) fn linear_grads(
 /// Gradients of `y = x · Wᵀ (+ b)` for `x [m, k]` whose HF-layout weight `w [n, k]` is the
 /// row-wise concatenation of `parts` (each `[n_i, k]`, with its bias `[n_i]` if any) — q, k
 /// and v projections run as one product — and `gs [m, n]` the gradient of `y`. `dx` (a vector
-/// shaped like `x`) comes from the concatenated weight in one GEMM; each part's dW (and db)
+/// shaped like `x`, when `want_dx`) comes from the concatenated weight in one GEMM; each part's dW (and db)
 /// from its own columns of `gs`, for those that track gradients (frozen ones get none), into
 /// this thread's gradient sink where it holds the part (`None` then), else returned.
 #[allow(clippy::type_complexity)]
@@ -615,7 +615,8 @@ pub(super) fn split_grads(
     w: &Tensor,
     parts: &[(&Tensor, Option<&Tensor>)],
     gs: &[f32],
-) -> Result<(Vec<f32>, Vec<(Option<Tensor>, Option<Tensor>)>)> {
+    want_dx: bool,
+) -> Result<(Option<Vec<f32>>, Vec<(Option<Tensor>, Option<Tensor>)>)> {
     let (m, k) = rows_k(x.dims())?;
     let n = w.dim(0)?;
     let mut widths = Vec::with_capacity(parts.len());
@@ -637,8 +638,11 @@ pub(super) fn split_grads(
     let (dx, grads) = with_f32(&[x, w], |t| {
         let (xs, ws) = (t[0], t[1]);
         // dx = g · W, W as [n, k].
-        let mut dx = uninit(m * k);
-        sgemm(m, k, n, mat(gs, n, 1), mat(ws, k, 1), &mut dx, false);
+        let dx = want_dx.then(|| {
+            let mut dx = uninit(m * k);
+            sgemm(m, k, n, mat(gs, n, 1), mat(ws, k, 1), &mut dx, false);
+            dx
+        });
         let xm = mat(xs, k, 1);
         let mut c0 = 0;
         let mut grads = Vec::with_capacity(parts.len());

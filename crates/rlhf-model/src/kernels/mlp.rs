@@ -113,6 +113,15 @@ pub(super) struct SwiGluMlp {
 }
 
 impl SwiGluMlp {
+    /// The pre-activations' gradients (d gate, d up) for upstream `g` of the activation.
+    pub(super) fn pre_grads(&self, g: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+        let pre = self.pre.lock().expect("swiglu-mlp state");
+        let Some((a, b)) = pre.as_ref() else {
+            candle_core::bail!("swiglu-mlp: backward of a forward run without gradients")
+        };
+        with_f32(&[g], |s| swiglu_grads(a, b, s[0]))
+    }
+
     /// (dx, dW_gate, dW_up) for upstream `g`, each only when wanted (`bwd` wants those whose
     /// tensor tracks gradients; [`super::block`] says which itself). Weight gradients go to
     /// this thread's gradient sink where it holds them.
@@ -121,47 +130,65 @@ impl SwiGluMlp {
         &self,
         (x, wg, wu): (&Tensor, &Tensor, &Tensor),
         g: &Tensor,
-        (want_x, want_g, want_u): (bool, bool, bool),
+        wants: (bool, bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, d) = rows_k(x.dims())?;
-        let i = wg.dim(0)?;
-        let pre = self.pre.lock().expect("swiglu-mlp state");
-        let Some((a, b)) = pre.as_ref() else {
-            candle_core::bail!("swiglu-mlp: backward of a forward run without gradients")
-        };
-        let (da, db) = with_f32(&[g], |s| swiglu_grads(a, b, s[0]))?;
-        drop(pre);
-        let r = with_f32(&[x, wg, wu], |s| {
-            let (xs, wgs, wus) = (s[0], s[1], s[2]);
-            let wrow = |data| mat(data, d, 1);
-            // dx = da · W_gate + db · W_up: the second product accumulates onto the first.
-            let dx = want_x.then(|| {
-                let mut dx = uninit(m * d);
-                sgemm(m, d, i, mat(&da, i, 1), wrow(wgs), &mut dx, false);
-                sgemm(m, d, i, mat(&db, i, 1), wrow(wus), &mut dx, true);
-                dx
-            });
-            // dW = daᵀ · x, [inner, d].
-            let dw = |want: bool, w: &Tensor, dz: &[f32]| {
-                if !want {
-                    return None;
-                }
-                sink::weight_grad(w, i * d, |dw, acc| {
-                    sgemm(i, d, m, mat(dz, 1, i), wrow(xs), dw, acc)
-                })
-            };
-            (dx, dw(want_g, wg, &da), dw(want_u, wu, &db))
-        })?;
-        let dev = x.device();
-        Ok((
-            r.0.map(|v| Tensor::from_vec(v, x.shape(), dev))
-                .transpose()?,
-            r.1.map(|v| Tensor::from_vec(v, wg.shape(), dev))
-                .transpose()?,
-            r.2.map(|v| Tensor::from_vec(v, wu.shape(), dev))
-                .transpose()?,
-        ))
+        let (da, db) = self.pre_grads(g)?;
+        let (dx, dwg, dwu) = swiglu_product_grads((x, wg, wu), (&da, &db), wants)?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        Ok((dx, dwg, dwu))
     }
+}
+
+/// The gradients of SwiGLU's two products `a = x · W_gateᵀ`, `b = x · W_upᵀ` at their
+/// gradients `(da, db)`: dx (a vector shaped like `x`) and dW_gate, dW_up (into this thread's
+/// gradient sink where it holds them, `None` then), each only when wanted.
+#[allow(clippy::type_complexity)]
+pub(super) fn swiglu_product_grads(
+    (x, wg, wu): (&Tensor, &Tensor, &Tensor),
+    (da, db): (&[f32], &[f32]),
+    (want_x, want_g, want_u): (bool, bool, bool),
+) -> Result<(Option<Vec<f32>>, Option<Tensor>, Option<Tensor>)> {
+    let (m, d) = rows_k(x.dims())?;
+    let i = wg.dim(0)?;
+    if da.len() != m * i || db.len() != m * i || wu.dim(0)? != i {
+        candle_core::bail!(
+            "swiglu-mlp: x {:?}, gate {:?}, up {:?}",
+            x.dims(),
+            wg.dims(),
+            wu.dims()
+        )
+    }
+    let r = with_f32(&[x, wg, wu], |s| {
+        let (xs, wgs, wus) = (s[0], s[1], s[2]);
+        let wrow = |data| mat(data, d, 1);
+        // dx = da · W_gate + db · W_up: the second product accumulates onto the first.
+        let dx = want_x.then(|| {
+            let mut dx = uninit(m * d);
+            sgemm(m, d, i, mat(da, i, 1), wrow(wgs), &mut dx, false);
+            sgemm(m, d, i, mat(db, i, 1), wrow(wus), &mut dx, true);
+            dx
+        });
+        // dW = daᵀ · x, [inner, d].
+        let dw = |want: bool, w: &Tensor, dz: &[f32]| {
+            if !want {
+                return None;
+            }
+            sink::weight_grad(w, i * d, |dw, acc| {
+                sgemm(i, d, m, mat(dz, 1, i), wrow(xs), dw, acc)
+            })
+        };
+        (dx, dw(want_g, wg, da), dw(want_u, wu, db))
+    })?;
+    let dev = x.device();
+    Ok((
+        r.0,
+        r.1.map(|v| Tensor::from_vec(v, wg.shape(), dev))
+            .transpose()?,
+        r.2.map(|v| Tensor::from_vec(v, wu.shape(), dev))
+            .transpose()?,
+    ))
 }
 
 impl CustomOp3 for SwiGluMlp {
