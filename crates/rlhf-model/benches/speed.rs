@@ -297,11 +297,28 @@ fn main() -> anyhow::Result<()> {
     let unfused_head = std::env::var_os("RLHF_BENCH_UNFUSED_HEAD").is_some();
     // RLHF_BENCH_COMPOSED=1: the blocks as their ops, not one node each (see the sink below).
     let composed = std::env::var_os("RLHF_BENCH_COMPOSED").is_some();
-    let model = CausalLM::random(cfg, 0)?;
+    let mut model = CausalLM::random(cfg, 0)?;
+    // RLHF_BENCH_LORA=r: LoRA of rank r (alpha 2r) on every product, dropout 0.05 drawing masks
+    // each step; only the adapters train (the base and the embedding frozen).
+    let lora: Option<usize> = std::env::var("RLHF_BENCH_LORA")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(r) = lora {
+        let targets = ["c_attn", "c_proj", "c_fc"]
+            .into_iter()
+            .chain(rlhf_model::kernels::block::LLAMA_PROJECTIONS);
+        let cfg = rlhf_model::LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            dropout: 0.05,
+            target_modules: targets.map(String::from).collect(),
+        };
+        model.add_lora(&cfg, 1)?;
+    }
     let vocab = model.config.vocab_size();
     let nparams: usize = model.params.iter().map(|p| p.var().elem_count()).sum();
     println!(
-        "rlhf {name} threads={} vocab={vocab} params={nparams} matmul={:?}",
+        "rlhf {name} threads={} vocab={vocab} params={nparams} matmul={:?} lora={lora:?}",
         rayon::current_num_threads(),
         rlhf_model::kernels::gemm::matmul_precision()
     );
@@ -322,7 +339,12 @@ fn main() -> anyhow::Result<()> {
             weight_decay: 0.0,
             ..AdamW::default()
         };
-        let params: Vec<_> = model.params.iter().cloned().collect();
+        let params: Vec<_> = model
+            .params
+            .iter()
+            .filter(|p| p.is_trainable())
+            .cloned()
+            .collect();
         let mut states: Vec<AdamWState> = params
             .iter()
             .map(|p| AdamWState::new(p.var().elem_count()))
@@ -330,6 +352,9 @@ fn main() -> anyhow::Result<()> {
         let (mut times, mut losses) = (vec![], vec![]);
         for step in 0..32 {
             let t0 = Instant::now();
+            if lora.is_some() {
+                model.set_train_noise(Some(step + 1));
+            }
             let mut body = || -> anyhow::Result<f32> {
                 // Weight gradients of the fused ops go to the sink; candle returns the rest.
                 // Installed before the forward, so that the blocks run as one node each
@@ -384,6 +409,7 @@ fn main() -> anyhow::Result<()> {
             losses[0],
             peak_rss_mb()
         );
+        model.set_train_noise(None);
     }
     // Mode 2: greedy decoding; mode 8: sampling at T = 1 (top-k and top-p off, as in PPO's
     // rollouts), seeded.

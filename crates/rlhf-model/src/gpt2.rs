@@ -52,34 +52,51 @@ struct Block {
 }
 
 impl Block {
-    /// The block in training as one graph node ([`crate::kernels::block`]), when every weight
-    /// gradient goes to this thread's gradient sink, every product is a plain biased Conv1D on
-    /// the fused path (no active LoRA adapter) and the norms share one epsilon; `None` otherwise.
+    /// The block in training as one graph node ([`crate::kernels::block::gpt2_block`]), when
+    /// every trained tensor's gradient goes to this thread's gradient sink, every product is a
+    /// biased Conv1D on the fused path (adapters on any, their dropout masks drawn here as the
+    /// composed block draws them) and the norms share one epsilon; `None` otherwise.
     fn fused_train(&self, x: &Tensor, n_head: usize, bias: &Tensor) -> Result<Option<Tensor>> {
-        let conv = |l: &Linear| match &l.bias {
-            Some(b) if l.transposed && l.plain_fused(x) => Some((l.weight.t(), b.t())),
-            _ => None,
-        };
-        let (Some(c_attn), Some(c_proj), Some(c_fc), Some(mlp_proj)) = (
-            conv(&self.c_attn),
-            conv(&self.c_proj),
-            conv(&self.c_fc),
-            conv(&self.mlp_proj),
-        ) else {
+        use crate::kernels::block::{Gpt2BlockWeights, Projection};
+        let linears = [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj];
+        let mut convs: [Option<(Tensor, Tensor)>; 4] = Default::default();
+        let mut adapters = [None, None, None, None];
+        for ((l, c), a) in linears.iter().zip(&mut convs).zip(&mut adapters) {
+            if let Some(Projection {
+                w,
+                bias: Some(b),
+                lora,
+            }) = l.block_parts(x, true)
+            {
+                *c = Some((w, b));
+                *a = lora;
+            }
+        }
+        let [Some(c_attn), Some(c_proj), Some(c_fc), Some(mlp_proj)] = convs else {
             return Ok(None);
         };
         if self.ln_1.eps != self.ln_2.eps {
             return Ok(None);
         }
         let norm = |n: &Norm| (n.w.t(), n.b.t());
-        let w = crate::kernels::block::Gpt2BlockWeights {
+        let mut w = Gpt2BlockWeights {
             ln_1: norm(&self.ln_1),
             c_attn,
             c_proj,
             ln_2: norm(&self.ln_2),
             c_fc,
             mlp_proj,
+            adapters,
         };
+        if !w.applies(x) {
+            return Ok(None);
+        }
+        // Dropout masks only now that the block runs (the composed block would draw them).
+        for (l, a) in linears.iter().zip(&mut w.adapters) {
+            if let Some(a) = a {
+                a.mask = l.adapter_mask(x)?;
+            }
+        }
         Ok(crate::kernels::block::gpt2_block(
             x,
             w,

@@ -52,14 +52,11 @@ impl Layer {
         let linears = [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
         ];
-        let mut p = Vec::with_capacity(7);
-        for l in linears {
-            match l.block_parts(x) {
-                Some(part) => p.push(part),
-                None => return Ok(None),
-            }
-        }
-        let [q, k, v, o, gate, up, down]: [_; 7] = p.try_into().ok().expect("seven projections");
+        let [Some(q), Some(k), Some(v), Some(o), Some(gate), Some(up), Some(down)] =
+            linears.map(|l| l.block_parts(x, false))
+        else {
+            return Ok(None);
+        };
         let mut w = LlamaBlockWeights {
             input_norm: self.input_norm.t(),
             q,

@@ -1234,6 +1234,32 @@ fn block_vars(shapes: &[&[usize]], seed: u64, norm: impl Fn(usize) -> bool) -> V
         .collect()
 }
 
+/// LoRA adapters' A `[r, in]` and B `[out, r]` (both non-zero) for `n` products of (in, out)
+/// `io(j)`, in product order: A₀, B₀, A₁, …
+fn adapter_tensors(
+    n: usize,
+    io: impl Fn(usize) -> (usize, usize),
+    r: usize,
+    seed: u64,
+) -> Vec<Tensor> {
+    let shapes: Vec<Vec<usize>> = (0..n)
+        .flat_map(|j| [vec![r, io(j).0], vec![io(j).1, r]])
+        .collect();
+    let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    let vars = block_vars(&shapes, seed, |_| false);
+    vars.iter().map(|v| v.as_tensor().clone()).collect()
+}
+
+/// A block's tensors from `vars`: tracking gradients, or frozen (tracking none).
+fn block_tensors(vars: &[Var], frozen: bool) -> Vec<Tensor> {
+    vars.iter()
+        .map(|v| match frozen {
+            true => v.as_tensor().detach(),
+            false => v.as_tensor().clone(),
+        })
+        .collect()
+}
+
 /// Every weight gradient is in `sink` (none went to candle), twice `want` (two passes), within
 /// 1e-5 of the gradient's largest magnitude (as `grads.rs` compares the sink with candle: an
 /// element-wise relative error would weigh the rounding of the near-zero elements of a
@@ -1266,12 +1292,21 @@ fn probed_backward(
 
 #[test]
 fn gpt2_block_is_the_composed_block() {
-    use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights};
-    use rlhf_model::kernels::matmul::linear_bias;
+    // Plain; LoRA adapters on all four products over a frozen base (dropout masks on two);
+    // the same on a frozen input (a LoRA model's first block).
+    for (lora, frozen_input) in [(false, false), (true, false), (true, true)] {
+        gpt2_block_case(lora, frozen_input);
+    }
+}
+
+fn gpt2_block_case(lora: bool, frozen_input: bool) {
+    use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights, LoraWeights};
+    use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
     use rlhf_model::kernels::mlp::linear_gelu;
     use rlhf_model::kernels::sink::GradSink;
     // b=2, t=20 (40 rows: more than decoding's few), d=32, 4 heads; row 1 left-padded by 3.
-    let (b, t, d, nh) = (2, 20, 32, 4);
+    let (b, t, d, nh, r) = (2, 20, 32, 4, 4);
+    let scale = 2.0;
     let mut mask = vec![vec![1u8; t]; b];
     mask[1][..3].fill(0);
     let bias = bias(&mask, 0, t);
@@ -1290,11 +1325,43 @@ fn gpt2_block_is_the_composed_block() {
         &[d],
     ];
     // ln_1 and ln_2's weights are the norms'.
-    let vars = block_vars(&shapes, 300, |i| i == 0 || i == 6);
-    let w: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let x = Var::from_vec(data(b * t * d, 299), (b, t, d), &DEV).unwrap();
+    // A LoRA model's base is frozen (tensors that track no gradient).
+    let w = block_tensors(&block_vars(&shapes, 300, |i| i == 0 || i == 6), lora);
+    // Product j's Conv1D weight is w[pw[j]] ([in, out]), its bias the next; its adapter
+    // A [r, in], B [out, r] (B non-zero so that it matters), and a dropout mask on c_attn's
+    // and mlp.c_proj's input.
+    let pw = [2, 4, 8, 10];
+    let io = |j: usize| (shapes[pw[j]][0], shapes[pw[j]][1]);
+    let ad = adapter_tensors(4, io, r, 600);
+    let masks: Vec<Option<Tensor>> = (0..4)
+        .map(|j| {
+            (j == 0 || j == 3).then(|| {
+                let v: Vec<f32> = (0..b * t * io(j).0)
+                    .map(|i| match (i * 5 + j) % 3 {
+                        0 => 0.0,
+                        _ => 1.5,
+                    })
+                    .collect();
+                Tensor::from_vec(v, (b, t, io(j).0), &DEV).unwrap()
+            })
+        })
+        .collect();
+    let trained: Vec<Tensor> = if lora { ad.clone() } else { w.clone() };
+    let xv = Var::from_vec(data(b * t * d, 299), (b, t, d), &DEV).unwrap();
+    let x = match frozen_input {
+        true => xv.as_tensor().detach(),
+        false => xv.as_tensor().clone(),
+    };
     let weights = || {
         let p = |i: usize| (w[i].clone(), w[i + 1].clone());
+        let adapter = |j: usize| {
+            lora.then(|| LoraWeights {
+                a: ad[2 * j].clone(),
+                b: ad[2 * j + 1].clone(),
+                scale,
+                mask: masks[j].clone(),
+            })
+        };
         Gpt2BlockWeights {
             ln_1: p(0),
             c_attn: p(2),
@@ -1302,77 +1369,98 @@ fn gpt2_block_is_the_composed_block() {
             ln_2: p(6),
             c_fc: p(8),
             mlp_proj: p(10),
+            adapters: [adapter(0), adapter(1), adapter(2), adapter(3)],
         }
+    };
+    let block = |x: &Tensor| gpt2_block(x, weights(), nh, 1e-5, &bias);
+    // As `Linear::forward` runs a Conv1D with an active adapter: the biased product, then
+    // (scale · x' Aᵀ) Bᵀ onto it, x' = x ⊙ mask under dropout.
+    let conv = |x: &Tensor, j: usize| {
+        let y = linear_bias(x, &w[pw[j]], &w[pw[j] + 1], true).unwrap();
+        if !lora {
+            return y;
+        }
+        let x = match &masks[j] {
+            Some(m) => x.mul(m).unwrap(),
+            None => x.clone(),
+        };
+        let h = (linear(&x, &ad[2 * j], false).unwrap() * scale).unwrap();
+        linear_residual(&h, &ad[2 * j + 1], &y, false).unwrap()
     };
     let composed = |x: &Tensor| -> Tensor {
         let h = fused::layer_norm(x, &w[0], &w[1], 1e-5).unwrap();
-        let qkv = linear_bias(&h, &w[2], &w[3], true).unwrap();
+        let qkv = conv(&h, 0);
         let y = fused::attention_packed(&qkv, nh, nh, &bias).unwrap();
-        let x1 = (x + linear_bias(&y, &w[4], &w[5], true).unwrap()).unwrap();
+        let x1 = (x + conv(&y, 1)).unwrap();
         let h = fused::layer_norm(&x1, &w[6], &w[7], 1e-5).unwrap();
-        let a = linear_gelu(&h, &w[8], &w[9], true).unwrap();
-        (x1 + linear_bias(&a, &w[10], &w[11], true).unwrap()).unwrap()
+        // `Linear::forward_gelu`: one op without an adapter, gelu(forward(x)) with one.
+        let a = match lora {
+            true => fused::gelu_tanh(&conv(&h, 2)).unwrap(),
+            false => linear_gelu(&h, &w[8], &w[9], true).unwrap(),
+        };
+        (x1 + conv(&a, 3)).unwrap()
     };
+    let case = format!("lora {lora}, frozen input {frozen_input}");
     // Without a sink the block is not taken (weight gradients would have nowhere to go).
-    assert!(gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
-        .unwrap()
-        .is_none());
-    let want = composed(x.as_tensor());
+    assert!(block(&x).unwrap().is_none());
+    let want = composed(&x);
     let probe = probe_for(&want);
     let gw = probed_backward(&want, &probe).unwrap();
     let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| vals(g.get(t).unwrap());
-    let want_grads: Vec<Vec<f32>> = w.iter().map(|t| grad(&gw, t)).collect();
-    let want_dx = grad(&gw, x.as_tensor());
+    let want_grads: Vec<Vec<f32>> = trained.iter().map(|t| grad(&gw, t)).collect();
+    let want_dx = (!frozen_input).then(|| grad(&gw, &x));
 
-    // A sink over all but one tensor: not taken either.
-    let sink = GradSink::install(&w.iter().skip(1).collect::<Vec<_>>()).unwrap();
-    assert!(gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
-        .unwrap()
-        .is_none());
+    // A sink over all but one trained tensor: not taken either.
+    let sink = GradSink::install(&trained.iter().skip(1).collect::<Vec<_>>()).unwrap();
+    assert!(block(&x).unwrap().is_none());
     drop(sink);
 
-    // With the sink over all twelve, before the forward: one node, the same numbers, and every
-    // weight gradient in the sink (none for candle), over two passes accumulated.
-    let sink = GradSink::install(&w.iter().collect::<Vec<_>>()).unwrap();
-    let mut dxs = vec![];
+    // With the sink over what trains, before the forward: one node, the same numbers, and
+    // every weight gradient in the sink (none for candle), over two passes accumulated.
+    let sink = GradSink::install(&trained.iter().collect::<Vec<_>>()).unwrap();
     for _ in 0..2 {
-        let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
+        let got = block(&x)
             .unwrap()
             .expect("the block applies under a sink holding its weights");
-        assert_eq!(vals(&got), vals(&want), "block output");
+        let e = max_err(&vals(&got), &vals(&want));
+        // Without adapters the same ops in the same order: the same bits. Adapters add B's
+        // product after the product (the composed path's GEMM accumulates it): 1e-7 here.
+        let tol = if lora { 1e-5 } else { 0.0 };
+        assert!(e <= tol, "block output differs by {e} ({case})");
         let g = probed_backward(&got, &probe).unwrap();
         assert!(
-            w.iter().all(|t| g.get(t).is_none()),
-            "weight gradients reached candle"
+            trained.iter().all(|t| g.get(t).is_none()),
+            "weight gradients reached candle ({case})"
         );
-        dxs.push(grad(&g, x.as_tensor()));
-    }
-    for dx in &dxs {
-        let e = max_err(dx, &want_dx);
-        assert!(e == 0.0, "block input gradient differs by {e}");
+        match &want_dx {
+            Some(want_dx) => {
+                let e = max_err(&grad(&g, &x), want_dx);
+                assert!(e <= tol, "block input gradient differs by {e} ({case})");
+            }
+            None => assert!(
+                g.get(&x).is_none(),
+                "a frozen input got a gradient ({case})"
+            ),
+        }
     }
     assert_sink_holds_twice(&sink, &want_grads);
     // One backward per forward (the tape is consumed): a second is an error saying so.
-    let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
-        .unwrap()
-        .unwrap();
+    let got = block(&x).unwrap().unwrap();
     let loss = (&got * &probe).unwrap().sum_all().unwrap();
     loss.backward().unwrap();
     let err = loss.backward().unwrap_err();
     assert!(
         err.to_string().contains("backward run twice"),
-        "unexpected error: {err}"
+        "unexpected error: {err} ({case})"
     );
     sink.take().unwrap();
     // The sink gone between forward and backward: a clear error, not lost gradients.
-    let got = gpt2_block(x.as_tensor(), weights(), nh, 1e-5, &bias)
-        .unwrap()
-        .unwrap();
+    let got = block(&x).unwrap().unwrap();
     drop(sink);
     let err = probed_backward(&got, &probe).unwrap_err();
     assert!(
         err.to_string().contains("gradient sink"),
-        "unexpected error: {err}"
+        "unexpected error: {err} ({case})"
     );
 }
 
@@ -1447,15 +1535,8 @@ fn llama_block_case(c: LlamaCase) {
         shapes.extend([vec![nh * hd], vec![nkv * hd], vec![nkv * hd]]);
     }
     let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
-    let vars = block_vars(&shapes, 400, |i| i == 0 || i == 5);
     // A LoRA model's base is frozen (tensors that track no gradient).
-    let w: Vec<Tensor> = vars
-        .iter()
-        .map(|v| match lora {
-            true => v.as_tensor().detach(),
-            false => v.as_tensor().clone(),
-        })
-        .collect();
+    let w = block_tensors(&block_vars(&shapes, 400, |i| i == 0 || i == 5), lora);
     // Projection j's weight in `w`, and its (in, out).
     let widx = [1, 2, 3, 4, 6, 7, 8];
     let io = |j: usize| {
@@ -1464,12 +1545,7 @@ fn llama_block_case(c: LlamaCase) {
     };
     // Adapters (A [r, in], B [out, r]; B non-zero so that they matter) where the case puts
     // them, and dropout masks (0 or 1/(1 − p), p = 1/4) on rows of the adapter's input.
-    let ad_shapes: Vec<Vec<usize>> = (0..7)
-        .flat_map(|j| [vec![r, io(j).0], vec![io(j).1, r]])
-        .collect();
-    let ad_shapes: Vec<&[usize]> = ad_shapes.iter().map(Vec::as_slice).collect();
-    let ad_vars = block_vars(&ad_shapes, 500, |_| false);
-    let ad: Vec<Tensor> = ad_vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let ad = adapter_tensors(7, io, r, 500);
     let dropout_mask = |j: usize| {
         c.masks[j].then(|| {
             let n = b * t * io(j).0;

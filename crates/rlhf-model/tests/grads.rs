@@ -242,9 +242,9 @@ fn batched_and_few_row_paths_give_the_same_gradients() {
 /// buffers (accumulating over backward passes) and candle returns only the rest. candle's
 /// gradients plus the sink's must equal candle's alone, summed over the passes, for every
 /// architecture and for LoRA adapters; the sink must actually take the products' weights.
-/// The LoRA Llama has adapters on all seven projections with dropout drawing masks (training
-/// mode), so its layers run as one node each with adapters and masks inside, the first layer
-/// too (its input, the frozen embedding's output, tracks no gradient).
+/// The LoRA models have adapters on every product (GPT-2's four, Llama's seven) with dropout
+/// drawing masks (training mode), so their layers run as one node each with adapters and masks
+/// inside, the first layer too (its input, the frozen embedding's output, tracks no gradient).
 #[test]
 fn gradient_sink_matches_candles_gradients_and_accumulates() {
     use rlhf_model::kernels::sink::GradSink;
@@ -259,12 +259,12 @@ fn gradient_sink_matches_candles_gradients_and_accumulates() {
         let mut m = load(name);
         if lora {
             let targets: &[&str] = match name {
-                "gpt2" => &["c_attn", "c_fc"],
+                "gpt2" => &["c_attn", "c_proj", "c_fc"],
                 _ => &rlhf_model::kernels::block::LLAMA_PROJECTIONS,
             };
             let cfg = LoraConfig {
                 target_modules: targets.iter().map(|t| t.to_string()).collect(),
-                dropout: if name == "llama" { 0.25 } else { 0.0 },
+                dropout: 0.25,
                 ..LoraConfig::default()
             };
             m.add_lora(&cfg, 3).unwrap();

@@ -38,16 +38,19 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
-use super::elementwise::{binary, swiglu_fwd};
+use super::elementwise::{binary, gelu_fwd, swiglu_fwd, unary};
 use super::gemm::{mat, sgemm};
-use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, LinearBias, Onto};
+use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, Onto};
 use super::mlp::{swiglu_product_grads, LinearGelu, SwiGluMlp};
 use super::norm::{LayerNorm, RmsNorm, Saved};
 use super::rope::rope_packed_in_place;
 use super::{fusable, math, out, sink, with_f32};
 use rayon::prelude::*;
 
-/// The block's tensors: LayerNorm weights and biases, Conv1D weights `[in, out]` and biases.
+/// The block's tensors: LayerNorm weights and biases, Conv1D weights `[in, out]` and biases,
+/// and the LoRA adapters active on the four products (c_attn, attn.c_proj, c_fc, mlp.c_proj).
+/// A tensor that tracks no gradient is frozen: the block computes no gradient for it (a LoRA
+/// model's base weights).
 pub struct Gpt2BlockWeights {
     pub ln_1: (Tensor, Tensor),
     pub c_attn: (Tensor, Tensor),
@@ -55,11 +58,12 @@ pub struct Gpt2BlockWeights {
     pub ln_2: (Tensor, Tensor),
     pub c_fc: (Tensor, Tensor),
     pub mlp_proj: (Tensor, Tensor),
+    pub adapters: [Option<LoraWeights>; 4],
 }
 
 impl Gpt2BlockWeights {
-    /// The twelve tensors in block order (the tape's indices).
-    fn into_all(self) -> [Tensor; 12] {
+    /// The twelve tensors in block order (the tape's indices), and the adapters.
+    fn into_all(self) -> ([Tensor; 12], [Option<LoraWeights>; 4]) {
         let [a, b, c, d, e, f] = [
             self.ln_1,
             self.c_attn,
@@ -68,7 +72,59 @@ impl Gpt2BlockWeights {
             self.c_fc,
             self.mlp_proj,
         ];
-        [a.0, a.1, b.0, b.1, c.0, c.1, d.0, d.1, e.0, e.1, f.0, f.1]
+        let w = [a.0, a.1, b.0, b.1, c.0, c.1, d.0, d.1, e.0, e.1, f.0, f.1];
+        (w, self.adapters)
+    }
+
+    /// Every tensor: weights, biases, adapters and their masks.
+    fn all(&self) -> Vec<&Tensor> {
+        let mut all = vec![];
+        for (w, b) in [
+            &self.ln_1,
+            &self.c_attn,
+            &self.c_proj,
+            &self.ln_2,
+            &self.c_fc,
+            &self.mlp_proj,
+        ] {
+            all.extend([w, b]);
+        }
+        all.extend(
+            self.adapters
+                .iter()
+                .flatten()
+                .flat_map(LoraWeights::tensors),
+        );
+        all
+    }
+
+    /// Whether [`gpt2_block`] runs on these tensors and input `x` (see [`node_applies`]).
+    pub fn applies(&self, x: &Tensor) -> bool {
+        node_applies(x, self.all())
+    }
+}
+
+/// Whether a block node runs on input `x` and the block's tensors `all`: `x` of rank 3, every
+/// tensor f32 on the CPU, something that trains (the input or a tensor), and every trained
+/// tensor held by this thread's gradient sink (frozen ones need not be).
+fn node_applies<'a>(x: &'a Tensor, mut all: Vec<&'a Tensor>) -> bool {
+    let held = all.iter().all(|t| !trains(t) || sink::holds(t));
+    let something_trains = x.track_op() || all.iter().any(|t| trains(t));
+    all.push(x);
+    x.rank() == 3 && fusable(&all) && held && something_trains
+}
+
+/// The node in candle's graph over input `x`: applied to the input, or with a frozen input (a
+/// LoRA model's first layer reads the frozen embedding) to the input and the first trained
+/// tensor of `all`, so that candle still calls its backward.
+fn apply_node(x: &Tensor, all: Vec<&Tensor>, block: Block) -> Result<Tensor> {
+    match all
+        .into_iter()
+        .find(|t| trains(t))
+        .filter(|_| !x.track_op())
+    {
+        None => x.apply_op1(block),
+        Some(anchor) => x.apply_op2(anchor, block),
     }
 }
 
@@ -77,6 +133,10 @@ impl Gpt2BlockWeights {
 /// pre-activation of the GELU).
 struct Gpt2Tape {
     w: [Tensor; 12],
+    /// The adapters on c_attn, attn.c_proj, c_fc and mlp.c_proj, and each one's
+    /// `scale · x' · Aᵀ`, kept for its gradients.
+    lora: [Option<LoraWeights>; 4],
+    lora_h: [Option<Vec<f32>>; 4],
     x: Tensor,
     h1: Tensor,
     qkv: Tensor,
@@ -107,12 +167,6 @@ struct Block {
     out: Mutex<Option<Vec<f32>>>,
     tape: Mutex<Option<Tape>>,
 }
-
-/// Products of the block, all GPT-2 Conv1D (`[in, out]` weights).
-const CONV1D: LinearBias = LinearBias { transposed: true };
-
-/// Every gradient wanted from a product: the input's and both parameters'.
-const ALL: (bool, bool, bool) = (true, true, true);
 
 /// `Some(t)` as `t`, `None` as an error naming what is missing.
 fn need<T>(t: Option<T>, what: &str) -> Result<T> {
@@ -157,7 +211,7 @@ impl Block {
         };
         let g = g.contiguous()?;
         Ok(match t {
-            Tape::Gpt2(t) => Some(gpt2_bwd(*t, &g)?),
+            Tape::Gpt2(t) => gpt2_bwd(*t, &g, want_dx)?,
             Tape::Llama(t) => llama_bwd(*t, &g, want_dx)?,
         })
     }
@@ -200,32 +254,88 @@ impl CustomOp2 for Block {
     }
 }
 
-/// GPT-2's block backward: the input's gradient, every weight's into the sink.
-fn gpt2_bwd(t: Gpt2Tape, g: &Tensor) -> Result<Tensor> {
+/// The input gradient (when `want_dx`) of GPT-2's product `j` (c_attn, attn.c_proj, c_fc,
+/// mlp.c_proj: Conv1D weight `w[i]`, bias `w[i + 1]`, and its adapter if any) at input `x` for
+/// upstream `g`, as a vector; its trained tensors' gradients into the sink.
+fn gpt2_product_bwd(
+    t: &Gpt2Tape,
+    j: usize,
+    x: &Tensor,
+    g: &Tensor,
+    want_dx: bool,
+) -> Result<Option<Vec<f32>>> {
+    const NAMES: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+    let i = [2, 4, 8, 10][j];
+    let mut dx = conv_bwd(x, (&t.w[i], &t.w[i + 1]), g, want_dx, NAMES[j])?;
+    if let (Some(l), Some(ha)) = (&t.lora[j], &t.lora_h[j]) {
+        let (n, what) = (l.b.dim(0)?, format!("{}'s adapter", NAMES[j]));
+        with_f32(&[g], |gv| {
+            lora_bwd(x, l, ha, gv[0], (n, 0), dx.as_deref_mut(), &what)
+        })??;
+    }
+    Ok(dx)
+}
+
+/// GPT-2's block backward: the input's gradient (when `want_dx`), every trained weight's into
+/// the sink.
+fn gpt2_bwd(t: Gpt2Tape, g: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
     let w = &t.w;
-    // out = x1 + mlp_proj(gelu(c_fc(ln_2(x1)))), x1 = x + c_proj(attn(c_attn(ln_1(x)))).
-    let (da, dw, db) = CONV1D.grads((&t.a, &w[10], &w[11]), g, ALL)?;
-    sunk(&[dw, db], "mlp.c_proj")?;
-    let (dh2, dw, db) = t.fc.grads((&t.h2, &w[8], &w[9]), &need(da, "mlp")?, ALL)?;
-    sunk(&[dw, db], "mlp.c_fc")?;
-    let (dx1, dw, db) = t
-        .ln_2
-        .bwd(&t.x1, &w[6], &w[7], &t.h2, &need(dh2, "ln_2")?)?;
-    sunk(&[dw, db], "ln_2")?;
+    let dev = t.x.device();
+    // out = x1 + mlp_proj(gelu(c_fc(ln_2(x1)))), x1 = x + c_proj(attn(c_attn(ln_1(x)))), each
+    // product plus its adapter if any.
+    let da = need(gpt2_product_bwd(&t, 3, &t.a, g, true)?, "mlp")?;
+    let da = Tensor::from_vec(da, t.a.shape(), dev)?;
+    let gu = Tensor::from_vec(t.fc.pre_grad(&da)?, da.shape(), dev)?;
+    let dh2 = need(gpt2_product_bwd(&t, 2, &t.h2, &gu, true)?, "ln_2")?;
+    let dh2 = Tensor::from_vec(dh2, t.h2.shape(), dev)?;
+    let (dx1, dw, db) = t.ln_2.bwd(&t.x1, &w[6], &w[7], &t.h2, &dh2)?;
+    sunk_unless_frozen(dw, &w[6], "ln_2")?;
+    sunk_unless_frozen(db, &w[7], "ln_2")?;
     let g1 = added(g, &need(dx1, "ln_2's input")?)?;
-    let (dy, dw, db) = CONV1D.grads((&t.y, &w[4], &w[5]), &g1, ALL)?;
-    sunk(&[dw, db], "attn.c_proj")?;
-    let dqkv = t.attn.bwd(&t.qkv, &t.y, &need(dy, "attention")?)?;
-    let (dh1, dw, db) = CONV1D.grads((&t.h1, &w[2], &w[3]), &need(dqkv, "qkv")?, ALL)?;
-    sunk(&[dw, db], "attn.c_attn")?;
-    let (dx, dw, db) = t.ln_1.bwd(&t.x, &w[0], &w[1], &t.h1, &need(dh1, "ln_1")?)?;
-    sunk(&[dw, db], "ln_1")?;
-    added(&g1, &need(dx, "the block's input")?)
+    let dy = need(gpt2_product_bwd(&t, 1, &t.y, &g1, true)?, "attention")?;
+    let dy = Tensor::from_vec(dy, t.y.shape(), dev)?;
+    let dqkv = Tensor::from_vec(t.attn.grad_vec(&t.qkv, &t.y, &dy)?, t.qkv.shape(), dev)?;
+    // The normalised input's gradient is needed for the block's input or ln_1's tensors;
+    // without either (the first layer of a LoRA model) only the weights' gradients are taken.
+    let want_dh1 = want_dx || trains(&w[0]) || trains(&w[1]);
+    let dh1 = gpt2_product_bwd(&t, 0, &t.h1, &dqkv, want_dh1)?;
+    let Some(dh1) = dh1 else {
+        return Ok(None);
+    };
+    let dh1 = Tensor::from_vec(dh1, t.h1.shape(), dev)?;
+    let (dx, dw, db) = t.ln_1.bwd(&t.x, &w[0], &w[1], &t.h1, &dh1)?;
+    sunk_unless_frozen(dw, &w[0], "ln_1")?;
+    sunk_unless_frozen(db, &w[1], "ln_1")?;
+    if !want_dx {
+        return Ok(None);
+    }
+    Ok(Some(added(&g1, &need(dx, "the block's input")?)?))
+}
+
+/// The input gradient (when `want_dx`) of a Conv1D product `x · W + b` (`W [in, out]`) for
+/// upstream `g`, as a vector; the weight's and bias's gradients into the sink (none for
+/// frozen ones).
+fn conv_bwd(
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    g: &Tensor,
+    want_dx: bool,
+    what: &str,
+) -> Result<Option<Vec<f32>>> {
+    let (m, k) = rows_k(x.dims())?;
+    let n = b.dim(0)?;
+    let wants = (want_dx, trains(w), trains(b));
+    let (dx, dw, db) = linear_grads(x, w, Some(b), g, (m, k, n), true, wants)?;
+    if dw.is_some() || db.is_some() {
+        return Err(no_sink(what));
+    }
+    Ok(dx)
 }
 
 /// GPT-2's block `[b, t, d] → [b, t, d]` in training as one graph node (see the module's
-/// documentation), or `None` where it does not apply: a tensor not f32 on the CPU, an input
-/// that tracks no gradient, or a weight this thread's gradient sink does not hold.
+/// documentation), or `None` where it does not apply ([`Gpt2BlockWeights::applies`]). Frozen
+/// tensors (tracking no gradient) get none, and neither does a frozen input; LoRA adapters
+/// (with their dropout masks) run inside the block.
 pub fn gpt2_block(
     x: &Tensor,
     w: Gpt2BlockWeights,
@@ -233,19 +343,27 @@ pub fn gpt2_block(
     eps: f64,
     mask_bias: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let w = w.into_all();
-    let mut all: Vec<&Tensor> = w.iter().collect();
-    all.push(x);
-    if x.rank() != 3 || !x.track_op() || !fusable(&all) || !w.iter().all(sink::holds) {
+    if !w.applies(x) || !fusable(&[mask_bias]) {
         return Ok(None);
     }
-    let ws: [&Tensor; 12] = std::array::from_fn(|i| &w[i]);
+    let (w, lora) = w.into_all();
+    let (b, t, d) = x.dims3()?;
     let x = x.contiguous()?;
     // The same ops as the composed path, run without recording (candle sees only the block).
     let xd = x.detach();
+    let mut lora_h: [Option<Vec<f32>>; 4] = Default::default();
+    // Product `j` (Conv1D weight `w[i]`, bias `w[i + 1]`) of input `x`, plus its adapter.
+    let mut conv = |x: &Tensor, i: usize, j: usize| -> Result<Vec<f32>> {
+        let mut y = product_vec(x, &w[i], (Some(&w[i + 1]), false), true)?;
+        if let Some(l) = &lora[j] {
+            let n = w[i].dim(1)?;
+            lora_h[j] = Some(lora_fwd(x, l, &mut y, (n, 0))?);
+        }
+        Ok(y)
+    };
     let ln_1 = LayerNorm(eps as f32, Saved::default());
-    let h1 = xd.apply_op3_no_bwd(ws[0], ws[1], &ln_1)?;
-    let qkv = h1.apply_op3_no_bwd(ws[2], ws[3], &CONV1D)?;
+    let h1 = xd.apply_op3_no_bwd(&w[0], &w[1], &ln_1)?;
+    let qkv = Tensor::from_vec(conv(&h1, 2, 0)?, (b, t, 3 * d), x.device())?;
     let attn = Packed {
         bias: mask_bias.contiguous()?.detach(),
         h: n_head,
@@ -253,22 +371,33 @@ pub fn gpt2_block(
         lse: Mutex::new(vec![]),
     };
     let y = qkv.apply_op1_no_bwd(&attn)?;
-    let x1 = added(&xd, &y.apply_op3_no_bwd(ws[4], ws[5], &CONV1D)?)?;
+    let p = conv(&y, 4, 1)?;
+    let x1 = with_f32(&[&xd], |s| math::added(s[0], &p))?;
+    let x1 = Tensor::from_vec(x1, (b, t, d), x.device())?;
     let ln_2 = LayerNorm(eps as f32, Saved::default());
-    let h2 = x1.apply_op3_no_bwd(ws[6], ws[7], &ln_2)?;
+    let h2 = x1.apply_op3_no_bwd(&w[6], &w[7], &ln_2)?;
+    // c_fc and GELU as their fused op runs them; the pre-activation stays for the backward.
+    let u = conv(&h2, 8, 2)?;
+    let a = Tensor::from_vec(unary(&u, gelu_fwd), (b, t, 4 * d), x.device())?;
     let fc = LinearGelu {
         transposed: true,
         save: true,
-        pre: Mutex::new(None),
+        pre: Mutex::new(Some(u)),
     };
-    let a = h2.apply_op3_no_bwd(ws[8], ws[9], &fc)?;
-    let m = a.apply_op3_no_bwd(ws[10], ws[11], &CONV1D)?;
-    let o = with_f32(&[&x1, &m], |s| math::added(s[0], s[1]))?;
+    let m = conv(&a, 10, 3)?;
+    let o = with_f32(&[&x1], |s| math::added(s[0], &m))?;
+    let all: Vec<Tensor> = w
+        .iter()
+        .chain(lora.iter().flatten().flat_map(LoraWeights::tensors))
+        .cloned()
+        .collect();
     let block = Block {
         name: "gpt2-block",
         out: Mutex::new(Some(o)),
         tape: Mutex::new(Some(Tape::Gpt2(Box::new(Gpt2Tape {
             w,
+            lora,
+            lora_h,
             x: xd,
             h1,
             qkv,
@@ -282,7 +411,7 @@ pub fn gpt2_block(
             fc,
         })))),
     };
-    Ok(Some(x.apply_op1(block)?))
+    Ok(Some(apply_node(&x, all.iter().collect(), block)?))
 }
 
 /// A LoRA adapter on a projection: `y += scale · (x' · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`,
@@ -293,6 +422,13 @@ pub struct LoraWeights {
     pub b: Tensor,
     pub scale: f64,
     pub mask: Option<Tensor>,
+}
+
+impl LoraWeights {
+    /// A, B and the mask if any.
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.a, &self.b].into_iter().chain(&self.mask)
+    }
 }
 
 /// One of a Llama layer's projections (HF layout `[out, in]`): its weight, its bias (Qwen2's
@@ -371,11 +507,9 @@ impl LlamaBlockWeights {
     }
 
     /// Whether [`llama_block`] runs on these tensors and input `x` (what its `None` depends on,
-    /// besides RoPE's tables and the mask bias being f32 on the CPU): every tensor f32 on the
-    /// CPU, something that trains, every trained tensor held by this thread's gradient sink,
+    /// besides RoPE's tables and the mask bias being f32 on the CPU): [`node_applies`], and
     /// biases on all of q/k/v or none and nowhere else.
     pub fn applies(&self, x: &Tensor) -> bool {
-        let mut all = self.all();
         let qkv_biases = [&self.q, &self.k, &self.v]
             .iter()
             .filter(|p| p.bias.is_some())
@@ -383,15 +517,7 @@ impl LlamaBlockWeights {
         let other_biases = [&self.o, &self.gate, &self.up, &self.down]
             .iter()
             .any(|p| p.bias.is_some());
-        let held = all.iter().all(|t| !trains(t) || sink::holds(t));
-        let something_trains = x.track_op() || all.iter().any(|t| trains(t));
-        all.push(x);
-        x.rank() == 3
-            && fusable(&all)
-            && (qkv_biases == 0 || qkv_biases == 3)
-            && !other_biases
-            && held
-            && something_trains
+        (qkv_biases == 0 || qkv_biases == 3) && !other_biases && node_applies(x, self.all())
     }
 
     /// Every tensor: weights, biases, adapters and their masks.
@@ -400,10 +526,7 @@ impl LlamaBlockWeights {
         for p in self.projections() {
             all.push(&p.w);
             all.extend(&p.bias);
-            if let Some(l) = &p.lora {
-                all.extend([&l.a, &l.b]);
-                all.extend(&l.mask);
-            }
+            all.extend(p.lora.iter().flat_map(LoraWeights::tensors));
         }
         all
     }
@@ -660,10 +783,16 @@ fn llama_bwd(t: LlamaTape, g: &Tensor, want_dx: bool) -> Result<Option<Tensor>> 
     Ok(Some(added(&g1, &need(dx, "the block's input")?)?))
 }
 
-/// `onto + x · Wᵀ` (an HF-layout product onto nothing, a bias or a residual) as a vector: the
-/// packed projection, which RoPE then rotates in place, the MLP's products, and the block's
-/// output.
-fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<Vec<f32>> {
+/// `onto + x · Wᵀ` (an HF-layout product, or `x · W` for a `transposed` Conv1D weight
+/// `[in, out]`, onto nothing, a bias or a residual) as a vector: Llama's packed projection,
+/// which RoPE then rotates in place, the MLP's products and the block's output; GPT-2's
+/// products, to which adapters add.
+fn product_vec(
+    x: &Tensor,
+    w: &Tensor,
+    onto: (Option<&Tensor>, bool),
+    transposed: bool,
+) -> Result<Vec<f32>> {
     use candle_core::Storage;
     fn cpu(s: &Storage) -> Result<&CpuStorage> {
         match s {
@@ -682,9 +811,9 @@ fn product_vec(x: &Tensor, w: &Tensor, onto: (Option<&Tensor>, bool)) -> Result<
             } else {
                 Onto::Bias(sr, lr)
             };
-            linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, onto, false)?
+            linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, onto, transposed)?
         }
-        (None, _) => linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, Onto::Zero, false)?,
+        (None, _) => linear_fwd(cpu(&sx)?, lx, cpu(&sw)?, lw, Onto::Zero, transposed)?,
     };
     match o {
         CpuStorage::F32(v) => Ok(v),
@@ -710,11 +839,6 @@ pub fn llama_block(
     if !w.applies(x) || !fusable(&[cos, sin, mask_bias]) {
         return Ok(None);
     }
-    // What candle applies the node to: the input, or with a frozen input a trained tensor.
-    let anchor = match x.track_op() {
-        true => None,
-        false => w.all().into_iter().find(|t| trains(t)).cloned(),
-    };
     let (h, hk) = heads;
     let (b, t, d) = x.dims3()?;
     let hd = w.q.w.dim(0)? / h.max(1);
@@ -756,7 +880,7 @@ pub fn llama_block(
         }
         _ => None,
     };
-    let mut qkv = product_vec(&h1, &wqkv, (bqkv.as_ref(), false))?;
+    let mut qkv = product_vec(&h1, &wqkv, (bqkv.as_ref(), false), false)?;
     let n = (h + 2 * hk) * hd;
     // Adapters add onto their projection's columns before RoPE, as in the composed layer.
     let mut lora_h: [Option<Vec<f32>>; 7] = Default::default();
@@ -779,7 +903,7 @@ pub fn llama_block(
         lse: Mutex::new(vec![]),
     };
     let y = qkv.apply_op1_no_bwd(&attn)?;
-    let mut x1 = product_vec(&y, &w.o.w, (Some(&xd), true))?;
+    let mut x1 = product_vec(&y, &w.o.w, (Some(&xd), true), false)?;
     if let Some(l) = &w.o.lora {
         lora_h[O] = Some(lora_fwd(&y, l, &mut x1, (d, 0))?);
     }
@@ -789,7 +913,7 @@ pub fn llama_block(
     // SwiGLU as its fused op runs it (both products, then the activation), each product
     // plus its adapter if any; the pre-activations stay for the backward.
     let mut mlp_product = |p: &Projection, i: usize| -> Result<Vec<f32>> {
-        let mut a = product_vec(&h2, &p.w, (None, false))?;
+        let mut a = product_vec(&h2, &p.w, (None, false), false)?;
         if let Some(l) = &p.lora {
             lora_h[i] = Some(lora_fwd(&h2, l, &mut a, (inner, 0))?);
         }
@@ -802,10 +926,11 @@ pub fn llama_block(
         save: true,
         pre: Mutex::new(Some((a, u))),
     };
-    let mut o = product_vec(&s, &w.down.w, (Some(&x1), true))?;
+    let mut o = product_vec(&s, &w.down.w, (Some(&x1), true), false)?;
     if let Some(l) = &w.down.lora {
         lora_h[DOWN] = Some(lora_fwd(&s, l, &mut o, (d, 0))?);
     }
+    let all: Vec<Tensor> = w.all().into_iter().cloned().collect();
     let block = Block {
         name: "llama-block",
         out: Mutex::new(Some(o)),
@@ -828,8 +953,5 @@ pub fn llama_block(
             sin,
         })))),
     };
-    Ok(Some(match anchor {
-        None => x.apply_op1(block)?,
-        Some(anchor) => x.apply_op2(&anchor, block)?,
-    }))
+    Ok(Some(apply_node(x, all.iter().collect(), block)?))
 }

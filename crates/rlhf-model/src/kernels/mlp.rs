@@ -35,22 +35,24 @@ pub(super) struct LinearGelu {
 }
 
 impl LinearGelu {
+    /// The pre-activation's gradient for upstream `g` of the activation.
+    pub(super) fn pre_grad(&self, g: &Tensor) -> Result<Vec<f32>> {
+        let pre = self.pre.lock().expect("linear-gelu state");
+        let Some(u) = pre.as_ref() else {
+            candle_core::bail!("linear-gelu: backward of a forward run without gradients")
+        };
+        with_f32(&[g], |s| binary(u, s[0], gelu_bwd))
+    }
+
     /// (dx, dW, db) for upstream `g` of the activation (shaped like the output), each only when
-    /// wanted (`bwd` wants those whose tensor tracks gradients; [`super::block`] says which).
+    /// wanted (`bwd` wants those whose tensor tracks gradients).
     pub(super) fn grads(
         &self,
         (x, w, b): (&Tensor, &Tensor, &Tensor),
         g: &Tensor,
         wants: (bool, bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gu = {
-            let pre = self.pre.lock().expect("linear-gelu state");
-            let Some(u) = pre.as_ref() else {
-                candle_core::bail!("linear-gelu: backward of a forward run without gradients")
-            };
-            with_f32(&[g], |s| binary(u, s[0], gelu_bwd))?
-        };
-        let gu = Tensor::from_vec(gu, g.shape(), g.device())?;
+        let gu = Tensor::from_vec(self.pre_grad(g)?, g.shape(), g.device())?;
         // The product's gradients at the pre-activation's gradient.
         let product = LinearBias {
             transposed: self.transposed,
