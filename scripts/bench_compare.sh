@@ -7,6 +7,8 @@
 # REPS=N (default 1): N alternations per shape; the table then shows medians of each side.
 # MATMUL=bf16: ours with BF16 matmuls on AMX or AVX512-BF16 (RLHF_MATMUL=bf16) against PyTorch under
 # torch.autocast(bfloat16) (AUTOCAST=bf16); generation is f32 on both sides either way.
+# LORA=r: LoRA training on both sides (rank r on every block linear, dropout 0.05, base frozen;
+# RLHF_BENCH_LORA=r and the script's LORA=r).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-/tmp/torchvenv/bin/python}
@@ -18,7 +20,8 @@ BIN=$(cargo bench -p rlhf-model --bench speed --no-run 2>&1 | sed -n 's/.*Execut
 field() { sed -n "s|.*RESULT $1 .*$2=\([0-9.]*\).*|\1|p" | tail -1; }
 rss() { sed -n 's/.*peak_rss_MB=\([0-9]*\).*/\1/p' | tail -1; }
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
-echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS; matmul: ${MATMUL:-f32}"
+if [ -n "${LORA:-}" ]; then export RLHF_BENCH_LORA=$LORA LORA; fi
+echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS; matmul: ${MATMUL:-f32}; lora: ${LORA:-none}"
 printf "%-11s %9s %9s %6s | %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train t/s" "torch" ratio "gen t/s" torch ratio "sample t/s" torch ratio "rss MB" torch
 for s in $SHAPES; do
   A=""; B=""; C=""; D=""; E=""; F=""; R=""; Q=""

@@ -4,6 +4,7 @@
 
     /tmp/torchvenv/bin/python scripts/torch_bench.py SHAPE [MODE]     # MODE 1 train, 2 greedy gen, 8 sampled gen (bits add)
     AUTOCAST=bf16 ... scripts/torch_bench.py SHAPE 1                    # training under autocast(bfloat16)
+    LORA=8 ... scripts/torch_bench.py SHAPE 1                           # LoRA r 8 on every block linear
 
 For the GPT-2 shapes this is the model of /work/shared/bench/torch_gpt_baseline.py (tanh-GELU,
 tied head, scaled_dot_product_attention); the Llama shapes add RMSNorm, rotate-half RoPE, GQA
@@ -26,6 +27,10 @@ name = sys.argv[1] if len(sys.argv) > 1 else "gpt2-v50k"
 # the counterpart of our RLHF_MATMUL=bf16.
 AUTOCAST = os.environ.get("AUTOCAST") == "bf16"
 mode = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+# LORA=r: the counterpart of our RLHF_BENCH_LORA=r: PEFT-style adapters (rank r, alpha 2r,
+# dropout 0.05) on every linear of the blocks, everything else frozen. A Llama block's q/k/v is
+# one linear here, so it gets one adapter where ours has three (a few r-wide products more).
+LORA = int(os.environ.get("LORA", "0"))
 ARCH, V, NL, C, NH, NKV, INNER = SHAPES[name]
 HD, B, T, NPOS = C // NH, 8, 128, 1024
 
@@ -101,6 +106,26 @@ class LM(nn.Module):
     def logits(s, h): return h @ s.wte.weight.t()
 
 
+class LoraLinear(nn.Module):
+    """base(x) + scale · B(A(dropout(x))), as PEFT's lora.Linear: base frozen, A and B trained."""
+    def __init__(s, base, r):
+        super().__init__()
+        s.base, s.scale = base, 2.0
+        s.a = nn.Linear(base.in_features, r, bias=False)
+        s.b = nn.Linear(r, base.out_features, bias=False)
+        nn.init.normal_(s.a.weight, 0, 0.02); nn.init.normal_(s.b.weight, 0, 0.02)
+        s.drop = nn.Dropout(0.05)
+    def forward(s, x):
+        return s.base(x) + s.b(s.a(s.drop(x))) * s.scale
+
+
+def add_lora(m, r):
+    for p in m.parameters(): p.requires_grad_(False)
+    for bl in m.blocks:
+        for n, c in list(bl.named_children()):
+            if isinstance(c, nn.Linear): setattr(bl, n, LoraLinear(c, r))
+
+
 def lcg(n, seed):
     out, s = [], seed
     for _ in range(n):
@@ -112,10 +137,12 @@ def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 m = LM(); nparams = sum(p.numel() for p in m.parameters())
-print(f"torch {torch.__version__} {name} threads={torch.get_num_threads()} vocab={V} params={nparams}")
+if LORA: add_lora(m, LORA)
+print(f"torch {torch.__version__} {name} threads={torch.get_num_threads()} vocab={V} params={nparams} lora={LORA}")
 if mode & 1:
     allt = lcg(B * (T + 1), 42).view(B, T + 1); x, y = allt[:, :-1], allt[:, 1:].reshape(-1)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    m.train()
     times, losses = [], []
     for step in range(13):
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::dropout::{uniforms, DropoutMask};
 use crate::params::{Param, ParamStore};
 
 /// LoRA settings (PEFT names).
@@ -47,44 +48,21 @@ pub struct Lora {
 impl Lora {
     /// The adapter input: `x` itself, or in training mode `x ⊙ mask` ([`Self::mask`]).
     fn input(&self, x: &Tensor) -> Result<Tensor> {
-        match self.mask(x.shape(), x.device())? {
-            Some(mask) => Ok(x.mul(&mask)?),
+        match self.mask(x.elem_count()) {
+            Some(mask) => Ok(x.mul(&Tensor::from_vec(mask.values(), x.shape(), x.device())?)?),
             None => Ok(x.clone()),
         }
     }
 
-    /// The dropout mask for an adapter input of `shape`: `None` in evaluation mode or without
-    /// dropout, else a Bernoulli mask of 1/(1 − p) or 0 drawn from (noise seed, layer) —
-    /// reproducible, so a resumed run draws the same masks.
-    fn mask(
-        &self,
-        shape: &candle_core::Shape,
-        dev: &candle_core::Device,
-    ) -> Result<Option<Tensor>> {
+    /// The dropout mask for an adapter input of `n` elements: `None` in evaluation mode or
+    /// without dropout, else a Bernoulli mask of 1/(1 − p) or 0 drawn from (noise seed, layer)
+    /// — reproducible, so a resumed run draws the same masks.
+    fn mask(&self, n: usize) -> Option<DropoutMask> {
         let seed = self.noise.load(Ordering::Relaxed);
         if self.dropout <= 0.0 || seed == 0 {
-            return Ok(None);
+            return None;
         }
-        let keep = 1.0 - self.dropout;
-        let mut rng = rlhf_rng(seed, self.salt);
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..shape.elem_count())
-            .map(|_| if rng() < keep { scale } else { 0.0 })
-            .collect();
-        Ok(Some(Tensor::from_vec(mask, shape, dev)?))
-    }
-}
-
-/// A splitmix64 stream in [0, 1) for (seed, stream).
-fn rlhf_rng(seed: u64, stream: u64) -> impl FnMut() -> f64 {
-    let mut s = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        Some(DropoutMask::draw(seed, self.salt, 1.0 - self.dropout, n))
     }
 }
 
@@ -237,14 +215,13 @@ impl Linear {
     /// The dropout mask this step's forward would draw for the adapter's input, `x`'s rows of
     /// this linear's input width (the same draw as the composed path's); `None` without an
     /// active adapter drawing one.
-    pub(crate) fn adapter_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    pub(crate) fn adapter_mask(&self, x: &Tensor) -> Option<DropoutMask> {
         match &self.lora {
             Some(l) if self.adapters_on.load(Ordering::Relaxed) => {
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") = self.in_out().0;
-                l.mask(&dims.into(), x.device())
+                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+                l.mask(rows * self.in_out().0)
             }
-            _ => Ok(None),
+            _ => None,
         }
     }
 
@@ -345,6 +322,6 @@ impl Linear {
 /// A small deterministic uniform(-bound, bound) generator (splitmix64), so adapters are
 /// reproducible without threading an RNG through model construction.
 pub fn seeded_uniform(seed: u64, n: usize, bound: f64) -> Vec<f32> {
-    let mut u = rlhf_rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15), 0);
+    let mut u = uniforms(seed.wrapping_add(0x9E37_79B9_7F4A_7C15), 0);
     (0..n).map(|_| ((2.0 * u() - 1.0) * bound) as f32).collect()
 }

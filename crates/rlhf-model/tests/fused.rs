@@ -1301,6 +1301,7 @@ fn gpt2_block_is_the_composed_block() {
 
 fn gpt2_block_case(lora: bool, frozen_input: bool) {
     use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights, LoraWeights};
+    use rlhf_model::kernels::dropout::DropoutMask;
     use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
     use rlhf_model::kernels::mlp::linear_gelu;
     use rlhf_model::kernels::sink::GradSink;
@@ -1333,17 +1334,9 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
     let pw = [2, 4, 8, 10];
     let io = |j: usize| (shapes[pw[j]][0], shapes[pw[j]][1]);
     let ad = adapter_tensors(4, io, r, 600);
-    let masks: Vec<Option<Tensor>> = (0..4)
+    let masks: Vec<Option<DropoutMask>> = (0..4)
         .map(|j| {
-            (j == 0 || j == 3).then(|| {
-                let v: Vec<f32> = (0..b * t * io(j).0)
-                    .map(|i| match (i * 5 + j) % 3 {
-                        0 => 0.0,
-                        _ => 1.5,
-                    })
-                    .collect();
-                Tensor::from_vec(v, (b, t, io(j).0), &DEV).unwrap()
-            })
+            (j == 0 || j == 3).then(|| DropoutMask::draw(11, j as u64, 2.0 / 3.0, b * t * io(j).0))
         })
         .collect();
     let trained: Vec<Tensor> = if lora { ad.clone() } else { w.clone() };
@@ -1381,7 +1374,9 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
             return y;
         }
         let x = match &masks[j] {
-            Some(m) => x.mul(m).unwrap(),
+            Some(m) => x
+                .mul(&Tensor::from_vec(m.values(), x.shape(), &DEV).unwrap())
+                .unwrap(),
             None => x.clone(),
         };
         let h = (linear(&x, &ad[2 * j], false).unwrap() * scale).unwrap();
@@ -1501,6 +1496,7 @@ fn llama_block_is_the_composed_block() {
 
 fn llama_block_case(c: LlamaCase) {
     use rlhf_model::kernels::block::{llama_block, LlamaBlockWeights, LoraWeights, Projection};
+    use rlhf_model::kernels::dropout::DropoutMask;
     use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
     use rlhf_model::kernels::mlp::swiglu_mlp;
     use rlhf_model::kernels::sink::GradSink;
@@ -1544,24 +1540,11 @@ fn llama_block_case(c: LlamaCase) {
         (s[1], s[0])
     };
     // Adapters (A [r, in], B [out, r]; B non-zero so that they matter) where the case puts
-    // them, and dropout masks (0 or 1/(1 − p), p = 1/4) on rows of the adapter's input.
+    // them, and dropout masks (p = 1/4) on the adapter's input.
     let ad = adapter_tensors(7, io, r, 500);
-    let dropout_mask = |j: usize| {
-        c.masks[j].then(|| {
-            let n = b * t * io(j).0;
-            let v: Vec<f32> = (0..n)
-                .map(|i| {
-                    if (i * 7 + j).is_multiple_of(4) {
-                        0.0
-                    } else {
-                        4.0 / 3.0
-                    }
-                })
-                .collect();
-            Tensor::from_vec(v, (b, t, io(j).0), &DEV).unwrap()
-        })
-    };
-    let masks: Vec<Option<Tensor>> = (0..7).map(dropout_mask).collect();
+    let masks: Vec<Option<DropoutMask>> = (0..7)
+        .map(|j| c.masks[j].then(|| DropoutMask::draw(13, j as u64, 0.75, b * t * io(j).0)))
+        .collect();
     // What trains: every tensor, or the adapters alone.
     let trained: Vec<Tensor> = match lora {
         true => (0..7)
@@ -1607,7 +1590,9 @@ fn llama_block_case(c: LlamaCase) {
     let with_adapter = |y: Tensor, x: &Tensor, j: usize| match c.adapters[j] {
         true => {
             let x = match &masks[j] {
-                Some(m) => x.mul(m).unwrap(),
+                Some(m) => x
+                    .mul(&Tensor::from_vec(m.values(), x.shape(), &DEV).unwrap())
+                    .unwrap(),
                 None => x.clone(),
             };
             let h = (linear(&x, &ad[2 * j], false).unwrap() * scale).unwrap();

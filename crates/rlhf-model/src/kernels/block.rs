@@ -38,6 +38,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::Packed;
+use super::dropout::DropoutMask;
 use super::elementwise::{binary, gelu_fwd, swiglu_fwd, unary};
 use super::gemm::{mat, sgemm};
 use super::matmul::{linear_fwd, linear_grads, rows_k, split_grads, Onto};
@@ -76,7 +77,7 @@ impl Gpt2BlockWeights {
         (w, self.adapters)
     }
 
-    /// Every tensor: weights, biases, adapters and their masks.
+    /// Every tensor: weights, biases, adapters.
     fn all(&self) -> Vec<&Tensor> {
         let mut all = vec![];
         for (w, b) in [
@@ -415,19 +416,19 @@ pub fn gpt2_block(
 }
 
 /// A LoRA adapter on a projection: `y += scale · (x' · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`,
-/// where `x'` is the projection's input `x`, or `x ⊙ mask` under adapter dropout (the mask
-/// `[..., in]` shaped like `x`, holding 0 or 1/(1 − p), as [`crate::linear::Lora`] draws it).
+/// where `x'` is the projection's input `x`, or `x ⊙ mask` under adapter dropout (a mask over
+/// `x`'s elements, as [`crate::linear::Lora`] draws it).
 pub struct LoraWeights {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
-    pub mask: Option<Tensor>,
+    pub mask: Option<DropoutMask>,
 }
 
 impl LoraWeights {
-    /// A, B and the mask if any.
+    /// A and B.
     fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.a, &self.b].into_iter().chain(&self.mask)
+        [&self.a, &self.b].into_iter()
     }
 }
 
@@ -520,7 +521,7 @@ impl LlamaBlockWeights {
         (qkv_biases == 0 || qkv_biases == 3) && !other_biases && node_applies(x, self.all())
     }
 
-    /// Every tensor: weights, biases, adapters and their masks.
+    /// Every tensor: weights, biases, adapters.
     fn all(&self) -> Vec<&Tensor> {
         let mut all = vec![&self.input_norm, &self.post_norm];
         for p in self.projections() {
@@ -581,21 +582,8 @@ fn product_bwd(x: &Tensor, w: &Tensor, g: &Tensor, what: &str) -> Result<Vec<f32
     need(dx, what)
 }
 
-/// `x ⊙ mask`, elementwise in parallel (candle's `mul`, the same products).
-fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
-    let mut o = super::uninit(x.len());
-    o.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14).zip(mask.par_chunks(1 << 14)))
-        .for_each(|(o, (x, m))| {
-            o.iter_mut()
-                .zip(x.iter().zip(m))
-                .for_each(|(o, (x, m))| *o = x * m)
-        });
-    o
-}
-
-/// An adapter's operands: `x`, A, B, and the dropout mask if any, and `[m, k, r, o]`; checked
-/// against `x [m, k]` and an output of rows of `n` whose columns `c0..c0 + o` it adds onto.
+/// An adapter's operands `x`, A and B, and `[m, k, r, o]`; checked against `x [m, k]` (and its
+/// dropout mask, if any) and an output of rows of `n` whose columns `c0..c0 + o` it adds onto.
 fn lora_operands<'a>(
     x: &'a Tensor,
     l: &'a LoraWeights,
@@ -603,19 +591,17 @@ fn lora_operands<'a>(
 ) -> Result<(Vec<&'a Tensor>, [usize; 4])> {
     let (m, k) = rows_k(x.dims())?;
     let (r, o) = (l.a.dim(0)?, l.b.dim(0)?);
-    let mask_ok = l.mask.as_ref().is_none_or(|mk| mk.dims() == x.dims());
+    let mask_ok = l.mask.as_ref().is_none_or(|mk| mk.len() == m * k);
     if l.a.dims() != [r, k] || l.b.dims() != [o, r] || c0 + o > n || !mask_ok {
         candle_core::bail!(
             "llama block: adapter {:?} {:?} (mask {:?}) on x {:?}",
             l.a.dims(),
             l.b.dims(),
-            l.mask.as_ref().map(|mk| mk.dims().to_vec()),
+            l.mask.as_ref().map(DropoutMask::len),
             x.dims()
         )
     }
-    let mut ts = vec![x, &l.a, &l.b];
-    ts.extend(&l.mask);
-    Ok((ts, [m, k, r, o]))
+    Ok((vec![x, &l.a, &l.b], [m, k, r, o]))
 }
 
 /// An adapter's forward on `x [m, k]`: `ha = scale · x' · Aᵀ` `[m, r]` (kept for the
@@ -631,7 +617,7 @@ fn lora_fwd(
         candle_core::bail!("llama block: adapter output of {} for {m} × {n}", y.len())
     }
     with_f32(&ts, |s| {
-        let xm = s.get(3).map(|mask| masked(s[0], mask));
+        let xm = l.mask.as_ref().map(|mask| mask.apply(s[0]));
         let mut ha = super::uninit(m * r);
         let xs = xm.as_deref().unwrap_or(s[0]);
         sgemm(m, r, k, mat(xs, k, 1), mat(s[1], 1, k), &mut ha, false);
@@ -669,23 +655,17 @@ fn lora_bwd(
         sgemm(m, r, o, mat(gc, n, 1), mat(s[2], r, 1), &mut du, false);
         let scale = l.scale as f32;
         du.iter_mut().for_each(|v| *v *= scale);
-        let xm = s.get(3).map(|mask| masked(s[0], mask));
+        let xm = l.mask.as_ref().map(|mask| mask.apply(s[0]));
         let xs = xm.as_deref().unwrap_or(s[0]);
         let da = sink::weight_grad(&l.a, r * k, |dst, acc| {
             sgemm(r, k, m, mat(&du, 1, r), mat(xs, k, 1), dst, acc)
         });
         if let Some(dx) = dx {
-            match s.get(3) {
+            match &l.mask {
                 Some(mask) => {
                     let mut dxm = super::uninit(m * k);
                     sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), &mut dxm, false);
-                    dx.par_chunks_mut(1 << 14)
-                        .zip(dxm.par_chunks(1 << 14).zip(mask.par_chunks(1 << 14)))
-                        .for_each(|(d, (g, mk))| {
-                            d.iter_mut().zip(g.iter().zip(mk)).for_each(|(d, (g, mk))| {
-                                *d += g * mk;
-                            })
-                        });
+                    mask.add_masked(dx, &dxm);
                 }
                 None => sgemm(m, k, r, mat(&du, r, 1), mat(s[1], k, 1), dx, true),
             }

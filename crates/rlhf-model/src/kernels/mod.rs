@@ -13,6 +13,7 @@ pub mod adamw;
 pub mod attention;
 pub mod bf16;
 pub mod block;
+pub mod dropout;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;
