@@ -1305,8 +1305,9 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
     use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
     use rlhf_model::kernels::mlp::linear_gelu;
     use rlhf_model::kernels::sink::GradSink;
-    // b=2, t=20 (40 rows: more than decoding's few), d=32, 4 heads; row 1 left-padded by 3.
-    let (b, t, d, nh, r) = (2, 20, 32, 4, 4);
+    // b=2, t=20 (40 rows: more than decoding's few), d=32, 4 heads; row 1 left-padded by 3; an
+    // MLP of 80, not 4·d (a checkpoint's `n_inner`).
+    let (b, t, d, nh, r, inner) = (2, 20, 32, 4, 4, 80);
     let scale = 2.0;
     let mut mask = vec![vec![1u8; t]; b];
     mask[1][..3].fill(0);
@@ -1320,9 +1321,9 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
         &[d],
         &[d],
         &[d],
-        &[d, 4 * d],
-        &[4 * d],
-        &[4 * d, d],
+        &[d, inner],
+        &[inner],
+        &[inner, d],
         &[d],
     ];
     // ln_1 and ln_2's weights are the norms'.

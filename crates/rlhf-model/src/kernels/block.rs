@@ -364,7 +364,7 @@ pub fn gpt2_block(
     };
     let ln_1 = LayerNorm(eps as f32, Saved::default());
     let h1 = xd.apply_op3_no_bwd(&w[0], &w[1], &ln_1)?;
-    let qkv = Tensor::from_vec(conv(&h1, 2, 0)?, (b, t, 3 * d), x.device())?;
+    let qkv = Tensor::from_vec(conv(&h1, 2, 0)?, (b, t, w[2].dim(1)?), x.device())?;
     let attn = Packed {
         bias: mask_bias.contiguous()?.detach(),
         h: n_head,
@@ -379,7 +379,7 @@ pub fn gpt2_block(
     let h2 = x1.apply_op3_no_bwd(&w[6], &w[7], &ln_2)?;
     // c_fc and GELU as their fused op runs them; the pre-activation stays for the backward.
     let u = conv(&h2, 8, 2)?;
-    let a = Tensor::from_vec(unary(&u, gelu_fwd), (b, t, 4 * d), x.device())?;
+    let a = Tensor::from_vec(unary(&u, gelu_fwd), (b, t, w[8].dim(1)?), x.device())?;
     let fc = LinearGelu {
         transposed: true,
         save: true,
@@ -438,17 +438,6 @@ pub struct Projection {
     pub w: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraWeights>,
-}
-
-impl Projection {
-    /// A bias-free projection without an adapter.
-    pub fn plain(w: Tensor) -> Self {
-        Self {
-            w,
-            bias: None,
-            lora: None,
-        }
-    }
 }
 
 /// A Llama-family block's tensors, in HF layouts: the two RMSNorm weights, the q/k/v/o
@@ -594,7 +583,7 @@ fn lora_operands<'a>(
     let mask_ok = l.mask.as_ref().is_none_or(|mk| mk.len() == m * k);
     if l.a.dims() != [r, k] || l.b.dims() != [o, r] || c0 + o > n || !mask_ok {
         candle_core::bail!(
-            "llama block: adapter {:?} {:?} (mask {:?}) on x {:?}",
+            "block: adapter {:?} {:?} (mask {:?}) on x {:?}",
             l.a.dims(),
             l.b.dims(),
             l.mask.as_ref().map(DropoutMask::len),
@@ -614,7 +603,7 @@ fn lora_fwd(
 ) -> Result<Vec<f32>> {
     let (ts, [m, k, r, o]) = lora_operands(x, l, (n, c0))?;
     if y.len() != m * n {
-        candle_core::bail!("llama block: adapter output of {} for {m} × {n}", y.len())
+        candle_core::bail!("block: adapter output of {} for {m} × {n}", y.len())
     }
     with_f32(&ts, |s| {
         let xm = l.mask.as_ref().map(|mask| mask.apply(s[0]));
