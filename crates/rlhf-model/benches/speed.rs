@@ -299,7 +299,8 @@ fn main() -> anyhow::Result<()> {
     let composed = std::env::var_os("RLHF_BENCH_COMPOSED").is_some();
     let mut model = CausalLM::random(cfg, 0)?;
     // RLHF_BENCH_LORA=r: LoRA of rank r (alpha 2r) on every product, dropout 0.05 drawing masks
-    // each step; only the adapters train (the base and the embedding frozen).
+    // each step (RLHF_BENCH_LORA_DROPOUT=p for another rate); only the adapters train (the base
+    // and the embedding frozen).
     let lora: Option<usize> = std::env::var("RLHF_BENCH_LORA")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -310,7 +311,10 @@ fn main() -> anyhow::Result<()> {
         let cfg = rlhf_model::LoraConfig {
             r,
             alpha: 2.0 * r as f64,
-            dropout: 0.05,
+            dropout: std::env::var("RLHF_BENCH_LORA_DROPOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.05),
             target_modules: targets.map(String::from).collect(),
         };
         model.add_lora(&cfg, 1)?;

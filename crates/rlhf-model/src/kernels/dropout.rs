@@ -20,6 +20,7 @@ fn start(seed: u64, stream: u64) -> u64 {
 }
 
 /// splitmix64's output function: the 53 high bits of the mixed state.
+#[inline(always)]
 fn mix53(s: u64) -> u64 {
     let mut z = s;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -55,16 +56,7 @@ impl DropoutMask {
         let threshold = (keep * (1u64 << 53) as f64).ceil() as u64;
         let mut bits = vec![0u64; n.div_ceil(64)];
         bits.par_chunks_mut(256).enumerate().for_each(|(c, words)| {
-            for (w, word) in words.iter_mut().enumerate() {
-                let i0 = ((c * 256 + w) * 64) as u64;
-                let len = (n as u64 - i0).min(64);
-                let mut v = 0u64;
-                for j in 0..len {
-                    let s = s0.wrapping_add((i0 + j + 1).wrapping_mul(GAMMA));
-                    v |= ((mix53(s) < threshold) as u64) << j;
-                }
-                *word = v;
-            }
+            draw_words(words, s0, (c * 256 * 64) as u64, n as u64, threshold)
         });
         Self {
             bits,
@@ -99,9 +91,9 @@ impl DropoutMask {
             .collect()
     }
 
-    /// `f(out, in, factor)` over blocks of `1 << 14` elements in parallel (each block's bits
-    /// are whole words: 256 of them).
-    fn each(&self, out: &mut [f32], x: &[f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
+    /// `f(out, in, factors)` over blocks of `1 << 14` elements in parallel, 64 elements (one
+    /// word of bits, expanded to their factors) at a time.
+    fn each(&self, out: &mut [f32], x: &[f32], f: fn(&mut [f32], &[f32], u64, f32)) {
         assert!(
             out.len() == self.n && x.len() == self.n,
             "dropout mask of {} on {} and {} elements",
@@ -115,9 +107,7 @@ impl DropoutMask {
             .for_each(|(c, (out, x))| {
                 let words = &self.bits[c * 256..];
                 for ((out, x), &word) in out.chunks_mut(64).zip(x.chunks(64)).zip(words) {
-                    for (j, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                        f(o, x, self.factor(word >> j));
-                    }
+                    f(out, x, word, self.scale);
                 }
             });
     }
@@ -125,13 +115,66 @@ impl DropoutMask {
     /// `x ⊙ mask` (each element times its factor, as `x · mask` computes it).
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
         let mut o = super::uninit(x.len());
-        self.each(&mut o, x, |o, x, f| *o = x * f);
+        self.each(&mut o, x, mul_word);
         o
     }
 
     /// `dst += g ⊙ mask`: the gradient of a masked input added onto the input's.
     pub fn add_masked(&self, dst: &mut [f32], g: &[f32]) {
-        self.each(dst, g, |d, g, f| *d += g * f);
+        self.each(dst, g, add_mul_word);
+    }
+}
+
+crate::multiversion! {
+    /// The mask bits of elements `i0..` (64 to a word, up to `n`) of the stream from `s0`:
+    /// element `i` kept when its draw's 53 bits are below `threshold`. Vectorised (AVX-512's
+    /// 64-bit products) over a word's 64 draws.
+    fn draw_words(words: &mut [u64], s0: u64, i0: u64, n: u64, threshold: u64) {
+        for (w, word) in words.iter_mut().enumerate() {
+            let base = i0 + 64 * w as u64;
+            let mut keep = [0u64; 64];
+            for (j, k) in keep.iter_mut().enumerate() {
+                let s = s0.wrapping_add((base + j as u64 + 1).wrapping_mul(GAMMA));
+                *k = (mix53(s) < threshold) as u64;
+            }
+            let len = (n - base).min(64) as usize;
+            let mut v = 0u64;
+            for (j, k) in keep.iter().enumerate().take(len) {
+                v |= k << j;
+            }
+            *word = v;
+        }
+    }
+}
+
+/// One word's factors: `scale` where the bit is set, else 0 (`scale · 1` and `scale · 0`: the
+/// factors themselves, so the products are `x · mask`'s).
+#[inline(always)]
+fn factors(word: u64, scale: f32) -> [f32; 64] {
+    let mut f = [0f32; 64];
+    for (j, f) in f.iter_mut().enumerate() {
+        *f = scale * ((word >> j) & 1) as f32;
+    }
+    f
+}
+
+crate::multiversion! {
+    /// `out = x ⊙ factors(word)` for up to 64 elements.
+    fn mul_word(out: &mut [f32], x: &[f32], word: u64, scale: f32) {
+        let f = factors(word, scale);
+        for ((o, x), f) in out.iter_mut().zip(x).zip(&f) {
+            *o = x * f;
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `out += g ⊙ factors(word)` for up to 64 elements.
+    fn add_mul_word(out: &mut [f32], g: &[f32], word: u64, scale: f32) {
+        let f = factors(word, scale);
+        for ((o, g), f) in out.iter_mut().zip(g).zip(&f) {
+            *o += g * f;
+        }
     }
 }
 
