@@ -1250,6 +1250,26 @@ fn adapter_tensors(
     vars.iter().map(|v| v.as_tensor().clone()).collect()
 }
 
+/// `y` plus an adapter on input `x` as `Linear::forward` composes it: (scale · x' Aᵀ) Bᵀ with
+/// B's product accumulating onto `y`, x' = x ⊙ mask under dropout.
+fn composed_adapter(
+    y: Tensor,
+    x: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    mask: Option<&rlhf_model::kernels::dropout::DropoutMask>,
+) -> Tensor {
+    use rlhf_model::kernels::matmul::{linear, linear_residual};
+    let x = match mask {
+        Some(m) => x
+            .mul(&Tensor::from_vec(m.values(), x.shape(), &DEV).unwrap())
+            .unwrap(),
+        None => x.clone(),
+    };
+    let h = (linear(&x, a, false).unwrap() * scale).unwrap();
+    linear_residual(&h, b, &y, false).unwrap()
+}
+
 /// A block's tensors from `vars`: tracking gradients, or frozen (tracking none).
 fn block_tensors(vars: &[Var], frozen: bool) -> Vec<Tensor> {
     vars.iter()
@@ -1302,7 +1322,7 @@ fn gpt2_block_is_the_composed_block() {
 fn gpt2_block_case(lora: bool, frozen_input: bool) {
     use rlhf_model::kernels::block::{gpt2_block, Gpt2BlockWeights, LoraWeights};
     use rlhf_model::kernels::dropout::DropoutMask;
-    use rlhf_model::kernels::matmul::{linear, linear_bias, linear_residual};
+    use rlhf_model::kernels::matmul::linear_bias;
     use rlhf_model::kernels::mlp::linear_gelu;
     use rlhf_model::kernels::sink::GradSink;
     // b=2, t=20 (40 rows: more than decoding's few), d=32, 4 heads; row 1 left-padded by 3; an
@@ -1374,14 +1394,7 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
         if !lora {
             return y;
         }
-        let x = match &masks[j] {
-            Some(m) => x
-                .mul(&Tensor::from_vec(m.values(), x.shape(), &DEV).unwrap())
-                .unwrap(),
-            None => x.clone(),
-        };
-        let h = (linear(&x, &ad[2 * j], false).unwrap() * scale).unwrap();
-        linear_residual(&h, &ad[2 * j + 1], &y, false).unwrap()
+        composed_adapter(y, x, (&ad[2 * j], &ad[2 * j + 1]), scale, masks[j].as_ref())
     };
     let composed = |x: &Tensor| -> Tensor {
         let h = fused::layer_norm(x, &w[0], &w[1], 1e-5).unwrap();
@@ -1589,16 +1602,7 @@ fn llama_block_case(c: LlamaCase) {
     // As `Linear::forward` composes an adapter: y + (scale · x' Aᵀ) Bᵀ, B's product onto y,
     // x' = x ⊙ mask under dropout.
     let with_adapter = |y: Tensor, x: &Tensor, j: usize| match c.adapters[j] {
-        true => {
-            let x = match &masks[j] {
-                Some(m) => x
-                    .mul(&Tensor::from_vec(m.values(), x.shape(), &DEV).unwrap())
-                    .unwrap(),
-                None => x.clone(),
-            };
-            let h = (linear(&x, &ad[2 * j], false).unwrap() * scale).unwrap();
-            linear_residual(&h, &ad[2 * j + 1], &y, false).unwrap()
-        }
+        true => composed_adapter(y, x, (&ad[2 * j], &ad[2 * j + 1]), scale, masks[j].as_ref()),
         false => y,
     };
     // As the Llama layer composes: `Linear::forward_residual` with an active adapter is

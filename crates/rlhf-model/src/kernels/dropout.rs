@@ -75,19 +75,12 @@ impl DropoutMask {
         self.n == 0
     }
 
-    /// The factor of an element whose bit is `bit`: `1 / keep` or 0.
-    fn factor(&self, bit: u64) -> f32 {
-        if bit & 1 == 1 {
-            self.scale
-        } else {
-            0.0
-        }
-    }
-
     /// The mask as `f32` factors (0 or `1 / keep`), for a composed `x · mask`.
     pub fn values(&self) -> Vec<f32> {
-        (0..self.n)
-            .map(|i| self.factor(self.bits[i / 64] >> (i % 64)))
+        self.bits
+            .iter()
+            .flat_map(|&word| factors(word, self.scale))
+            .take(self.n)
             .collect()
     }
 
