@@ -3,8 +3,8 @@
 //! `cargo bench -p rlhf-model --bench speed -- SHAPE [MODE]` where SHAPE is one of the names in
 //! [`shapes`] (or `list`), MODE a sum of bits: 1 = training step, 2 = greedy KV-cache
 //! generation, 8 = sampled generation at T = 1 (default 3; 4 = run the training step longer).
-//! SHAPE `gemm` times the step's products alone; `peak` measures the CPU's FP32 FMA and
-//! AVX512-BF16 peaks.
+//! SHAPE `gemm` times the step's products alone; `decode` a decoding step's products (the rate
+//! the weights stream at); `peak` measures the CPU's FP32 FMA and AVX512-BF16 peaks.
 //! Prints `RESULT` lines in the format of `scripts/torch_bench.py`, so `scripts/bench_compare.sh`
 //! can put them side by side. One shape per process, so the peak RSS is that shape's.
 
@@ -265,6 +265,98 @@ fn peaks() {
     }
 }
 
+/// `decode`: the products of one decoding step of SmolLM2-135M (30 layers of q, k, v, o, gate,
+/// up and down; the LM head aside) for m = 1, 4, 8 and 16 sequences: milliseconds per step and
+/// the rate the weights stream at, with HF's [n, k] weights (`matmul_nt`, Llama's path) and
+/// [k, n] ones (`sgemm`, GPT-2's), best of 5 steps. Decoding reads every weight once per token,
+/// so this rate bounds the tokens per second; `memory` is the rate of a plain parallel sum over
+/// 1 GiB, for scale. 30 layers of distinct weights (425 MB) keep them out of the caches.
+fn decode_rates() {
+    use rayon::prelude::*;
+    use rlhf_model::kernels::gemm::{sgemm, Mat};
+    use rlhf_model::kernels::matmul::matmul_nt;
+    let shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let layers = 30;
+    let weights: Vec<Vec<Vec<f32>>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .map(|&(n, k)| (0..n * k).map(|i| ((i + l) % 7) as f32 * 0.01).collect())
+                .collect()
+        })
+        .collect();
+    let bytes = (shapes.iter().map(|&(n, k)| n * k).sum::<usize>() * layers * 4) as f64;
+    let x: Vec<f32> = (0..16 * 1536).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut o = vec![0f32; 16 * 1536];
+    let best = |f: &mut dyn FnMut()| {
+        f();
+        (0..5)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let big: Vec<f32> = vec![1.0; 1 << 28];
+    let t = best(&mut || {
+        // 16 independent sums, so the loop is not bound by the latency of one.
+        let lanes = |c: &[f32]| {
+            c.chunks_exact(16).fold([0f32; 16], |mut a, v| {
+                a.iter_mut().zip(v).for_each(|(a, v)| *a += v);
+                a
+            })
+        };
+        std::hint::black_box(big.par_chunks(1 << 16).map(lanes).collect::<Vec<_>>());
+    });
+    println!(
+        "RESULT decode memory GB/s={:.1}",
+        (big.len() * 4) as f64 / t / 1e9
+    );
+    drop(big);
+    for m in [1, 4, 8, 16] {
+        let nt = best(&mut || {
+            for layer in &weights {
+                for (w, &(n, k)) in layer.iter().zip(&shapes) {
+                    matmul_nt(&x[..m * k], w, m, k, n, &mut o);
+                }
+            }
+        });
+        let kn = best(&mut || {
+            for layer in &weights {
+                for (w, &(n, k)) in layer.iter().zip(&shapes) {
+                    let a = Mat {
+                        data: &x[..m * k],
+                        rs: k,
+                        cs: 1,
+                    };
+                    let b = Mat {
+                        data: w,
+                        rs: n,
+                        cs: 1,
+                    };
+                    sgemm(m, n, k, a, b, &mut o, false);
+                }
+            }
+        });
+        println!(
+            "RESULT decode m={m} nk_ms={:.2} nk_GB/s={:.1} kn_ms={:.2} kn_GB/s={:.1}",
+            nt * 1e3,
+            bytes / nt / 1e9,
+            kn * 1e3,
+            bytes / kn / 1e9
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -276,12 +368,16 @@ fn main() -> anyhow::Result<()> {
         rlhf_model::kernels::init_cpu_runtime();
         return gemm_rates();
     }
+    if name == "decode" {
+        rlhf_model::kernels::on_compute_pool(decode_rates);
+        return Ok(());
+    }
     if name == "peak" {
         peaks();
         return Ok(());
     }
     let Some(cfg) = shapes(name) else {
-        println!("shapes: {} gemm peak", NAMES.join(" "));
+        println!("shapes: {} gemm decode peak", NAMES.join(" "));
         return Ok(());
     };
     // RLHF_BENCH_STOCK=1: keep candle's element-wise barrier pool at one thread per core, as

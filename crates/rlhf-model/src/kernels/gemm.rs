@@ -364,15 +364,30 @@ unsafe fn rows_block_avx512(
     j1: usize,
     o: &mut [f32],
 ) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     let w = j1 - j0;
+    let passes = m.div_ceil(4);
     for k0 in (0..k).step_by(KC) {
         let kn = (k - k0).min(KC);
+        // The next sweep's rows of `b` are prefetched into L2 while this one runs, split over
+        // its passes (rows `pass·KC/passes..`) and tiles (each tile's columns).
+        let next = (k0 + KC)..(k0 + 2 * KC).min(k);
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(4);
+            let pass = r0 / 4;
+            let pf_rows = (next.start + pass * KC / passes).min(next.end)
+                ..(next.start + (pass + 1) * KC / passes).min(next.end);
             let mut jc = j0;
             while jc < j1 {
                 let cols = (j1 - jc).min(64);
+                for kr in pf_rows.clone() {
+                    for c in (jc..jc + cols).step_by(16) {
+                        let p = b.as_ptr().wrapping_add(kr * brs + c) as *const i8;
+                        // Prefetches never fault.
+                        _mm_prefetch::<_MM_HINT_T1>(p);
+                    }
+                }
                 let t = Tile {
                     r0,
                     k0,

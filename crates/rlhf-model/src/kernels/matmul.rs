@@ -122,21 +122,24 @@ unsafe fn block4<const R: usize>(
     w: &[f32],
     o: &mut [f32],
     om: usize,
-    prefetch: bool,
+    prefetch: (*const f32, usize),
 ) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() >= R * k && w.len() >= 4 * k);
     let mut acc = [_mm512_setzero_ps(); 16];
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let (pf, pf_len) = prefetch;
+    let steps = k.div_ceil(16);
+    let per_step = pf_len.div_ceil(16).div_ceil(steps);
     let mut c = 0;
     while c < k {
         let mask = tail_mask(c, k);
-        if prefetch {
-            // The next block's 4 rows, one cache line each (the 4 rows of a block are one
-            // contiguous stretch, so this runs 4·k floats ahead). Prefetches never fault.
-            for j in 4..8 {
-                let p = wp.wrapping_add(j * k + c) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(p);
+        // This call's share of the lines to prefetch, spread evenly over its steps.
+        // Prefetches never fault.
+        for l in 0..per_step {
+            let at = (c / 16 * per_step + l) * 16;
+            if at < pf_len {
+                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(at) as *const i8);
             }
         }
         // SAFETY: masked loads touch only lanes c..min(c + 16, k) of each row, all in bounds.
@@ -170,6 +173,12 @@ unsafe fn block4<const R: usize>(
 unsafe fn dots_avx512(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
     let n = w.len() / k;
     let nb = n - n % 4;
+    let passes = m.div_ceil(4);
+    // The next block's 4 rows (one contiguous stretch of 4·k floats) are prefetched into L2
+    // while this block runs, spread over all its passes. Prefetching them into L1 in the first
+    // pass only left memory idle during the others (passes over rows already in L1): SmolLM2's
+    // products streamed their weights at 15–17 GB/s at 8 rows, against 27 now (BENCHMARKS.md).
+    let share = (4 * k).div_ceil(passes).next_multiple_of(16);
     for j0 in (0..nb).step_by(4) {
         let wb = &w[j0 * k..(j0 + 4) * k];
         let mut r0 = 0;
@@ -177,8 +186,9 @@ unsafe fn dots_avx512(x: &[f32], m: usize, k: usize, w: &[f32], o: &mut [f32]) {
             let rows = (m - r0).min(4);
             let xb = &x[r0 * k..(r0 + rows) * k];
             let ob = &mut o[j0 * m + r0..];
+            let start = ((j0 + 4) * k + r0 / 4 * share).min(n * k);
+            let pf = (w.as_ptr().wrapping_add(start), share.min(n * k - start));
             // SAFETY: AVX-512F is enabled; the slices hold `rows` and 4 rows of `k`.
-            let pf = r0 == 0 && j0 + 8 <= nb;
             unsafe {
                 match rows {
                     4 => block4::<4>(xb, k, wb, ob, m, pf),
@@ -219,6 +229,15 @@ pub(super) fn with_last(dims: &[usize], n: usize) -> Shape {
     Shape::from(d)
 }
 
+/// Weight rows per task of [`matmul_nt`]'s few-row path: two tasks per thread, in whole blocks
+/// of 4 rows, at most 256. A fixed 128 split SmolLM2's 576-row products 3 : 2 and its 192-row
+/// ones 2 : 1 between two threads, so one thread idled for a sixth to a quarter of them.
+fn chunk_rows(n: usize) -> usize {
+    n.div_ceil(2 * rayon::current_num_threads())
+        .next_multiple_of(4)
+        .clamp(16, 256)
+}
+
 /// `x [m, k] · w[n, k]ᵀ → [m, n]` into `o`.
 pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f32]) {
     if m == 0 || n == 0 || k == 0 {
@@ -228,10 +247,10 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f3
     if m <= SMALL_M {
         // Tasks own disjoint column blocks of `o`: each computes its block transposed
         // ([cols, m], in L1) and writes it into place.
-        const CH: usize = 128;
+        let ch = chunk_rows(n);
         let dst = SharedOut::new(&mut o[..m * n]);
-        w.par_chunks(CH * k).enumerate().for_each_init(
-            || (uninit(CH * m), uninit(CH)),
+        w.par_chunks(ch * k).enumerate().for_each_init(
+            || (uninit(ch * m), uninit(ch)),
             |(buf, run), (ci, wc)| {
                 let cols = wc.len() / k;
                 let bt = &mut buf[..cols * m];
@@ -241,8 +260,8 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f3
                     run.iter_mut()
                         .zip(bt.chunks_exact(m))
                         .for_each(|(v, col)| *v = col[r]);
-                    // SAFETY: columns ci·CH.. of every row belong to this task only.
-                    unsafe { dst.write(r * n + ci * CH, run) };
+                    // SAFETY: columns ci·ch.. of every row belong to this task only.
+                    unsafe { dst.write(r * n + ci * ch, run) };
                 }
             },
         );
