@@ -9,6 +9,7 @@
 # torch.autocast(bfloat16) (AUTOCAST=bf16); generation is f32 on both sides either way.
 # LORA=r: LoRA training on both sides (rank r on every block linear, dropout 0.05, base frozen;
 # RLHF_BENCH_LORA=r and the script's LORA=r).
+# GEN_ROWS=n: decode n sequences together (default 8; PPO decodes its rollout batch, 64 by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-/tmp/torchvenv/bin/python}
@@ -21,7 +22,8 @@ field() { sed -n "s|.*RESULT $1 .*$2=\([0-9.]*\).*|\1|p" | tail -1; }
 rss() { sed -n 's/.*peak_rss_MB=\([0-9]*\).*/\1/p' | tail -1; }
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 if [ -n "${LORA:-}" ]; then export RLHF_BENCH_LORA=$LORA LORA; fi
-echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS; matmul: ${MATMUL:-f32}; lora: ${LORA:-none}"
+if [ -n "${GEN_ROWS:-}" ]; then export RLHF_BENCH_GEN_ROWS=$GEN_ROWS GEN_ROWS; fi
+echo "machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cpus; load: $(cut -d' ' -f1-3 /proc/loadavg); reps: $REPS; matmul: ${MATMUL:-f32}; lora: ${LORA:-none}; gen rows: ${GEN_ROWS:-8}"
 printf "%-11s %9s %9s %6s | %9s %9s %6s | %9s %9s %6s | %7s %7s\n" shape "train t/s" "torch" ratio "gen t/s" torch ratio "sample t/s" torch ratio "rss MB" torch
 for s in $SHAPES; do
   A=""; B=""; C=""; D=""; E=""; F=""; R=""; Q=""

@@ -26,6 +26,7 @@ name = sys.argv[1] if len(sys.argv) > 1 else "gpt2-v50k"
 # AUTOCAST=bf16: the training step under torch.autocast(bfloat16) (matmuls in BF16 through oneDNN, on AMX or AVX512-BF16),
 # the counterpart of our RLHF_MATMUL=bf16.
 AUTOCAST = os.environ.get("AUTOCAST") == "bf16"
+G = int(os.environ.get("GEN_ROWS", "8"))  # sequences decoded together (PPO decodes its rollout batch)
 mode = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 # LORA=r: the counterpart of our RLHF_BENCH_LORA=r: PEFT-style adapters (rank r, alpha 2r,
 # dropout 0.05) on every linear of the blocks, everything else frozen. A Llama block's q/k/v is
@@ -157,7 +158,7 @@ if mode & 1:
 for bit, label in ((2, "gen64"), (8, "gen64-sample")):
     if not mode & bit: continue
     torch.manual_seed(1)
-    m.eval(); prompt = lcg(B * 64, 7).view(B, 64); best = float("inf")
+    m.eval(); prompt = lcg(G * 64, 7).view(G, 64); best = float("inf")
     with torch.inference_mode():
         for _ in range(3):
             t0 = time.perf_counter(); seq = prompt; nxt_in = prompt; cache = [None] * NL; off = 0
@@ -167,4 +168,4 @@ for bit, label in ((2, "gen64"), (8, "gen64-sample")):
                 nxt = lg.argmax(-1, keepdim=True) if bit == 2 else torch.multinomial(torch.softmax(lg, -1), 1)
                 off += nxt_in.shape[1]; seq = torch.cat([seq, nxt], 1); nxt_in = nxt
             best = min(best, time.perf_counter() - t0)
-    print(f"RESULT {label} kv_cache=True time={best:.3f}s new_tok/s={B*64/best:.0f} first-row-tokens={seq[0,64:70].tolist()} peak_rss_MB={rss_mb():.0f}")
+    print(f"RESULT {label} kv_cache=True rows={G} time={best:.3f}s new_tok/s={G*64/best:.0f} first-row-tokens={seq[0,64:70].tolist()} peak_rss_MB={rss_mb():.0f}")

@@ -294,8 +294,8 @@ fn decode_rates() {
         })
         .collect();
     let bytes = (shapes.iter().map(|&(n, k)| n * k).sum::<usize>() * layers * 4) as f64;
-    let x: Vec<f32> = (0..16 * 1536).map(|i| (i % 5) as f32 * 0.1).collect();
-    let mut o = vec![0f32; 16 * 1536];
+    let x: Vec<f32> = (0..128 * 1536).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut o = vec![0f32; 128 * 1536];
     let best = |f: &mut dyn FnMut()| {
         f();
         (0..5)
@@ -322,7 +322,7 @@ fn decode_rates() {
         (big.len() * 4) as f64 / t / 1e9
     );
     drop(big);
-    for m in [1, 4, 8, 16] {
+    for m in [1, 4, 8, 16, 32, 64, 128] {
         let nt = best(&mut || {
             for layer in &weights {
                 for (w, &(n, k)) in layer.iter().zip(&shapes) {
@@ -512,12 +512,17 @@ fn main() -> anyhow::Result<()> {
         model.set_train_noise(None);
     }
     // Mode 2: greedy decoding; mode 8: sampling at T = 1 (top-k and top-p off, as in PPO's
-    // rollouts), seeded.
+    // rollouts), seeded. RLHF_BENCH_GEN_ROWS (default 8, as B): sequences decoded together
+    // (PPO decodes its whole rollout batch, 64 by default).
+    let rows: usize = std::env::var("RLHF_BENCH_GEN_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(B);
     for (bit, label, temperature) in [(2, "gen64", 0.0), (8, "gen64-sample", 1.0)] {
         if mode & bit == 0 {
             continue;
         }
-        let prompt = lcg(B * 64, 7, vocab);
+        let prompt = lcg(rows * 64, 7, vocab);
         let prompts: Vec<Vec<u32>> = prompt.chunks(64).map(|c| c.to_vec()).collect();
         let gc = GenerationConfig {
             max_new_tokens: 64,
@@ -535,8 +540,8 @@ fn main() -> anyhow::Result<()> {
             first = g.tokens[0][..6].to_vec();
         }
         println!(
-            "RESULT {label} kv_cache=True time={best:.3}s new_tok/s={:.0} first-row-tokens={first:?} peak_rss_MB={:.0}",
-            (B * 64) as f64 / best,
+            "RESULT {label} kv_cache=True rows={rows} time={best:.3}s new_tok/s={:.0} first-row-tokens={first:?} peak_rss_MB={:.0}",
+            (rows * 64) as f64 / best,
             peak_rss_mb()
         );
     }

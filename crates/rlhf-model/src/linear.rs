@@ -180,20 +180,17 @@ impl Linear {
 
     /// This linear inside a fused block in training ([`crate::kernels::block`]) whose input is
     /// `x` (`[..., d]`): its weight, bias and active adapter (its dropout mask not drawn yet:
-    /// [`Self::adapter_mask`]); `None` where the block cannot run it (off the fused path,
-    /// decoding's few rows, a weight not in the layout the block expects: `transposed` for
-    /// GPT-2's Conv1D `[in, out]`, else HF's `[out, in]`).
+    /// [`Self::adapter_mask`]); `None` where the block cannot run it (off the fused path, a
+    /// weight not in the layout the block expects: `transposed` for GPT-2's Conv1D `[in, out]`,
+    /// else HF's `[out, in]`). Decoding never runs the block (it needs a gradient sink), so
+    /// few rows need no test here.
     pub(crate) fn block_parts(
         &self,
         x: &Tensor,
         transposed: bool,
     ) -> Option<crate::kernels::block::Projection> {
         use crate::kernels::block::{LoraWeights, Projection};
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        if self.transposed != transposed
-            || !self.fused_kernels(x)
-            || rows <= crate::kernels::matmul::SMALL_M
-        {
+        if self.transposed != transposed || !self.fused_kernels(x) {
             return None;
         }
         let lora = match &self.lora {

@@ -160,14 +160,15 @@ fn rounding_is_to_nearest_even() {
     assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
 }
 
-/// `sgemm` follows the process-wide precision: f32 by default, BF16 once set.
+/// `sgemm` follows the process-wide precision: f32 by default, BF16 once set (from more rows
+/// than decoding's, which stream the weight in f32: `gemm::SMALL_ROWS`).
 #[test]
 fn sgemm_follows_the_precision_setting() {
     let _g = LOCK.lock().unwrap();
     if skip() {
         return;
     }
-    let (m, n, k) = (64, 64, 256);
+    let (m, n, k) = (gemm::SMALL_ROWS + 32, 64, 256);
     let (av, bv) = (data(m * k, 11), data(k * n, 12));
     let (a, b) = (view(&av, m, k, 0), view(&bv, k, n, 0));
     let run = |p| {

@@ -655,8 +655,11 @@ fn matmul_nt_matches_matmul() {
         },
     );
     // The decode kernel's blocks (4 weight rows × up to 4 input rows) and every tail: input
-    // rows 1..=17 (17 takes the GEMM), weight rows not a multiple of 4, k not a multiple of 16.
-    for m in 1..=17 {
+    // rows 1..=17 and around the kernels' limit (64; 65 takes the GEMM), weight rows not a
+    // multiple of 4, k not a multiple of 16.
+    use rlhf_model::kernels::{gemm::SMALL_ROWS, matmul::SMALL_M};
+    assert_eq!((SMALL_M, SMALL_ROWS), (64, 64), "update the rows below");
+    for m in (1..=17).chain([31, 63, 64, 65]) {
         for (k, n) in [(5, 3), (16, 4), (37, 9), (64, 130), (100, 7)] {
             let x = Tensor::from_vec(data(m * k, 63), (m, k), &DEV).unwrap();
             let w = Tensor::from_vec(data(n * k, 64), (n, k), &DEV).unwrap();
