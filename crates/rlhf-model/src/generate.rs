@@ -174,6 +174,8 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<Generation> {
+    // No backward follows: build no graph.
+    let _no_grad = crate::params::no_grad();
     if prompts.is_empty() {
         return Ok(Generation {
             tokens: vec![],

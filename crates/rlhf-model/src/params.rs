@@ -5,12 +5,41 @@
 //! nor stores a gradient for it — this is how LoRA trains adapters only, and how a frozen
 //! reference shares its weights with the policy.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
+
+thread_local! {
+    /// How many [`no_grad`] scopes this thread is in.
+    static NO_GRAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// While the returned guard lives, every parameter enters the graph detached on this thread,
+/// as a frozen one does: forwards that no backward follows (generation, scoring, log-probs for
+/// a rollout, evaluation) then build no graph. candle records an op's inputs whenever one of
+/// them descends from a `Var`, so a forward of a trainable model otherwise keeps every
+/// activation alive until its output is dropped: generating 64 sequences from 64-token prompts
+/// with SmolLM2-135M peaked at 5.0 GB, nearly all of it the prefill's activations (1.1 GB
+/// without). Guards nest; the scope is the calling thread's (it runs the forward; the compute
+/// pool's workers only run kernels), so the guard cannot leave it.
+#[must_use = "the scope ends when the guard is dropped"]
+pub fn no_grad() -> NoGrad {
+    NO_GRAD.with(|c| c.set(c.get() + 1));
+    NoGrad(std::marker::PhantomData)
+}
+
+/// The scope of [`no_grad`].
+pub struct NoGrad(std::marker::PhantomData<*const ()>);
+
+impl Drop for NoGrad {
+    fn drop(&mut self) {
+        NO_GRAD.with(|c| c.set(c.get() - 1));
+    }
+}
 
 #[derive(Clone)]
 pub struct Param {
@@ -42,9 +71,10 @@ impl Param {
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// The tensor to use in a forward pass: tracked when trainable, detached otherwise.
+    /// The tensor to use in a forward pass: tracked when trainable, detached otherwise (and
+    /// inside [`no_grad`]).
     pub fn t(&self) -> Tensor {
-        if self.is_trainable() {
+        if self.is_trainable() && NO_GRAD.with(Cell::get) == 0 {
             self.var.as_tensor().clone()
         } else {
             self.var.as_tensor().detach()

@@ -349,3 +349,38 @@ fn masked_tokens_are_never_drawn() {
         );
     }
 }
+
+/// Inside `params::no_grad` a trainable model's forward builds no graph (its output descends
+/// from no `Var`) and computes the same values; the scope nests, ends with its guard, and
+/// `generate` (which opens one) leaves the caller's graph-building as it found it.
+#[test]
+fn no_grad_forwards_build_no_graph() {
+    use rlhf_model::params::no_grad;
+    let m = load("llama");
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 90).collect();
+    let ids = rlhf_model::Tensor::from_vec(ids, (2, 6), &rlhf_model::Device::Cpu).unwrap();
+    let mask = vec![vec![1u8; 6]; 2];
+    let vals = |t: &rlhf_model::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let tracked = m.logits(&ids, &mask).unwrap();
+    assert!(
+        tracked.track_op(),
+        "the fixture's parameters train: the forward is tracked"
+    );
+    {
+        let _outer = no_grad();
+        {
+            let _inner = no_grad();
+            assert!(!m.logits(&ids, &mask).unwrap().track_op());
+        }
+        let free = m.logits(&ids, &mask).unwrap();
+        assert!(!free.track_op(), "the outer scope still holds");
+        assert_eq!(vals(&free), vals(&tracked));
+    }
+    assert!(m.logits(&ids, &mask).unwrap().track_op());
+    let cfg = GenerationConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    generate(&m, &prompts(), &cfg).unwrap();
+    assert!(m.logits(&ids, &mask).unwrap().track_op());
+}

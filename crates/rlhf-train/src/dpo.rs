@@ -299,6 +299,7 @@ pub fn reference_logps(
     pad: u32,
     batch: usize,
 ) -> Result<Vec<[f32; 2]>> {
+    let _no_grad = rlhf_model::params::no_grad();
     let run = || -> Result<Vec<[f32; 2]>> {
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(batch.max(1)) {
@@ -396,6 +397,7 @@ impl DpoObjective {
 
     /// Held-out implicit rewards `(chosen, rejected)` of every eval pair, and the eval metrics.
     pub fn eval_rewards(&self) -> Result<(Vec<f32>, Vec<f32>, Scalars)> {
+        let _no_grad = rlhf_model::params::no_grad();
         let mut all = PairStats {
             pol: vec![],
             refs: vec![],

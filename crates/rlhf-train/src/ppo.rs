@@ -807,6 +807,8 @@ impl PpoTrainer {
         st: &mut IterState,
         m: &mut Scalars,
     ) -> Result<Rollout> {
+        // No backward follows the rollout: its forwards build no graph.
+        let _no_grad = rlhf_model::params::no_grad();
         let cfg = &self.cfg;
         let it = st.iteration;
         let idx = self.next_prompts(st);

@@ -384,6 +384,7 @@ pub fn score_tokenized_pairs(
     pairs: &[TokenizedPair],
     batch: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let _no_grad = rlhf_model::params::no_grad();
     let (mut rc, mut rr) = (vec![], vec![]);
     for chunk in pairs.chunks(batch.max(1)) {
         let pb = collate_pairs(chunk, tok.pad_id());

@@ -64,6 +64,7 @@ impl RewardModel {
 
     /// Normalised scores of whole token sequences (right-padded internally), in chunks.
     pub fn score(&self, seqs: &[Vec<u32>], pad: u32, chunk: usize) -> Result<Vec<f32>> {
+        let _no_grad = rlhf_model::params::no_grad();
         let mut out = Vec::with_capacity(seqs.len());
         for c in seqs.chunks(chunk.max(1)) {
             let t = c.iter().map(|s| s.len()).max().unwrap_or(1).max(1);

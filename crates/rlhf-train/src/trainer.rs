@@ -113,6 +113,12 @@ pub trait Objective {
     fn save_final(&self, dir: &Path) -> Result<()>;
 }
 
+/// [`Objective::evaluate`] without a graph: no backward follows it.
+fn evaluate(obj: &mut dyn Objective) -> Result<Scalars> {
+    let _no_grad = rlhf_model::params::no_grad();
+    obj.evaluate()
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
@@ -216,7 +222,7 @@ impl Trainer {
         let mut nonfinite_in_row = 0usize;
         let mut steps_this_process = 0usize;
         if state.step == 0 && cfg.eval_every > 0 {
-            let ev = obj.evaluate()?;
+            let ev = evaluate(obj)?;
             if !ev.is_empty() {
                 metrics.log(0, &prefixed("eval/", &ev))?;
                 summary.first_eval = Some(ev);
@@ -338,7 +344,7 @@ impl Trainer {
             }
             if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < total
             {
-                let ev = obj.evaluate()?;
+                let ev = evaluate(obj)?;
                 if !ev.is_empty() {
                     metrics.log(state.step, &prefixed("eval/", &ev))?;
                 }
@@ -354,7 +360,7 @@ impl Trainer {
                 )?;
             }
         }
-        let ev = obj.evaluate()?;
+        let ev = evaluate(obj)?;
         if !ev.is_empty() {
             metrics.log(state.step, &prefixed("eval/", &ev))?;
             summary.last_eval = Some(ev);
