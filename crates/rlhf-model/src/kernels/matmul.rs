@@ -115,7 +115,8 @@ pub(crate) fn tail_mask(c: usize, len: usize) -> std::arch::x86_64::__mmask16 {
 }
 
 /// One block: `R` (≤ 4) input rows against 4 weight rows, 16 accumulators in registers
-/// (8 loads per 16 FMAs, where one row pair at a time needs 2 loads per FMA).
+/// (8 loads per 16 FMAs, where one row pair at a time needs 2 loads per FMA). `prefetch`
+/// (start, floats): lines to bring into L2 meanwhile, spread evenly over the steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -249,7 +250,7 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, o: &mut [f3
     }
     if m <= SMALL_M {
         // Tasks own disjoint column blocks of `o`: each computes its block transposed
-        // ([cols, m], in L1) and writes it into place.
+        // ([cols, m]) and writes it into place.
         let ch = chunk_rows(n);
         let dst = SharedOut::new(&mut o[..m * n]);
         w.par_chunks(ch * k).enumerate().for_each_init(
