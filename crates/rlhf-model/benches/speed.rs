@@ -72,6 +72,11 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An environment variable parsed as `T` (`None` when unset or unparsable).
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -266,7 +271,7 @@ fn peaks() {
 }
 
 /// `decode`: the products of one decoding step of SmolLM2-135M (30 layers of q, k, v, o, gate,
-/// up and down; the LM head aside) for m = 1, 4, 8 and 16 sequences: milliseconds per step and
+/// up and down; the LM head aside) for m = 1 to 128 sequences: milliseconds per step and
 /// the rate the weights stream at, with HF's [n, k] weights (`matmul_nt`, Llama's path) and
 /// [k, n] ones (`sgemm`, GPT-2's), best of 5 steps. Decoding reads every weight once per token,
 /// so this rate bounds the tokens per second; `memory` is the rate of a plain parallel sum over
@@ -275,27 +280,37 @@ fn decode_rates() {
     use rayon::prelude::*;
     use rlhf_model::kernels::gemm::{sgemm, Mat};
     use rlhf_model::kernels::matmul::matmul_nt;
-    let shapes = [
-        (576, 576),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
+    // [n, k] of q, k, v, o, gate, up and down, from the `smollm2-135m` shape's configuration.
+    let cfg = shapes("smollm2-135m").expect("a bench shape");
+    let get = |key: &str| cfg[key].as_u64().expect("an integer field") as usize;
+    let (d, inner, layers) = (
+        get("hidden_size"),
+        get("intermediate_size"),
+        get("num_hidden_layers"),
+    );
+    let kv = d / get("num_attention_heads") * get("num_key_value_heads");
+    let products = [
+        (d, d),
+        (kv, d),
+        (kv, d),
+        (d, d),
+        (inner, d),
+        (inner, d),
+        (d, inner),
     ];
-    let layers = 30;
     let weights: Vec<Vec<Vec<f32>>> = (0..layers)
         .map(|l| {
-            shapes
+            products
                 .iter()
                 .map(|&(n, k)| (0..n * k).map(|i| ((i + l) % 7) as f32 * 0.01).collect())
                 .collect()
         })
         .collect();
-    let bytes = (shapes.iter().map(|&(n, k)| n * k).sum::<usize>() * layers * 4) as f64;
-    let x: Vec<f32> = (0..128 * 1536).map(|i| (i % 5) as f32 * 0.1).collect();
-    let mut o = vec![0f32; 128 * 1536];
+    let bytes = (products.iter().map(|&(n, k)| n * k).sum::<usize>() * layers * 4) as f64;
+    let rows = [1, 4, 8, 16, 32, 64, 128];
+    let wide = rows[rows.len() - 1] * d.max(inner);
+    let x: Vec<f32> = (0..wide).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut o = vec![0f32; wide];
     let best = |f: &mut dyn FnMut()| {
         f();
         (0..5)
@@ -322,17 +337,17 @@ fn decode_rates() {
         (big.len() * 4) as f64 / t / 1e9
     );
     drop(big);
-    for m in [1, 4, 8, 16, 32, 64, 128] {
+    for m in rows {
         let nt = best(&mut || {
             for layer in &weights {
-                for (w, &(n, k)) in layer.iter().zip(&shapes) {
+                for (w, &(n, k)) in layer.iter().zip(&products) {
                     matmul_nt(&x[..m * k], w, m, k, n, &mut o);
                 }
             }
         });
         let kn = best(&mut || {
             for layer in &weights {
-                for (w, &(n, k)) in layer.iter().zip(&shapes) {
+                for (w, &(n, k)) in layer.iter().zip(&products) {
                     let a = Mat {
                         data: &x[..m * k],
                         rs: k,
@@ -397,9 +412,7 @@ fn main() -> anyhow::Result<()> {
     // RLHF_BENCH_LORA=r: LoRA of rank r (alpha 2r) on every product, dropout 0.05 drawing masks
     // each step (RLHF_BENCH_LORA_DROPOUT=p for another rate); only the adapters train (the base
     // and the embedding frozen).
-    let lora: Option<usize> = std::env::var("RLHF_BENCH_LORA")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let lora: Option<usize> = env("RLHF_BENCH_LORA");
     if let Some(r) = lora {
         let targets = ["c_attn", "c_proj", "c_fc"]
             .into_iter()
@@ -407,10 +420,7 @@ fn main() -> anyhow::Result<()> {
         let cfg = rlhf_model::LoraConfig {
             r,
             alpha: 2.0 * r as f64,
-            dropout: std::env::var("RLHF_BENCH_LORA_DROPOUT")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.05),
+            dropout: env("RLHF_BENCH_LORA_DROPOUT").unwrap_or(0.05),
             target_modules: targets.map(String::from).collect(),
         };
         model.add_lora(&cfg, 1)?;
@@ -514,10 +524,7 @@ fn main() -> anyhow::Result<()> {
     // Mode 2: greedy decoding; mode 8: sampling at T = 1 (top-k and top-p off, as in PPO's
     // rollouts), seeded. RLHF_BENCH_GEN_ROWS (default 8, as B): sequences decoded together
     // (PPO decodes its whole rollout batch, 64 by default).
-    let rows: usize = std::env::var("RLHF_BENCH_GEN_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(B);
+    let rows: usize = env("RLHF_BENCH_GEN_ROWS").unwrap_or(B);
     for (bit, label, temperature) in [(2, "gen64", 0.0), (8, "gen64-sample", 1.0)] {
         if mode & bit == 0 {
             continue;

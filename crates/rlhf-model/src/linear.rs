@@ -173,9 +173,8 @@ impl Linear {
     /// Whether `forward` on `x` is a plain product on the fused CPU path: [`Self::fused_kernels`],
     /// no active LoRA adapter, more rows than decoding's few (those stream the weight instead).
     pub(crate) fn plain_fused(&self, x: &Tensor) -> bool {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let lora_on = self.lora.is_some() && self.adapters_on.load(Ordering::Relaxed);
-        self.fused_kernels(x) && !lora_on && rows > crate::kernels::matmul::SMALL_M
+        self.fused_kernels(x) && !lora_on && rows(x) > crate::kernels::matmul::SMALL_M
     }
 
     /// This linear inside a fused block in training ([`crate::kernels::block`]) whose input is
@@ -215,8 +214,7 @@ impl Linear {
     pub(crate) fn adapter_mask(&self, x: &Tensor) -> Option<DropoutMask> {
         match &self.lora {
             Some(l) if self.adapters_on.load(Ordering::Relaxed) => {
-                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-                l.mask(rows * self.in_out().0)
+                l.mask(rows(x) * self.in_out().0)
             }
             _ => None,
         }
@@ -314,6 +312,11 @@ impl Linear {
             (w + ba)?
         })
     }
+}
+
+/// The rows of `x` `[..., d]`: every leading dimension is a row.
+fn rows(x: &Tensor) -> usize {
+    x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1)
 }
 
 /// A small deterministic uniform(-bound, bound) generator (splitmix64), so adapters are

@@ -11,6 +11,10 @@
 
 use rayon::prelude::*;
 
+/// Words of mask bits per parallel task (64 elements each): the draw and the products split
+/// the same way, so a task's elements are its words' bits.
+const CHUNK_WORDS: usize = 256;
+
 /// splitmix64's increment (the golden ratio in 64 bits).
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -55,9 +59,17 @@ impl DropoutMask {
         // integer u: the comparison in integers gives the f64 comparison's answer.
         let threshold = (keep * (1u64 << 53) as f64).ceil() as u64;
         let mut bits = vec![0u64; n.div_ceil(64)];
-        bits.par_chunks_mut(256).enumerate().for_each(|(c, words)| {
-            draw_words(words, s0, (c * 256 * 64) as u64, n as u64, threshold)
-        });
+        bits.par_chunks_mut(CHUNK_WORDS)
+            .enumerate()
+            .for_each(|(c, words)| {
+                draw_words(
+                    words,
+                    s0,
+                    (c * CHUNK_WORDS * 64) as u64,
+                    n as u64,
+                    threshold,
+                )
+            });
         Self {
             bits,
             n,
@@ -84,8 +96,8 @@ impl DropoutMask {
             .collect()
     }
 
-    /// `f(out, in, factors)` over blocks of `1 << 14` elements in parallel, 64 elements (one
-    /// word of bits, expanded to their factors) at a time.
+    /// `f(out, in, factors)` over blocks of [`CHUNK_WORDS`] words' elements in parallel, 64
+    /// elements (one word of bits, expanded to their factors) at a time.
     fn each(&self, out: &mut [f32], x: &[f32], f: fn(&mut [f32], &[f32], u64, f32)) {
         assert!(
             out.len() == self.n && x.len() == self.n,
@@ -94,11 +106,12 @@ impl DropoutMask {
             out.len(),
             x.len()
         );
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
+        let chunk = CHUNK_WORDS * 64;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
             .enumerate()
             .for_each(|(c, (out, x))| {
-                let words = &self.bits[c * 256..];
+                let words = &self.bits[c * CHUNK_WORDS..];
                 for ((out, x), &word) in out.chunks_mut(64).zip(x.chunks(64)).zip(words) {
                     f(out, x, word, self.scale);
                 }
