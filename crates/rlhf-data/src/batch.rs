@@ -107,6 +107,19 @@ pub fn collate_packed<'a>(
     }
 }
 
+/// Item indices in chunks of at most `per_chunk`, longest first (ties in their own order), for
+/// passes with no gradient, where each item's result does not depend on which others share its
+/// chunk: a chunk pads its rows to its longest one, so chunks of similar lengths compute on
+/// real tokens instead of padding. In data order, batches of 8 HH-RLHF pairs at 512 tokens
+/// are 44% real tokens; sorted by length, 90% (pairs) to 100% (single sequences). Callers put
+/// the results back in item order by index. Longest first, so a chunk too large for memory
+/// fails at once.
+pub fn length_chunks(lens: &[usize], per_chunk: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..lens.len()).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    idx.chunks(per_chunk.max(1)).map(|c| c.to_vec()).collect()
+}
+
 /// Left-pad prompts for generation: `(ids, attention_mask, seq_len)`, row-major.
 pub fn left_pad_prompts(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u8>, usize) {
     let seq_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -197,6 +210,11 @@ pub fn epoch_permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
 /// How many recent underfull batches group-aware batching tries to fill before opening another.
 const GROUP_WINDOW: usize = 8;
 
+/// Length-grouped batching sorts within windows of this many batches' worth of items (Hugging
+/// Face's `LengthGroupedSampler` uses 50): wide enough that neighbours have similar lengths,
+/// narrow enough that a window still holds a random draw of the data.
+pub const LENGTH_WINDOW: usize = 50;
+
 /// A seeded shuffling order over a dataset, resumable exactly: serialise it (serde) with a
 /// checkpoint, deserialise, and the following batches are the same as without the interruption.
 /// Each epoch is a fresh permutation; batches never straddle epochs.
@@ -233,6 +251,56 @@ fn fingerprint(kind: u64, data: &[usize]) -> u64 {
     (h ^ data.len() as u64).wrapping_mul(0x100_0000_01b3)
 }
 
+/// Items grouped by group id, groups in order of first appearance, items in their order.
+fn group_units(groups: &[usize]) -> Vec<Vec<usize>> {
+    let mut first_seen: HashMap<usize, usize> = HashMap::new();
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    for (i, &g) in groups.iter().enumerate() {
+        let u = *first_seen.entry(g).or_insert_with(|| {
+            units.push(Vec::new());
+            units.len() - 1
+        });
+        units[u].push(i);
+    }
+    units
+}
+
+/// Units taken in `order` into batches of at most `bs` items: a unit that fits lands whole in
+/// the first of the last few underfull batches with room; a unit larger than `bs` is split.
+fn pack_units(units: &[Vec<usize>], order: &[usize], bs: usize) -> Vec<Vec<usize>> {
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut open: Vec<usize> = Vec::new(); // indices of underfull batches, oldest first
+    for &u in order {
+        let unit = &units[u];
+        if unit.len() > bs {
+            for c in unit.chunks(bs) {
+                batches.push(c.to_vec());
+                if c.len() < bs {
+                    open.push(batches.len() - 1);
+                }
+            }
+        } else if let Some(k) = open
+            .iter()
+            .position(|&b| batches[b].len() + unit.len() <= bs)
+        {
+            let b = open[k];
+            batches[b].extend_from_slice(unit);
+            if batches[b].len() == bs {
+                open.remove(k);
+            }
+        } else {
+            batches.push(unit.clone());
+            if unit.len() < bs {
+                open.push(batches.len() - 1);
+            }
+        }
+        if open.len() > GROUP_WINDOW {
+            open.remove(0);
+        }
+    }
+    batches
+}
+
 impl DataOrder {
     pub fn new(seed: u64, batch_size: usize) -> Self {
         assert!(batch_size > 0, "DataOrder: batch_size must be positive");
@@ -267,49 +335,56 @@ impl DataOrder {
     /// last few underfull batches); a group larger than `batch_size` is split. Batches may hold
     /// fewer than `batch_size` items. Item order inside a group is kept.
     pub fn grouped_plan(&self, epoch: u64, groups: &[usize]) -> Vec<Vec<usize>> {
-        let mut first_seen: HashMap<usize, usize> = HashMap::new();
-        let mut units: Vec<Vec<usize>> = Vec::new();
-        for (i, &g) in groups.iter().enumerate() {
-            let u = *first_seen.entry(g).or_insert_with(|| {
-                units.push(Vec::new());
-                units.len() - 1
-            });
-            units[u].push(i);
-        }
+        let units = group_units(groups);
         let perm = epoch_permutation(self.seed, epoch, units.len());
-        let bs = self.batch_size;
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        let mut open: Vec<usize> = Vec::new(); // indices of underfull batches, oldest first
-        for u in perm {
-            let unit = &units[u];
-            if unit.len() > bs {
-                for c in unit.chunks(bs) {
-                    batches.push(c.to_vec());
-                    if c.len() < bs {
-                        open.push(batches.len() - 1);
-                    }
-                }
-            } else if let Some(k) = open
-                .iter()
-                .position(|&b| batches[b].len() + unit.len() <= bs)
-            {
-                let b = open[k];
-                batches[b].extend_from_slice(unit);
-                if batches[b].len() == bs {
-                    open.remove(k);
-                }
-            } else {
-                batches.push(unit.clone());
-                if unit.len() < bs {
-                    open.push(batches.len() - 1);
-                }
-            }
-            if open.len() > GROUP_WINDOW {
-                open.remove(0);
-            }
-        }
-        if self.drop_last && batches.last().is_some_and(|b| b.len() < bs) {
+        let mut batches = pack_units(&units, &perm, self.batch_size);
+        if self.drop_last && batches.last().is_some_and(|b| b.len() < self.batch_size) {
             batches.pop();
+        }
+        batches
+    }
+
+    /// The batches of `epoch` with similar lengths in each (Hugging Face's `group_by_length`):
+    /// `lens[i]` is item `i`'s padded width, `groups` as in [`DataOrder::grouped_plan`] (a
+    /// group's width is its longest item's). Units are shuffled as in the other plans, then
+    /// sorted longest first within windows of [`LENGTH_WINDOW`] batches' worth of items, and
+    /// batched; the batches are then shuffled (so the loss curve shows no long-to-short saw
+    /// tooth) and the widest goes first, so a batch too large for memory fails at once. Every
+    /// item still appears once per epoch; which items share a batch is no longer uniform.
+    pub fn length_grouped_plan(
+        &self,
+        epoch: u64,
+        groups: Option<&[usize]>,
+        lens: &[usize],
+    ) -> Vec<Vec<usize>> {
+        let units: Vec<Vec<usize>> = match groups {
+            Some(g) => group_units(g),
+            None => (0..lens.len()).map(|i| vec![i]).collect(),
+        };
+        let width = |u: &Vec<usize>| u.iter().map(|&i| lens[i]).max().unwrap_or(0);
+        let mut perm = epoch_permutation(self.seed, epoch, units.len());
+        let window = LENGTH_WINDOW * self.batch_size;
+        let mut start = 0;
+        while start < perm.len() {
+            let (mut end, mut items) = (start, 0);
+            while end < perm.len() && items < window {
+                items += units[perm[end]].len();
+                end += 1;
+            }
+            perm[start..end].sort_by_key(|&u| std::cmp::Reverse(width(&units[u])));
+            start = end;
+        }
+        let mut batches = pack_units(&units, &perm, self.batch_size);
+        if self.drop_last && batches.last().is_some_and(|b| b.len() < self.batch_size) {
+            batches.pop();
+        }
+        let mut rng = crate::rng::Rng::stream(self.seed ^ epoch.wrapping_mul(0x9E37_79B9), 0x1E46);
+        for i in (1..batches.len()).rev() {
+            batches.swap(i, rng.below(i + 1));
+        }
+        let padded = |b: &Vec<usize>| b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0);
+        if let Some(w) = (0..batches.len()).max_by_key(|&i| (padded(&batches[i]), usize::MAX - i)) {
+            batches.swap(0, w);
         }
         batches
     }
@@ -363,6 +438,33 @@ impl DataOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_chunks_sort_longest_first_and_cover_every_item_once() {
+        let lens = [3, 9, 1, 9, 4, 7, 2];
+        let chunks = length_chunks(&lens, 3);
+        assert_eq!(chunks, vec![vec![1, 3, 5], vec![4, 0, 6], vec![2]]);
+        let mut all: Vec<usize> = chunks.concat();
+        all.sort();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        // Padded width: each chunk pads to its longest, far below data order's on mixed lengths.
+        let padded = |cs: &[Vec<usize>]| -> usize {
+            cs.iter()
+                .map(|c| c.len() * c.iter().map(|&i| lens[i]).max().unwrap())
+                .sum()
+        };
+        let in_order: Vec<Vec<usize>> = (0..lens.len())
+            .collect::<Vec<_>>()
+            .chunks(3)
+            .map(|c| c.to_vec())
+            .collect();
+        assert_eq!(
+            (padded(&chunks), padded(&in_order)),
+            (27 + 12 + 1, 27 + 27 + 2)
+        );
+        assert!(length_chunks(&[], 4).is_empty());
+        assert_eq!(length_chunks(&[5, 5], 0), vec![vec![0], vec![1]]);
+    }
 
     #[test]
     fn right_and_left_padding() {
@@ -520,5 +622,87 @@ mod tests {
         let mut b: DataOrder = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
         let rest: Vec<Vec<usize>> = (0..6).map(|_| b.next_grouped_batch(&groups)).collect();
         assert_eq!(&first[4..], &rest[..]);
+        // Groups of one item each batch exactly as the ungrouped plan.
+        let o = DataOrder::new(9, 4);
+        let singles: Vec<usize> = (0..23).map(|i| 100 + i).collect();
+        assert_eq!(o.grouped_plan(2, &singles), o.plan(2, 23));
+    }
+
+    /// Padded width of a plan: each batch pads to its longest item.
+    fn padded(plan: &[Vec<usize>], lens: &[usize]) -> usize {
+        plan.iter()
+            .map(|b| b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn length_grouped_batches_pad_less_and_keep_the_plan_contract() {
+        // Lengths with a long tail, as chat data has (most short, a few near the limit).
+        let mut rng = crate::rng::Rng::new(3);
+        let lens: Vec<usize> = (0..1000)
+            .map(|_| (20.0 + 480.0 * rng.uniform().powi(3)) as usize)
+            .collect();
+        let real: usize = lens.iter().sum();
+        let o = DataOrder::new(7, 8);
+        let mut firsts = vec![];
+        for epoch in 0..3 {
+            let plan = o.length_grouped_plan(epoch, None, &lens);
+            let mut all: Vec<usize> = plan.concat();
+            all.sort();
+            assert_eq!(all, (0..lens.len()).collect::<Vec<_>>(), "every item once");
+            assert_eq!(plan.len(), 125);
+            assert!(plan.iter().all(|b| b.len() == 8));
+            // Same seed and epoch: the same plan (what resuming needs).
+            assert_eq!(plan, o.length_grouped_plan(epoch, None, &lens));
+            // The widest batch first.
+            let w = |b: &Vec<usize>| b.len() * b.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(plan.iter().all(|b| w(b) <= w(&plan[0])));
+            let (grouped, random) = (padded(&plan, &lens), padded(&o.plan(epoch, 1000), &lens));
+            let (eff_g, eff_r) = (real as f64 / grouped as f64, real as f64 / random as f64);
+            assert!(
+                eff_g > 0.9 && eff_r < 0.5,
+                "real-token share {eff_g} vs {eff_r}"
+            );
+            firsts.push(plan[1].clone());
+        }
+        assert!(
+            firsts[0] != firsts[1] && firsts[1] != firsts[2],
+            "epochs differ"
+        );
+        // Batches are shuffled: not longest-to-shortest through the epoch.
+        let plan = o.length_grouped_plan(0, None, &lens);
+        let widths: Vec<usize> = plan.iter().map(|b| lens[b[0]]).collect();
+        let descents = widths.windows(2).filter(|p| p[1] <= p[0]).count();
+        assert!(
+            descents < widths.len() * 3 / 4,
+            "{descents} of {}",
+            widths.len()
+        );
+
+        // With groups (K = 3 answers to one prompt: lengths alike within a group): every group
+        // that fits stays whole, every item once, less padding.
+        let groups: Vec<usize> = (0..1000).map(|i| i / 3).collect();
+        let lens: Vec<usize> = (0..1000).map(|i| lens[i / 3 * 3] + i % 3 * 10).collect();
+        let real: usize = lens.iter().sum();
+        let plan = o.length_grouped_plan(1, Some(&groups), &lens);
+        let mut all: Vec<usize> = plan.concat();
+        all.sort();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        for b in &plan {
+            assert!(!b.is_empty() && b.len() <= 8);
+        }
+        for g in 0..334 {
+            let holders = plan.iter().filter(|b| b.iter().any(|&i| groups[i] == g));
+            assert_eq!(holders.count(), 1, "group {g} split");
+        }
+        let (pg, pr) = (
+            padded(&plan, &lens),
+            padded(&o.grouped_plan(1, &groups), &lens),
+        );
+        assert!(pg * 4 < pr * 3, "{pg} vs {pr} of {real}");
+        // drop_last drops the one short batch.
+        let o = DataOrder::new(7, 8).with_drop_last(true);
+        let plan = o.length_grouped_plan(0, None, &lens[..995]);
+        assert_eq!(plan.concat().len(), 992);
     }
 }

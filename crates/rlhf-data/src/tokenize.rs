@@ -327,6 +327,17 @@ pub struct TokenizedPair {
     pub group: usize,
 }
 
+impl TokenizedPair {
+    /// The longer row of the pair (prompt + response): the width a batch holding it pads to.
+    pub fn len(&self) -> usize {
+        self.prompt_ids.len() + self.chosen_ids.len().max(self.rejected_ids.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Response ids: text after a text prompt, or the template's rendering of an assistant turn
 /// after a conversational prompt. EOS appended when not already last.
 pub fn tokenize_response(tok: &Tokenizer, prompt: &Prompt, response: &str) -> Result<Vec<u32>> {

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_pairs, Batch};
+use rlhf_data::batch::{collate_pairs, length_chunks, Batch};
 use rlhf_data::formats::PreferencePair;
 use rlhf_data::tokenize::{PairTokenizeConfig, TokenizedPair};
 use rlhf_model::params::Param;
@@ -291,8 +291,8 @@ pub fn response_logps(model: &CausalLM, b: &Batch) -> Result<(Tensor, Vec<usize>
     Ok((sums, counts))
 }
 
-/// Reference log-probs `(chosen, rejected)` of every pair, no gradients. With LoRA, computed with
-/// the adapters disabled.
+/// Reference log-probs `(chosen, rejected)` of every pair, no gradients, in chunks of `batch`
+/// pairs of similar lengths ([`length_chunks`]). With LoRA, computed with the adapters disabled.
 pub fn reference_logps(
     model: &CausalLM,
     pairs: &[TokenizedPair],
@@ -301,13 +301,14 @@ pub fn reference_logps(
 ) -> Result<Vec<[f32; 2]>> {
     let _no_grad = rlhf_model::params::no_grad();
     let run = || -> Result<Vec<[f32; 2]>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(batch.max(1)) {
-            let pb = collate_pairs(chunk, pad);
+        let mut out = vec![[0f32; 2]; pairs.len()];
+        let lens: Vec<usize> = pairs.iter().map(|p| p.len()).collect();
+        for chunk in length_chunks(&lens, batch) {
+            let pb = collate_pairs(chunk.iter().map(|&i| &pairs[i]), pad);
             let (lp, _) = response_logps(model, &pb.batch)?;
             let v: Vec<f32> = lp.detach().to_vec1()?;
-            for i in 0..pb.pairs {
-                out.push([v[i], v[pb.pairs + i]]);
+            for (k, &i) in chunk.iter().enumerate() {
+                out[i] = [v[k], v[pb.pairs + k]];
             }
         }
         Ok(out)
@@ -398,21 +399,25 @@ impl DpoObjective {
     /// Held-out implicit rewards `(chosen, rejected)` of every eval pair, and the eval metrics.
     pub fn eval_rewards(&self) -> Result<(Vec<f32>, Vec<f32>, Scalars)> {
         let _no_grad = rlhf_model::params::no_grad();
+        // Chunks of similar lengths; every pair's numbers land at its own index.
+        let n = self.eval.len();
         let mut all = PairStats {
-            pol: vec![],
-            refs: vec![],
-            chosen_tokens: vec![],
+            pol: vec![[0.0; 2]; n],
+            refs: vec![[0.0; 2]; n],
+            chosen_tokens: vec![0; n],
         };
         let mut loss_sum = 0f64;
-        let bs = self.eval_batch.max(1);
-        for (ci, chunk) in self.eval.chunks(bs).enumerate() {
-            let rows: Vec<&TokenizedPair> = chunk.iter().collect();
-            let refs = &self.ref_eval[ci * bs..ci * bs + chunk.len()];
-            let (l, st, _) = self.batch_loss(&rows, refs)?;
+        let lens: Vec<usize> = self.eval.iter().map(|p| p.len()).collect();
+        for chunk in length_chunks(&lens, self.eval_batch) {
+            let rows: Vec<&TokenizedPair> = chunk.iter().map(|&i| &self.eval[i]).collect();
+            let refs: Vec<[f32; 2]> = chunk.iter().map(|&i| self.ref_eval[i]).collect();
+            let (l, st, _) = self.batch_loss(&rows, &refs)?;
             loss_sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            all.pol.extend(st.pol);
-            all.refs.extend(st.refs);
-            all.chosen_tokens.extend(st.chosen_tokens);
+            for (k, &i) in chunk.iter().enumerate() {
+                all.pol[i] = st.pol[k];
+                all.refs[i] = st.refs[k];
+                all.chosen_tokens[i] = st.chosen_tokens[k];
+            }
         }
         let mut s = dpo_metrics(&all, self.params.beta);
         s.insert("loss".into(), loss_sum / self.eval.len().max(1) as f64);
@@ -463,6 +468,9 @@ impl Objective for DpoObjective {
     }
     fn len(&self) -> usize {
         self.train.len()
+    }
+    fn lengths(&self) -> Option<Vec<usize>> {
+        Some(self.train.iter().map(|p| p.len()).collect())
     }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()

@@ -360,8 +360,7 @@ impl RewardObjective {
         if self.norm_seqs.is_empty() {
             return Ok(None);
         }
-        let raw = raw_scores(
-            &self.rm,
+        let raw = self.rm.raw_scores(
             &self.norm_seqs,
             self.tokenizer.pad_id(),
             self.eval_batch * 2,
@@ -371,30 +370,23 @@ impl RewardObjective {
     }
 }
 
-/// Raw (un-normalised) scores of whole sequences.
-fn raw_scores(rm: &RewardModel, seqs: &[Vec<u32>], pad: u32, chunk: usize) -> Result<Vec<f32>> {
-    let s = rm.score(seqs, pad, chunk)?;
-    Ok(s.into_iter().map(|x| x + rm.offset).collect())
-}
-
-/// Raw `(r_chosen, r_rejected)` of tokenised pairs, in chunks of `batch` pairs.
+/// Raw `(r_chosen, r_rejected)` of tokenised pairs: their `2 × len` rows scored in chunks of
+/// `2 × batch` rows of similar lengths ([`RewardModel::raw_scores`]).
 pub fn score_tokenized_pairs(
     rm: &RewardModel,
     tok: &Tokenizer,
     pairs: &[TokenizedPair],
     batch: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let _no_grad = rlhf_model::params::no_grad();
-    let (mut rc, mut rr) = (vec![], vec![]);
-    for chunk in pairs.chunks(batch.max(1)) {
-        let pb = collate_pairs(chunk, tok.pad_id());
-        let (ids, mask) = batch_tensors(&pb.batch)?;
-        let h = rm.model.hidden(&ids, &mask)?;
-        let s: Vec<f32> = rm.head.at(&h, &pb.last_index)?.detach().to_vec1()?;
-        rc.extend_from_slice(&s[..pb.pairs]);
-        rr.extend_from_slice(&s[pb.pairs..]);
-    }
-    Ok((rc, rr))
+    let row = |p: &TokenizedPair, resp: &[u32]| [p.prompt_ids.as_slice(), resp].concat();
+    let seqs: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|p| row(p, &p.chosen_ids))
+        .chain(pairs.iter().map(|p| row(p, &p.rejected_ids)))
+        .collect();
+    let mut s = rm.raw_scores(&seqs, tok.pad_id(), 2 * batch.max(1))?;
+    let rr = s.split_off(pairs.len());
+    Ok((s, rr))
 }
 
 impl Objective for RewardObjective {
@@ -403,6 +395,9 @@ impl Objective for RewardObjective {
     }
     fn len(&self) -> usize {
         self.train.len()
+    }
+    fn lengths(&self) -> Option<Vec<usize>> {
+        Some(self.train.iter().map(|p| p.len()).collect())
     }
     fn groups(&self) -> Option<Vec<usize>> {
         Some(self.train.iter().map(|p| p.group).collect())

@@ -62,15 +62,26 @@ impl RewardModel {
         self.head.at(&h, &last_token_positions(mask))
     }
 
-    /// Normalised scores of whole token sequences (right-padded internally), in chunks.
+    /// Normalised scores of whole token sequences, in chunks of `chunk` (see
+    /// [`RewardModel::raw_scores`]).
     pub fn score(&self, seqs: &[Vec<u32>], pad: u32, chunk: usize) -> Result<Vec<f32>> {
+        let raw = self.raw_scores(seqs, pad, chunk)?;
+        Ok(raw.into_iter().map(|x| x - self.offset).collect())
+    }
+
+    /// Scores without the normalisation offset, no gradients: sequences in chunks of `chunk`
+    /// of similar lengths ([`rlhf_data::batch::length_chunks`]), each right-padded to its
+    /// longest; results in the order of `seqs`.
+    pub fn raw_scores(&self, seqs: &[Vec<u32>], pad: u32, chunk: usize) -> Result<Vec<f32>> {
         let _no_grad = rlhf_model::params::no_grad();
-        let mut out = Vec::with_capacity(seqs.len());
-        for c in seqs.chunks(chunk.max(1)) {
-            let t = c.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let mut out = vec![0f32; seqs.len()];
+        for c in rlhf_data::batch::length_chunks(&lens, chunk) {
+            let t = c.iter().map(|&i| lens[i]).max().unwrap_or(1).max(1);
             let mut ids = Vec::with_capacity(c.len() * t);
             let mut mask = Vec::with_capacity(c.len());
-            for s in c {
+            for &i in &c {
+                let s = &seqs[i];
                 ids.extend_from_slice(s);
                 ids.extend(std::iter::repeat_n(pad, t - s.len()));
                 let mut m = vec![1u8; s.len()];
@@ -79,7 +90,9 @@ impl RewardModel {
             }
             let ids = Tensor::from_vec(ids, (c.len(), t), &Device::Cpu)?;
             let r: Vec<f32> = self.forward(&ids, &mask)?.detach().to_vec1()?;
-            out.extend(r.into_iter().map(|x| x - self.offset));
+            for (&i, x) in c.iter().zip(r) {
+                out[i] = x;
+            }
         }
         Ok(out)
     }

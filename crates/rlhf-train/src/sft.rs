@@ -107,6 +107,9 @@ impl Objective for SftObjective {
     fn len(&self) -> usize {
         self.train.len()
     }
+    fn lengths(&self) -> Option<Vec<usize>> {
+        Some(self.train.iter().map(|r| r.len()).collect())
+    }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()
     }
@@ -128,8 +131,10 @@ impl Objective for SftObjective {
         }
         let mut tot = 0f64;
         let mut n = 0f64;
-        for chunk in self.eval.chunks(self.eval_batch.max(1)) {
-            let rows: Vec<&TokenizedSft> = chunk.iter().collect();
+        // Chunks of similar lengths: the loss is a sum over tokens, whatever the grouping.
+        let lens: Vec<usize> = self.eval.iter().map(|r| r.len()).collect();
+        for chunk in rlhf_data::batch::length_chunks(&lens, self.eval_batch) {
+            let rows: Vec<&TokenizedSft> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let toks: usize = rows.iter().map(|r| r.n_loss_tokens()).sum();
             let (l, _) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
             tot += l.to_scalar::<f32>()? as f64 * toks as f64;

@@ -444,3 +444,69 @@ fn resume_reuses_the_cached_reference_logprobs() {
     assert!(toml::from_str::<DpoConfig>("model = \"m\"\nbogus = 1\n").is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn reference_and_eval_passes_keep_every_pairs_values_in_place() {
+    // Pairs of 2 to 26 tokens: the passes without a gradient batch them by length, and must hand
+    // every pair its own values, in the order given.
+    let tok = tokenizer();
+    let mut rng = Rng(17);
+    let pairs: Vec<rlhf_data::formats::PreferencePair> = (0..11)
+        .map(|i| rlhf_data::formats::PreferencePair {
+            prompt: rlhf_data::formats::Prompt::Text(prompt(&mut rng)),
+            chosen: response(&mut rng, 1 + (i * 7) % 20),
+            rejected: response(&mut rng, 1 + (i * 5) % 20),
+            margin: None,
+            group: i,
+            source_line: i + 1,
+        })
+        .collect();
+    let (t, _) = tokenize_pairs(&tok, &pairs, &PairTokenizeConfig::default()).unwrap();
+    let m = tiny_gpt2(&tok, 23);
+    let alone: Vec<[f32; 2]> = t
+        .iter()
+        .map(|p| {
+            rlhf_train::dpo::reference_logps(&m, std::slice::from_ref(p), tok.pad_id(), 1).unwrap()
+                [0]
+        })
+        .collect();
+    let batched = rlhf_train::dpo::reference_logps(&m, &t, tok.pad_id(), 3).unwrap();
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        for k in 0..2 {
+            assert!(
+                (a[k] - b[k]).abs() < 1e-4,
+                "pair {i}: {a:?} alone, {b:?} batched"
+            );
+        }
+    }
+    // Held-out implicit rewards: a policy other than the reference, eval batches of 1 and 4.
+    let mut obj = DpoObjective::new(
+        tiny_gpt2(&tok, 24),
+        tok.clone(),
+        t.clone(),
+        t.clone(),
+        DpoLossParams::default(),
+    )
+    .unwrap();
+    obj.ref_eval = alone.clone();
+    obj.eval_batch = 1;
+    let (c1, r1, s1) = obj.eval_rewards().unwrap();
+    obj.eval_batch = 4;
+    let (c4, r4, s4) = obj.eval_rewards().unwrap();
+    let spread =
+        c1.iter().cloned().fold(f32::MIN, f32::max) - c1.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(spread > 1e-3, "rewards too alike to show the order: {c1:?}");
+    for i in 0..t.len() {
+        assert!(
+            (c1[i] - c4[i]).abs() < 1e-5 && (r1[i] - r4[i]).abs() < 1e-5,
+            "pair {i}"
+        );
+    }
+    for (k, v) in &s1 {
+        assert!(
+            (v - s4[k]).abs() < 1e-5 * v.abs().max(1.0),
+            "{k}: {v} vs {}",
+            s4[k]
+        );
+    }
+}

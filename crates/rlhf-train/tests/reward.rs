@@ -355,3 +355,61 @@ fn bootstrap_interval_is_seeded_and_sensible() {
         "{lo}..{hi}"
     );
 }
+
+#[test]
+fn scoring_in_length_sorted_chunks_keeps_every_rows_score_in_place() {
+    // Rows of 1 to 40 tokens: the scoring passes batch them by length, not in their order, and
+    // must hand every row its own score, in the order given.
+    let tok = tokenizer();
+    let m = CausalLM::random(
+        serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(), "n_positions": 64,
+            "n_embd": 32, "n_layer": 2, "n_head": 2}),
+        5,
+    )
+    .unwrap();
+    let rm = rlhf_train::reward_model::RewardModel::from_backbone(m, 6).unwrap();
+    let mut rng = Rng(9);
+    let seqs: Vec<Vec<u32>> = (0..15)
+        .map(|i| {
+            tok.encode(&response(&mut rng, 1 + (i * 11) % 40), false)
+                .unwrap()
+        })
+        .collect();
+    let pad = tok.pad_id();
+    let alone: Vec<f32> = seqs
+        .iter()
+        .map(|s| rm.raw_scores(std::slice::from_ref(s), pad, 1).unwrap()[0])
+        .collect();
+    let spread = alone.iter().cloned().fold(f32::MIN, f32::max)
+        - alone.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1e-3,
+        "scores too alike to show the order: {alone:?}"
+    );
+    for chunk in [2, 4, 15] {
+        let s = rm.raw_scores(&seqs, pad, chunk).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&s).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "row {i}, chunk {chunk}: {a} alone, {b} batched"
+            );
+        }
+    }
+    // Pairs: chosen and rejected of different lengths, scored as rows of similar lengths.
+    let pairs: Vec<rlhf_data::tokenize::TokenizedPair> = (0..7)
+        .map(|i| rlhf_data::tokenize::TokenizedPair {
+            prompt_ids: seqs[i][..1].to_vec(),
+            chosen_ids: seqs[i][1..].to_vec(),
+            rejected_ids: seqs[14 - i][..].to_vec(),
+            margin: None,
+            group: i,
+        })
+        .collect();
+    let (rc, rr) = rlhf_train::reward::score_tokenized_pairs(&rm, &tok, &pairs, 3).unwrap();
+    for i in 0..7 {
+        let rej = [&seqs[i][..1], &seqs[14 - i][..]].concat();
+        assert!((rc[i] - alone[i]).abs() < 1e-5, "pair {i} chosen");
+        let r = rm.raw_scores(&[rej], pad, 1).unwrap()[0];
+        assert!((rr[i] - r).abs() < 1e-5, "pair {i} rejected");
+    }
+}

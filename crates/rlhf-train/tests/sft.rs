@@ -47,8 +47,12 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 fn objective(seed: u64) -> SftObjective {
+    objective_on(&examples(), seed)
+}
+
+fn objective_on(examples: &[SftExample], seed: u64) -> SftObjective {
     let tok = word_level_tokenizer(WORDS);
-    let (train, _) = tokenize_sft(&tok, &examples(), &SftTokenizeConfig::default()).unwrap();
+    let (train, _) = tokenize_sft(&tok, examples, &SftTokenizeConfig::default()).unwrap();
     SftObjective {
         model: tiny_gpt2(&tok, seed),
         tokenizer: tok,
@@ -216,6 +220,92 @@ fn resume_with_lora_dropout_reproduces_the_uninterrupted_run_exactly() {
     assert_ne!(with, without, "dropout changed nothing while training");
 }
 
+/// SFT items of 4 to 29 tokens: a prompt and 1–20 words of answer.
+fn mixed_objective(seed: u64) -> SftObjective {
+    let examples: Vec<SftExample> = (0..48)
+        .map(|i| SftExample::PromptCompletion {
+            prompt: format!("{} ", WORDS[i % 6]),
+            completion: (0..1 + (i * 7) % 20)
+                .map(|k| WORDS[(i + k) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+        .collect();
+    objective_on(&examples, seed)
+}
+
+/// An SFT objective that records the items of every micro-batch it trains on.
+struct Recording(SftObjective, Vec<Vec<usize>>);
+
+impl rlhf_train::Objective for Recording {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn lengths(&self) -> Option<Vec<usize>> {
+        self.0.lengths()
+    }
+    fn trainable(&self) -> Vec<rlhf_model::params::Param> {
+        self.0.trainable()
+    }
+    fn loss(&mut self, items: &[usize]) -> anyhow::Result<rlhf_train::StepOut> {
+        self.1.push(items.to_vec());
+        self.0.loss(items)
+    }
+    fn save_final(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        self.0.save_final(dir)
+    }
+}
+
+#[test]
+fn group_by_length_trains_on_batches_of_similar_lengths_and_resumes_exactly() {
+    use rlhf_train::Objective;
+    let cfg = |by_length: bool| TrainConfig {
+        max_steps: 24,
+        batch_size: 4,
+        lr: 3e-3,
+        log_every: 1,
+        group_by_length: by_length,
+        ..Default::default()
+    };
+    let lens = mixed_objective(1).lengths().unwrap();
+    let real: usize = lens.iter().sum();
+    let mut runs = vec![];
+    for by_length in [false, true] {
+        let d = tmp(&format!("by-length-{by_length}"));
+        let mut obj = Recording(mixed_objective(1), vec![]);
+        let s = Trainer::new(cfg(by_length), &d)
+            .run(&mut obj, false)
+            .unwrap();
+        std::fs::remove_dir_all(&d).ok();
+        // Two epochs of 12 batches: every item once in each.
+        for epoch in obj.1.chunks(12) {
+            let mut all = epoch.concat();
+            all.sort();
+            assert_eq!(all, (0..48).collect::<Vec<_>>(), "by_length {by_length}");
+        }
+        let padded: usize = obj.1[..12]
+            .iter()
+            .map(|b| b.len() * b.iter().map(|&i| lens[i]).max().unwrap())
+            .sum();
+        let first = s.losses[0].1;
+        let last = s.losses.last().unwrap().1;
+        assert!(
+            last < 0.8 * first,
+            "by_length {by_length}: loss {first} → {last}"
+        );
+        runs.push((real as f64 / padded as f64, last));
+    }
+    let ((random, _), (grouped, _)) = (runs[0], runs[1]);
+    assert!(
+        grouped > 0.9 && random < 0.75,
+        "real-token share {grouped} vs {random}"
+    );
+    resume_case_with("resume-by-length", mixed_objective, cfg(true));
+}
+
 fn resume_case(name: &str, objective: impl Fn(u64) -> SftObjective) {
     let cfg = TrainConfig {
         max_steps: 12,
@@ -227,6 +317,15 @@ fn resume_case(name: &str, objective: impl Fn(u64) -> SftObjective) {
         keep_last: 2,
         log_every: 1,
         ..Default::default()
+    };
+    resume_case_with(name, objective, cfg);
+}
+
+fn resume_case_with(name: &str, objective: impl Fn(u64) -> SftObjective, cfg: TrainConfig) {
+    let cfg = TrainConfig {
+        save_every: 3,
+        keep_last: 2,
+        ..cfg
     };
     let full_dir = tmp(&format!("{name}-full"));
     let mut full = objective(3);
