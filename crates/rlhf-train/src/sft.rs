@@ -62,6 +62,11 @@ pub struct SftObjective {
     pub train: Vec<TokenizedSft>,
     pub eval: Vec<TokenizedSft>,
     pub eval_batch: usize,
+    /// Divide each micro-batch's summed token loss by this instead of by its own number of
+    /// loss tokens (`None`). Set by [`Objective::set_length_grouped`]: batches of similar
+    /// lengths hold very different token counts, and a per-batch mean would weigh a token of a
+    /// short batch many times one of a long batch.
+    pub token_norm: Option<f64>,
 }
 
 /// Mean negative log-likelihood over the loss-masked tokens of a batch, and the token count.
@@ -116,12 +121,29 @@ impl Objective for SftObjective {
     fn set_train_noise(&mut self, seed: Option<u64>) {
         self.model.set_train_noise(seed)
     }
+    fn set_length_grouped(&mut self, batch_size: usize) {
+        // The loss tokens of an average batch: every token then weighs the same in every batch,
+        // and a step's gradient is as large on average as with per-batch means.
+        let total: usize = self.train.iter().map(|r| r.n_loss_tokens()).sum();
+        let per_item = total as f64 / self.train.len().max(1) as f64;
+        self.token_norm = Some((per_item * batch_size as f64).max(1.0));
+    }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
         let (loss, tokens) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
+        let mut metrics = Scalars::new();
+        let loss = match self.token_norm {
+            Some(norm) => {
+                // `loss` is the batch's mean; the logged `nll` stays that mean.
+                metrics.insert("nll".into(), loss.to_scalar::<f32>()? as f64);
+                let count: usize = rows.iter().map(|r| r.n_loss_tokens()).sum();
+                (loss * (count as f64 / norm))?
+            }
+            None => loss,
+        };
         Ok(StepOut {
             loss,
-            metrics: Scalars::new(),
+            metrics,
             tokens,
         })
     }
@@ -258,6 +280,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
         train,
         eval,
         eval_batch: cfg.train.batch_size,
+        token_norm: None,
     };
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;

@@ -52,7 +52,8 @@ pub struct TrainConfig {
     /// Batch items of similar lengths together (Hugging Face's `group_by_length`): far less
     /// padding on data of mixed lengths, so faster steps, at the cost of batches that are no
     /// longer uniform draws. The run says at its start what share of its batches' tokens are
-    /// real either way.
+    /// real either way. Losses that average over tokens adapt their weighting
+    /// ([`Objective::set_length_grouped`]).
     pub group_by_length: bool,
 }
 
@@ -110,6 +111,10 @@ pub trait Objective {
     fn lengths(&self) -> Option<Vec<usize>> {
         None
     }
+    /// Called once before training when the loop batches items by length, with the
+    /// micro-batch size: a loss that averages over tokens should then weigh a token alike in
+    /// every batch (SFT); a loss that averages over items needs nothing.
+    fn set_length_grouped(&mut self, _batch_size: usize) {}
     fn trainable(&self) -> Vec<Param>;
     /// Training mode with this noise seed (LoRA dropout), or `None` for evaluation mode. The
     /// loop sets a seed derived from (run seed, step, micro-batch) before every `loss`, so a
@@ -229,11 +234,14 @@ impl Trainer {
         let mut metrics = MetricsWriter::open(&self.out)?;
         let groups = obj.groups();
         let lengths = obj.lengths();
-        if cfg.group_by_length && lengths.is_none() {
-            bail!(
-                "train.group_by_length: `{}` does not report its items' lengths",
-                obj.name()
-            )
+        if cfg.group_by_length {
+            if lengths.is_none() {
+                bail!(
+                    "train.group_by_length: `{}` does not report its items' lengths",
+                    obj.name()
+                )
+            }
+            obj.set_length_grouped(cfg.batch_size);
         }
         let order = DataOrder::new(cfg.seed, cfg.batch_size);
         let n_items = obj.len();

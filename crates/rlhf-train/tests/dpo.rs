@@ -114,6 +114,7 @@ fn sft_model(seed: u64) -> (CausalLM, Tokenizer) {
         train,
         eval: vec![],
         eval_batch: 16,
+        token_norm: None,
     };
     let out = tmp(&format!("sft-{seed}"));
     Trainer::new(

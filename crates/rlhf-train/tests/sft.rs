@@ -59,6 +59,7 @@ fn objective_on(examples: &[SftExample], seed: u64) -> SftObjective {
         train,
         eval: vec![],
         eval_batch: 4,
+        token_norm: None,
     }
 }
 
@@ -250,6 +251,9 @@ impl rlhf_train::Objective for Recording {
     fn trainable(&self) -> Vec<rlhf_model::params::Param> {
         self.0.trainable()
     }
+    fn set_length_grouped(&mut self, batch_size: usize) {
+        self.0.set_length_grouped(batch_size)
+    }
     fn loss(&mut self, items: &[usize]) -> anyhow::Result<rlhf_train::StepOut> {
         self.1.push(items.to_vec());
         self.0.loss(items)
@@ -303,6 +307,22 @@ fn group_by_length_trains_on_batches_of_similar_lengths_and_resumes_exactly() {
         grouped > 0.9 && random < 0.75,
         "real-token share {grouped} vs {random}"
     );
+
+    // Grouped, a batch's loss is its summed token NLL over the loss tokens of an average batch
+    // of 4, so a token weighs the same in a short batch as in a long one; `nll` stays the mean.
+    let mut plain = mixed_objective(2);
+    let mut grouped = mixed_objective(2);
+    grouped.set_length_grouped(4);
+    let per_item = plain.train.iter().map(|r| r.n_loss_tokens()).sum::<usize>() as f64 / 48.0;
+    assert_eq!(grouped.token_norm, Some(per_item * 4.0));
+    for items in [[0usize, 6, 12, 18], [1, 2, 3, 4], [5, 11, 17, 23]] {
+        let mean = plain.loss(&items).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
+        let out = grouped.loss(&items).unwrap();
+        let count: usize = items.iter().map(|&i| plain.train[i].n_loss_tokens()).sum();
+        let scaled = out.loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((scaled - mean * count as f64 / (per_item * 4.0)).abs() < 1e-5 * mean);
+        assert!((out.metrics["nll"] - mean).abs() < 1e-6 * mean);
+    }
     resume_case_with("resume-by-length", mixed_objective, cfg(true));
 }
 

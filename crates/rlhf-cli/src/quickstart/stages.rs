@@ -40,6 +40,7 @@ pub fn sft(ctx: &Ctx) -> Result<Vec<(f64, f64)>> {
         train,
         eval: vec![],
         eval_batch: 32,
+        token_norm: None,
     };
     let tcfg = TrainConfig {
         max_steps: ctx.plan.sft_steps,
