@@ -94,7 +94,7 @@ pub fn shifted_loss_mask(loss_mask: &[u8], t: usize) -> Vec<f32> {
         .collect()
 }
 
-/// −mean over masked rows of log p(target): logits [n, V], targets [n], mask n floats.
+/// −mean over masked rows of log p(target): logits `[n, V]`, targets `[n]`, mask n floats.
 pub fn masked_nll(logits: &Tensor, targets: &Tensor, mask: &[f32]) -> Result<Tensor> {
     let count: f32 = mask.iter().sum();
     if count == 0.0 {
