@@ -132,16 +132,6 @@ pub trait Objective {
 /// Below this share of real tokens in its batches, a run suggests `group_by_length`.
 const PADDING_HINT: f64 = 0.7;
 
-/// The share of a plan's padded tokens that are real: each batch pads to its longest item.
-fn real_token_share(plan: &[Vec<usize>], lens: &[usize]) -> f64 {
-    let (mut real, mut padded) = (0usize, 0usize);
-    for b in plan {
-        real += b.iter().map(|&i| lens[i]).sum::<usize>();
-        padded += b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0);
-    }
-    real as f64 / padded.max(1) as f64
-}
-
 /// [`Objective::evaluate`] without a graph: no backward follows it.
 fn evaluate(obj: &mut dyn Objective) -> Result<Scalars> {
     let _no_grad = rlhf_model::params::no_grad();
@@ -252,7 +242,7 @@ impl Trainer {
         };
         let plan_for = |epoch: u64| plan_with(epoch, cfg.group_by_length);
         if let (Some(l), 0) = (&lengths, state.step) {
-            let share = |plan: &[Vec<usize>]| real_token_share(plan, l);
+            let share = |plan: &[Vec<usize>]| rlhf_data::batch::real_token_share(plan, l);
             let now = share(&plan_with(0, cfg.group_by_length));
             if cfg.group_by_length {
                 eprintln!(

@@ -275,7 +275,6 @@ fn group_by_length_trains_on_batches_of_similar_lengths_and_resumes_exactly() {
         ..Default::default()
     };
     let lens = mixed_objective(1).lengths().unwrap();
-    let real: usize = lens.iter().sum();
     let mut runs = vec![];
     for by_length in [false, true] {
         let d = tmp(&format!("by-length-{by_length}"));
@@ -290,17 +289,16 @@ fn group_by_length_trains_on_batches_of_similar_lengths_and_resumes_exactly() {
             all.sort();
             assert_eq!(all, (0..48).collect::<Vec<_>>(), "by_length {by_length}");
         }
-        let padded: usize = obj.1[..12]
-            .iter()
-            .map(|b| b.len() * b.iter().map(|&i| lens[i]).max().unwrap())
-            .sum();
         let first = s.losses[0].1;
         let last = s.losses.last().unwrap().1;
         assert!(
             last < 0.8 * first,
             "by_length {by_length}: loss {first} → {last}"
         );
-        runs.push((real as f64 / padded as f64, last));
+        runs.push((
+            rlhf_data::batch::real_token_share(&obj.1[..12], &lens),
+            last,
+        ));
     }
     let ((random, _), (grouped, _)) = (runs[0], runs[1]);
     assert!(
