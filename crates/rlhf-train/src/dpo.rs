@@ -484,6 +484,7 @@ impl Objective for DpoObjective {
         let (loss, st, tokens) = self.batch_loss(&rows, &refs)?;
         Ok(StepOut {
             loss,
+            logged_loss: None,
             metrics: dpo_metrics(&st, self.params.beta),
             tokens,
         })

@@ -428,6 +428,7 @@ impl Objective for RewardObjective {
         metrics.remove("loss");
         Ok(StepOut {
             loss,
+            logged_loss: None,
             metrics,
             tokens: pb.batch.attention_mask.iter().filter(|&&x| x != 0).count(),
         })

@@ -131,19 +131,19 @@ impl Objective for SftObjective {
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
         let (loss, tokens) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
-        let mut metrics = Scalars::new();
-        let loss = match self.token_norm {
+        let (loss, logged_loss) = match self.token_norm {
             Some(norm) => {
-                // `loss` is the batch's mean; the logged `nll` stays that mean.
-                metrics.insert("nll".into(), loss.to_scalar::<f32>()? as f64);
+                // `loss` is the batch's token mean: train on the rescaled sum, log the mean.
+                let mean = loss.to_scalar::<f32>()? as f64;
                 let count: usize = rows.iter().map(|r| r.n_loss_tokens()).sum();
-                (loss * (count as f64 / norm))?
+                ((loss * (count as f64 / norm))?, Some(mean))
             }
-            None => loss,
+            None => (loss, None),
         };
         Ok(StepOut {
             loss,
-            metrics,
+            logged_loss,
+            metrics: Scalars::new(),
             tokens,
         })
     }

@@ -88,6 +88,9 @@ impl Default for TrainConfig {
 pub struct StepOut {
     /// Mean loss over the micro-batch (backward runs on it).
     pub loss: Tensor,
+    /// The loss to log and print, when it is not `loss`'s value (SFT under `group_by_length`
+    /// trains on a rescaled sum and logs the batch's token mean, comparable with other runs).
+    pub logged_loss: Option<f64>,
     /// Extra scalars to average over the logging window (accuracy, margins, …).
     pub metrics: Scalars,
     /// Tokens processed (for tokens/s).
@@ -308,7 +311,7 @@ impl Trainer {
                 obj.set_train_noise(None);
                 let out = out?;
                 let lv = out.loss.to_scalar::<f32>()? as f64;
-                step_loss += lv / cfg.grad_accum as f64;
+                step_loss += out.logged_loss.unwrap_or(lv) / cfg.grad_accum as f64;
                 for (k, v) in out.metrics {
                     *step_metrics.entry(k).or_default() += v / cfg.grad_accum as f64;
                 }
