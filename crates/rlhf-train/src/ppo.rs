@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rlhf_data::batch::epoch_permutation;
+use rlhf_data::batch::{epoch_permutation, DataOrder};
 use rlhf_data::formats::{load_prompts, load_text_prompts, Prompt};
 use rlhf_data::tokenize::tokenize_prompt;
 use rlhf_model::heads::ScalarHead;
@@ -97,6 +97,12 @@ pub struct PpoConfig {
     pub rollout_batch: usize,
     pub minibatch_size: usize,
     pub ppo_epochs: usize,
+    /// Minibatches of rollouts of similar lengths (prompt, then response), as `train.group_by_length`
+    /// does for the other trainers: less padding, at the cost of the same minibatches in every
+    /// epoch (in a fresh order). Each minibatch's loss is then weighed by its response tokens
+    /// against the rollout's average, so every token counts alike. `batch/real_tokens` in the
+    /// metrics is the share of the update's tokens that are not padding.
+    pub group_by_length: bool,
 
     pub max_new_tokens: usize,
     /// Sampling temperature (> 0); log-probs are always computed with logits / T.
@@ -183,6 +189,7 @@ impl Default for PpoConfig {
             rollout_batch: 64,
             minibatch_size: 16,
             ppo_epochs: 4,
+            group_by_length: false,
             max_new_tokens: 48,
             temperature: 0.7,
             top_k: 0,
@@ -743,10 +750,23 @@ impl PpoTrainer {
         out
     }
 
-    /// The seeded order of rollout rows for `epoch` of `iteration`, cut into minibatches.
-    fn minibatches(&self, iteration: usize, epoch: usize) -> Vec<Vec<usize>> {
+    /// The seeded order of rollout rows for `epoch` of `iteration`, cut into minibatches (of
+    /// similar lengths under `group_by_length`).
+    fn minibatches(&self, ro: &Rollout, iteration: usize, epoch: usize) -> Vec<Vec<usize>> {
         let e = (iteration * self.cfg.ppo_epochs + epoch) as u64;
-        let perm = epoch_permutation(self.cfg.seed ^ 0x5050_4F5F_4D42, e, self.cfg.rollout_batch);
+        let seed = self.cfg.seed ^ 0x5050_4F5F_4D42;
+        if self.cfg.group_by_length {
+            // A minibatch pads prompts and responses apart (to its longest of each), and
+            // responses often all run to `max_new_tokens`: sort by prompt length, then by
+            // response length (one key, lexicographic).
+            let span = ro.responses.iter().map(|r| r.len()).max().unwrap_or(0) + 1;
+            let keys: Vec<usize> = (0..ro.responses.len())
+                .map(|i| self.prompts[ro.prompt_idx[i]].len() * span + ro.responses[i].len())
+                .collect();
+            return DataOrder::new(seed, self.cfg.minibatch_size.max(1))
+                .length_grouped_plan(e, None, &keys);
+        }
+        let perm = epoch_permutation(seed, e, self.cfg.rollout_batch);
         perm.chunks(self.cfg.minibatch_size)
             .map(|c| c.to_vec())
             .collect()
@@ -910,7 +930,7 @@ impl PpoTrainer {
         ro.values = vec![vec![]; b];
         let mut ent_sum = 0f64;
         let mut ent_n = 0f64;
-        for rows in self.minibatches(it, 0) {
+        for rows in self.minibatches(&ro, it, 0) {
             let mb = self.mb_input(&ro, &rows)?;
             let (h, logits, lp) = policy_forward(&self.policy, &mb, cfg.temperature)?;
             let v = self.critic.values(&mb, &h)?;
@@ -1102,14 +1122,21 @@ impl PpoTrainer {
         };
         let mut epochs_run = 0;
         let mut train_tokens = 0usize;
+        let mut padded_tokens = 0usize;
         let mut first = true;
+        // Grouped minibatches hold different numbers of response tokens: each minibatch's
+        // token-mean loss is weighed by its tokens against the average minibatch's.
+        let resp_tokens: usize = ro.responses.iter().map(|r| r.len()).sum();
+        let n_minibatches = ro.responses.len().div_ceil(cfg.minibatch_size.max(1));
+        let avg_mb_tokens = resp_tokens as f64 / n_minibatches.max(1) as f64;
         for epoch in 0..cfg.ppo_epochs {
             epochs_run += 1;
             let mut epoch_kl = 0f64;
             let mut n_mb = 0f64;
-            for rows in self.minibatches(it, epoch) {
+            for rows in self.minibatches(ro, it, epoch) {
                 let mb = self.mb_input(ro, &rows)?;
                 train_tokens += mb.mask.iter().flatten().filter(|&&x| x != 0).count();
+                padded_tokens += mb.n() * (mb.tp + mb.tr);
                 fn pick<'a>(v: &'a [Vec<f32>], rows: &[usize]) -> Vec<&'a [f32]> {
                     rows.iter().map(|&i| v[i].as_slice()).collect()
                 }
@@ -1190,10 +1217,13 @@ impl PpoTrainer {
 
                 // Backward once; the policy and critic graphs share the trunk when shared.
                 let finite_loss = lv.is_finite();
-                let grads = if finite_loss {
-                    Some(loss.backward()?)
-                } else {
+                let grads = if !finite_loss {
                     None
+                } else if cfg.group_by_length {
+                    let mb_tokens: usize = rows.iter().map(|&i| ro.responses[i].len()).sum();
+                    Some((loss * (mb_tokens as f64 / avg_mb_tokens))?.backward()?)
+                } else {
+                    Some(loss.backward()?)
                 };
                 let sunk: HashMap<_, _> = sink_tensors
                     .iter()
@@ -1248,6 +1278,10 @@ impl PpoTrainer {
         m.insert(
             "perf/train_tokens_per_sec".into(),
             train_tokens as f64 / train_s.max(1e-9),
+        );
+        m.insert(
+            "batch/real_tokens".into(),
+            train_tokens as f64 / padded_tokens.max(1) as f64,
         );
         Ok(())
     }
