@@ -97,11 +97,12 @@ pub struct PpoConfig {
     pub rollout_batch: usize,
     pub minibatch_size: usize,
     pub ppo_epochs: usize,
-    /// Minibatches of rollouts of similar lengths (prompt, then response), as `train.group_by_length`
-    /// does for the other trainers: less padding, at the cost of the same minibatches in every
-    /// epoch (in a fresh order). Each minibatch's loss is then weighed by its response tokens
-    /// against the rollout's average, so every token counts alike. `batch/real_tokens` in the
-    /// metrics is the share of the update's tokens that are not padding.
+    /// Minibatches of rollouts of similar lengths (prompt, then response), as
+    /// `train.group_by_length` does for the other trainers: less padding, at the cost of the
+    /// same minibatches in every epoch (in a fresh order). Each minibatch's loss is then weighed
+    /// by its response tokens against the rollout's average, so every token counts alike.
+    /// `batch/real_tokens` in the metrics is the share of the update's tokens that are not
+    /// padding.
     pub group_by_length: bool,
 
     pub max_new_tokens: usize,
