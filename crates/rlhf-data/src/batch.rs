@@ -393,7 +393,7 @@ impl DataOrder {
         for i in (1..batches.len()).rev() {
             batches.swap(i, rng.below(i + 1));
         }
-        let padded = |b: &Vec<usize>| b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0);
+        let padded = |b: &Vec<usize>| b.len() * width(b);
         if let Some(w) = (0..batches.len()).max_by_key(|&i| (padded(&batches[i]), usize::MAX - i)) {
             batches.swap(0, w);
         }
