@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use rlhf_model::ops::PrefixRow;
 use serde::{Deserialize, Serialize};
 
 use crate::tokenize::{PackedSft, TokenizedPair, TokenizedSft};
@@ -197,6 +198,124 @@ pub fn collate_pairs<'a>(
         pairs: pairs.len(),
         last_index,
         prompt_len,
+        margin: pairs.iter().map(|p| p.margin).collect(),
+        group: pairs.iter().map(|p| p.group).collect(),
+    }
+}
+
+/// Where one response of a [`SharedPairBatch`] lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseSlot {
+    pub row: usize,
+    /// Length of the prompt it answers (the row's prompt).
+    pub prompt_len: usize,
+    /// Slot of its first token in the row.
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ResponseSlot {
+    /// Slot of the last token of prompt + response, where a reward model reads its score (the
+    /// prompt's last token for an empty response, as in a row of prompt + response alone).
+    pub fn last(&self) -> usize {
+        if self.len > 0 {
+            self.start + self.len - 1
+        } else {
+            self.prompt_len.saturating_sub(1)
+        }
+    }
+
+    /// The slot whose hidden state predicts response token `j` (the prompt's last token for the
+    /// first), `None` for the first token after an empty prompt (nothing predicts it).
+    pub fn predictor(&self, j: usize) -> Option<usize> {
+        match j {
+            0 => self.prompt_len.checked_sub(1),
+            _ => Some(self.start + j - 1),
+        }
+    }
+}
+
+/// A batch of `B` preference pairs with every prompt computed once: one row per distinct prompt
+/// (in order of first appearance), holding the prompt, then each distinct response to it — a
+/// pair's two responses, or a K-way ranking's K responses however many pairs it gave — each
+/// seeing only the prompt and itself ([`PrefixRow`]). Same numbers as a [`PairBatch`], fewer
+/// tokens: on HH-RLHF the prompts are about 70% of a [`PairBatch`]'s real tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPairBatch {
+    /// Row-major `[rows, seq_len]`, right-padded.
+    pub input_ids: Vec<u32>,
+    pub seq_len: usize,
+    pub rows: Vec<PrefixRow>,
+    /// Every distinct (prompt, response) of the batch once.
+    pub responses: Vec<ResponseSlot>,
+    /// Per pair: indices into `responses` of its chosen and its rejected response.
+    pub pair_responses: Vec<[usize; 2]>,
+    /// Per pair.
+    pub margin: Vec<Option<f32>>,
+    /// Per pair.
+    pub group: Vec<usize>,
+}
+
+impl SharedPairBatch {
+    pub fn pairs(&self) -> usize {
+        self.pair_responses.len()
+    }
+
+    /// Real (non-padding) tokens.
+    pub fn real_tokens(&self) -> usize {
+        self.rows.iter().map(PrefixRow::len).sum()
+    }
+}
+
+/// Collate preference pairs into a [`SharedPairBatch`]: each distinct prompt once, each distinct
+/// response to it once.
+pub fn collate_shared_pairs<'a>(
+    pairs: impl IntoIterator<Item = &'a TokenizedPair>,
+    pad_id: u32,
+) -> SharedPairBatch {
+    let pairs: Vec<&TokenizedPair> = pairs.into_iter().collect();
+    let mut row_of: HashMap<&[u32], usize> = HashMap::new();
+    let mut row_ids: Vec<Vec<u32>> = vec![];
+    let mut rows: Vec<PrefixRow> = vec![];
+    let mut response_of: HashMap<(usize, &[u32]), usize> = HashMap::new();
+    let mut responses: Vec<ResponseSlot> = vec![];
+    let mut pair_responses = Vec::with_capacity(pairs.len());
+    for &p in &pairs {
+        let r = *row_of.entry(p.prompt_ids.as_slice()).or_insert_with(|| {
+            row_ids.push(p.prompt_ids.clone());
+            rows.push(PrefixRow {
+                prompt: p.prompt_ids.len(),
+                responses: vec![],
+            });
+            rows.len() - 1
+        });
+        let mut slot = |resp: &'a [u32]| {
+            *response_of.entry((r, resp)).or_insert_with(|| {
+                responses.push(ResponseSlot {
+                    row: r,
+                    prompt_len: rows[r].prompt,
+                    start: row_ids[r].len(),
+                    len: resp.len(),
+                });
+                row_ids[r].extend_from_slice(resp);
+                rows[r].responses.push(resp.len());
+                responses.len() - 1
+            })
+        };
+        pair_responses.push([slot(&p.chosen_ids), slot(&p.rejected_ids)]);
+    }
+    let seq_len = row_ids.iter().map(Vec::len).max().unwrap_or(0);
+    let mut input_ids = Vec::with_capacity(row_ids.len() * seq_len);
+    for ids in &row_ids {
+        input_ids.extend_from_slice(ids);
+        input_ids.extend(std::iter::repeat_n(pad_id, seq_len - ids.len()));
+    }
+    SharedPairBatch {
+        input_ids,
+        seq_len,
+        rows,
+        responses,
+        pair_responses,
         margin: pairs.iter().map(|p| p.margin).collect(),
         group: pairs.iter().map(|p| p.group).collect(),
     }
@@ -527,6 +646,75 @@ mod tests {
         assert_eq!(&pb.batch.loss_mask[15..], &[0, 1, 1, 0, 0]);
         assert_eq!(pb.margin, vec![Some(1.5), None]);
         assert_eq!(pb.group, vec![7, 8]);
+    }
+
+    /// A ranking's pairs share one row: its prompt once, each of its responses once; another
+    /// prompt gets its own row; an empty response reads its score at the prompt's last token.
+    #[test]
+    fn shared_pair_batch_holds_each_prompt_and_response_once() {
+        let pair = |prompt: &[u32], c: &[u32], r: &[u32], group| TokenizedPair {
+            prompt_ids: prompt.to_vec(),
+            chosen_ids: c.to_vec(),
+            rejected_ids: r.to_vec(),
+            margin: Some(group as f32),
+            group,
+        };
+        // A ranking a > b > c of prompt [1, 2] gives three pairs; prompt [5] one more pair.
+        let (a, b, c) = (
+            [3u32, 9].as_slice(),
+            [4u32].as_slice(),
+            [6u32, 7, 9].as_slice(),
+        );
+        let pairs = [
+            pair(&[1, 2], a, b, 0),
+            pair(&[5], &[8], &[], 1),
+            pair(&[1, 2], a, c, 0),
+            pair(&[1, 2], b, c, 0),
+        ];
+        let sb = collate_shared_pairs(&pairs, 0);
+        assert_eq!(sb.pairs(), 4);
+        assert_eq!(sb.seq_len, 8);
+        assert_eq!(&sb.input_ids[..8], &[1, 2, 3, 9, 4, 6, 7, 9]);
+        assert_eq!(&sb.input_ids[8..], &[5, 8, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            sb.rows,
+            vec![
+                PrefixRow {
+                    prompt: 2,
+                    responses: vec![2, 1, 3]
+                },
+                PrefixRow {
+                    prompt: 1,
+                    responses: vec![1, 0]
+                }
+            ]
+        );
+        // Responses in order of first appearance: a, b, [8], [], c.
+        assert_eq!(sb.pair_responses, vec![[0, 1], [2, 3], [0, 4], [1, 4]]);
+        let lasts: Vec<usize> = sb.responses.iter().map(ResponseSlot::last).collect();
+        assert_eq!(lasts, vec![3, 4, 1, 0, 7]);
+        // The same scores as PairBatch's rows: prompt + response, last token.
+        let pb = collate_pairs(&pairs, 0);
+        for (k, [ch, rj]) in sb.pair_responses.iter().enumerate() {
+            assert_eq!(
+                sb.responses[*ch].last(),
+                pb.last_index[k] - pb.prompt_len[k] + sb.responses[*ch].start
+            );
+            assert_eq!(sb.responses[*rj].len, pairs[k].rejected_ids.len());
+        }
+        // Response 4 (c = [6, 7, 9] at slots 5..8): token 0 is predicted from the prompt's last
+        // slot, the others from the slot before them in the row.
+        let c_slot = sb.responses[4];
+        let pred: Vec<Option<usize>> = (0..3).map(|j| c_slot.predictor(j)).collect();
+        assert_eq!(pred, vec![Some(1), Some(5), Some(6)]);
+        assert_eq!(sb.real_tokens(), 8 + 2);
+        assert_eq!(sb.margin, vec![Some(0.0), Some(1.0), Some(0.0), Some(0.0)]);
+        assert_eq!(sb.group, vec![0, 1, 0, 0]);
+        // A PairBatch holds 8 rows of 1-5 real tokens for these pairs: 27 real tokens.
+        assert_eq!(
+            pb.batch.attention_mask.iter().filter(|&&m| m != 0).count(),
+            27
+        );
     }
 
     #[test]

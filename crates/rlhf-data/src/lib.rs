@@ -18,8 +18,8 @@ pub mod vocab;
 pub mod world;
 
 pub use batch::{
-    collate_packed, collate_pairs, collate_sft, epoch_permutation, left_pad_prompts, Batch,
-    DataOrder, PackedBatch, PairBatch,
+    collate_packed, collate_pairs, collate_sft, collate_shared_pairs, epoch_permutation,
+    left_pad_prompts, Batch, DataOrder, PackedBatch, PairBatch, ResponseSlot, SharedPairBatch,
 };
 pub use formats::{
     load_preferences, load_preferences_lenient, load_prompts, load_sft, load_text_prompts,

@@ -336,6 +336,11 @@ impl TokenizedPair {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Tokens of the pair's row in a shared-prompt batch: prompt + both responses.
+    pub fn shared_len(&self) -> usize {
+        self.prompt_ids.len() + self.chosen_ids.len() + self.rejected_ids.len()
+    }
 }
 
 /// Response ids: text after a text prompt, or the template's rendering of an assistant turn

@@ -142,6 +142,24 @@ impl CausalLM {
         self.backbone.forward(ids, &ctx, None)
     }
 
+    /// Final hidden states [b, t, d] of a shared-prompt batch: row `r` of `ids` [b, t] holds
+    /// `rows[r]` (a prompt, then responses that each see only the prompt and themselves; see
+    /// [`ops::PrefixRow`]). Every response's hidden states are those of its prompt + response
+    /// alone, and each prompt is computed once.
+    pub fn hidden_prefix_rows(&self, ids: &Tensor, rows: &[ops::PrefixRow]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if b != rows.len() {
+            bail!("{b} rows of ids for {} prefix rows", rows.len())
+        }
+        let inputs = ops::prefix_rows_inputs(rows, t, &self.device)?;
+        let ctx = Ctx {
+            mask: &inputs.mask,
+            positions: inputs.positions,
+            bias: inputs.bias,
+        };
+        self.backbone.forward(ids, &ctx, None)
+    }
+
     /// Incremental forward with a KV cache: `mask` covers cached + new slots; `ids` are the new
     /// tokens [b, t_new].
     pub fn hidden_cached(

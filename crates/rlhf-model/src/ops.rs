@@ -165,6 +165,90 @@ pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// One row of a shared-prompt batch: `prompt` tokens, then each response's tokens in turn (the
+/// rest of the row is padding). Each response attends to the prompt and to itself, never to
+/// another response, and its positions continue the prompt's, so its hidden states equal those
+/// of the row prompt + response alone, while the prompt is computed once for all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixRow {
+    pub prompt: usize,
+    /// Lengths of the responses, in the order they follow the prompt.
+    pub responses: Vec<usize>,
+}
+
+impl PrefixRow {
+    /// Real tokens in the row.
+    pub fn len(&self) -> usize {
+        self.prompt + self.responses.iter().sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slot of response `k`'s first token.
+    pub fn response_start(&self, k: usize) -> usize {
+        self.prompt + self.responses[..k].iter().sum::<usize>()
+    }
+
+    /// Per slot of a row of width `t`: `Some((position, first visible response slot))` for real
+    /// tokens (prompt tokens see from slot 0 only, so their second value is the row's end), `None`
+    /// for padding.
+    fn slots(&self, t: usize) -> Vec<Option<(u32, usize)>> {
+        let mut out = vec![None; t];
+        for (s, o) in out.iter_mut().enumerate().take(self.prompt.min(t)) {
+            *o = Some((s as u32, t));
+        }
+        let mut a = self.prompt;
+        for &len in &self.responses {
+            let end = (a + len).min(t);
+            for (j, o) in out[a.min(end)..end].iter_mut().enumerate() {
+                *o = Some(((self.prompt + j) as u32, a));
+            }
+            a += len;
+        }
+        out
+    }
+}
+
+/// What a forward over a batch of [`PrefixRow`]s needs besides the ids.
+pub struct PrefixInputs {
+    /// Padding mask (1 = real).
+    pub mask: Vec<Vec<u8>>,
+    pub positions: Vec<Vec<u32>>,
+    /// Additive attention bias `[b, 1, t, t]`.
+    pub bias: Tensor,
+}
+
+/// The [`PrefixInputs`] of a batch of [`PrefixRow`]s padded to width `t`.
+pub fn prefix_rows_inputs(rows: &[PrefixRow], t: usize, device: &Device) -> Result<PrefixInputs> {
+    let mut mask = Vec::with_capacity(rows.len());
+    let mut positions = Vec::with_capacity(rows.len());
+    let mut bias = vec![MASKED; rows.len() * t * t];
+    for (r, row) in rows.iter().enumerate() {
+        if row.len() > t {
+            candle_core::bail!("prefix row of {} tokens in a batch of width {t}", row.len())
+        }
+        let slots = row.slots(t);
+        for (i, slot) in slots.iter().enumerate() {
+            let Some((_, from)) = *slot else { continue };
+            let b = &mut bias[(r * t + i) * t..(r * t + i + 1) * t];
+            b[..row.prompt.min(i + 1)].fill(0.0);
+            if from <= i {
+                b[from..=i].fill(0.0);
+            }
+        }
+        mask.push(slots.iter().map(|s| s.is_some() as u8).collect());
+        positions.push(slots.iter().map(|s| s.map_or(0, |(p, _)| p)).collect());
+    }
+    let bias = Tensor::from_vec(bias, (rows.len(), 1, t, t), device)?;
+    Ok(PrefixInputs {
+        mask,
+        positions,
+        bias,
+    })
+}
+
 /// Log-probabilities of `targets` under `logits`: logits [n, V], targets [n] (u32) → [n].
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = log_softmax_last(logits)?;

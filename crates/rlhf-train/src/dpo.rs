@@ -36,7 +36,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_pairs, length_chunks, Batch};
+use rlhf_data::batch::{
+    collate_pairs, collate_shared_pairs, length_chunks, Batch, SharedPairBatch,
+};
 use rlhf_data::formats::PreferencePair;
 use rlhf_data::tokenize::{PairTokenizeConfig, TokenizedPair};
 use rlhf_model::params::Param;
@@ -143,6 +145,12 @@ pub struct DpoConfig {
     /// Train only the last N transformer layers (with LoRA: only their adapters).
     pub train_last_layers: Option<usize>,
     pub lora: Option<LoraConfig>,
+    /// Compute each prompt once per batch: a pair's (or a ranking's) responses follow their
+    /// prompt in one row, each attending to the prompt and itself
+    /// ([`rlhf_data::batch::SharedPairBatch`]). The same log-probs and gradients as one row per
+    /// response, up to float rounding, from fewer tokens. `false`: one row of prompt +
+    /// response per response. (The reference pass always shares prompts.)
+    pub share_prompts: bool,
     pub train: TrainConfig,
 }
 
@@ -165,6 +173,7 @@ impl Default for DpoConfig {
             rpo_alpha: 1.0,
             train_last_layers: None,
             lora: None,
+            share_prompts: true,
             train: TrainConfig {
                 lr: 5e-7,
                 warmup_steps: 10,
@@ -291,8 +300,69 @@ pub fn response_logps(model: &CausalLM, b: &Batch) -> Result<(Tensor, Vec<usize>
     Ok((sums, counts))
 }
 
+/// Log-probs of the distinct responses of a shared-prompt batch, each summed over its tokens:
+/// `[sb.responses.len()]`, tracked for gradients, and each one's token count. Every prompt is
+/// computed once ([`CausalLM::hidden_prefix_rows`]); only response positions go through the
+/// LM head. The numbers of [`response_logps`] on rows of prompt + response.
+pub fn shared_response_logps(
+    model: &CausalLM,
+    sb: &SharedPairBatch,
+) -> Result<(Tensor, Vec<usize>)> {
+    let (n, t) = (sb.rows.len(), sb.seq_len);
+    let mut idx = Vec::new();
+    let mut targets = Vec::new();
+    let mut resp_of = Vec::new();
+    let mut counts = vec![0usize; sb.responses.len()];
+    for (k, r) in sb.responses.iter().enumerate() {
+        for j in 0..r.len {
+            if let Some(slot) = r.predictor(j) {
+                idx.push((r.row * t + slot) as u32);
+                targets.push(sb.input_ids[r.row * t + r.start + j]);
+                resp_of.push(k);
+                counts[k] += 1;
+            }
+        }
+    }
+    if let Some(k) = counts.iter().position(|&c| c == 0) {
+        bail!("response {k} of a preference batch has no predicted tokens (empty response, or a one-token response to an empty prompt)")
+    }
+    let k = idx.len();
+    let ids = Tensor::from_vec(sb.input_ids.clone(), (n, t), &Device::Cpu)?;
+    let h = model.hidden_prefix_rows(&ids, &sb.rows)?;
+    let d = h.dim(2)?;
+    let sel = h
+        .reshape((n * t, d))?
+        .index_select(&Tensor::from_vec(idx, (k,), &Device::Cpu)?, 0)?;
+    let logits = model.lm_logits(&sel)?;
+    let lp = rlhf_model::fused::token_logprobs(
+        &logits,
+        &Tensor::from_vec(targets, (k,), &Device::Cpu)?,
+    )?;
+    let m = sb.responses.len();
+    let mut seg = vec![0f32; m * k];
+    for (i, &r) in resp_of.iter().enumerate() {
+        seg[r * k + i] = 1.0;
+    }
+    let seg = Tensor::from_vec(seg, (m, k), &Device::Cpu)?;
+    let sums = seg.matmul(&lp.reshape((k, 1))?)?.squeeze(1)?;
+    Ok((sums, counts))
+}
+
+/// [`shared_response_logps`] per pair: `[2B]` (chosen first, then rejected, as
+/// [`response_logps`] on a [`rlhf_data::batch::PairBatch`]) and the token counts in that order.
+pub fn shared_pair_logps(model: &CausalLM, sb: &SharedPairBatch) -> Result<(Tensor, Vec<usize>)> {
+    let (lp, counts) = shared_response_logps(model, sb)?;
+    let order: Vec<usize> = (0..2)
+        .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side]))
+        .collect();
+    let idx: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+    let lp = lp.index_select(&Tensor::from_vec(idx, (order.len(),), &Device::Cpu)?, 0)?;
+    Ok((lp, order.iter().map(|&i| counts[i]).collect()))
+}
+
 /// Reference log-probs `(chosen, rejected)` of every pair, no gradients, in chunks of `batch`
-/// pairs of similar lengths ([`length_chunks`]). With LoRA, computed with the adapters disabled.
+/// pairs of similar lengths ([`length_chunks`]), each prompt computed once per chunk. With LoRA,
+/// computed with the adapters disabled.
 pub fn reference_logps(
     model: &CausalLM,
     pairs: &[TokenizedPair],
@@ -302,13 +372,13 @@ pub fn reference_logps(
     let _no_grad = rlhf_model::params::no_grad();
     let run = || -> Result<Vec<[f32; 2]>> {
         let mut out = vec![[0f32; 2]; pairs.len()];
-        let lens: Vec<usize> = pairs.iter().map(|p| p.len()).collect();
+        let lens: Vec<usize> = pairs.iter().map(TokenizedPair::shared_len).collect();
         for chunk in length_chunks(&lens, batch) {
-            let pb = collate_pairs(chunk.iter().map(|&i| &pairs[i]), pad);
-            let (lp, _) = response_logps(model, &pb.batch)?;
+            let sb = collate_shared_pairs(chunk.iter().map(|&i| &pairs[i]), pad);
+            let (lp, _) = shared_response_logps(model, &sb)?;
             let v: Vec<f32> = lp.detach().to_vec1()?;
-            for (k, &i) in chunk.iter().enumerate() {
-                out[i] = [v[k], v[pb.pairs + k]];
+            for (&i, [c, r]) in chunk.iter().zip(&sb.pair_responses) {
+                out[i] = [v[*c], v[*r]];
             }
         }
         Ok(out)
@@ -336,6 +406,8 @@ pub struct DpoObjective {
     pub eval_batch: usize,
     /// Implicit rewards `(chosen, rejected)` and metrics of the latest [`Objective::evaluate`].
     pub last_eval: Option<(Vec<f32>, Vec<f32>, Scalars)>,
+    /// Batches compute each prompt once ([`DpoConfig::share_prompts`]).
+    pub share_prompts: bool,
 }
 
 /// Per-pair host values of one batch.
@@ -368,6 +440,7 @@ impl DpoObjective {
             params,
             eval_batch: 8,
             last_eval: None,
+            share_prompts: true,
         })
     }
 
@@ -377,9 +450,18 @@ impl DpoObjective {
         rows: &[&TokenizedPair],
         refs: &[[f32; 2]],
     ) -> Result<(Tensor, PairStats, usize)> {
-        let pb = collate_pairs(rows.iter().copied(), self.tokenizer.pad_id());
-        let b = pb.pairs;
-        let (lp, counts) = response_logps(&self.model, &pb.batch)?;
+        let b = rows.len();
+        let pad = self.tokenizer.pad_id();
+        let (lp, counts, tokens) = if self.share_prompts {
+            let sb = collate_shared_pairs(rows.iter().copied(), pad);
+            let (lp, counts) = shared_pair_logps(&self.model, &sb)?;
+            (lp, counts, sb.real_tokens())
+        } else {
+            let pb = collate_pairs(rows.iter().copied(), pad);
+            let (lp, counts) = response_logps(&self.model, &pb.batch)?;
+            let tokens = pb.batch.attention_mask.iter().filter(|&&x| x != 0).count();
+            (lp, counts, tokens)
+        };
         let pc = lp.narrow(0, 0, b)?;
         let pr = lp.narrow(0, b, b)?;
         let rc = Tensor::from_vec(refs.iter().map(|r| r[0]).collect(), (b,), &Device::Cpu)?;
@@ -392,8 +474,17 @@ impl DpoObjective {
             refs: refs.to_vec(),
             chosen_tokens,
         };
-        let tokens = pb.batch.attention_mask.iter().filter(|&&x| x != 0).count();
         Ok((loss, stats, tokens))
+    }
+
+    /// The width each pair takes in a batch: its row in a shared-prompt batch, the longer of
+    /// its two rows otherwise.
+    fn lengths_of(&self, pairs: &[TokenizedPair]) -> Vec<usize> {
+        let len = match self.share_prompts {
+            true => TokenizedPair::shared_len,
+            false => TokenizedPair::len,
+        };
+        pairs.iter().map(len).collect()
     }
 
     /// Held-out implicit rewards `(chosen, rejected)` of every eval pair, and the eval metrics.
@@ -407,7 +498,7 @@ impl DpoObjective {
             chosen_tokens: vec![0; n],
         };
         let mut loss_sum = 0f64;
-        let lens: Vec<usize> = self.eval.iter().map(|p| p.len()).collect();
+        let lens = self.lengths_of(&self.eval);
         for chunk in length_chunks(&lens, self.eval_batch) {
             let rows: Vec<&TokenizedPair> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let refs: Vec<[f32; 2]> = chunk.iter().map(|&i| self.ref_eval[i]).collect();
@@ -470,7 +561,7 @@ impl Objective for DpoObjective {
         self.train.len()
     }
     fn lengths(&self) -> Option<Vec<usize>> {
-        Some(self.train.iter().map(|p| p.len()).collect())
+        Some(self.lengths_of(&self.train))
     }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()
@@ -654,6 +745,7 @@ pub fn train_dpo_on(
         params: cfg.loss_params(),
         eval_batch: bs,
         last_eval: None,
+        share_prompts: cfg.share_prompts,
     };
     crate::trainer::write_run_config(&cfg.out, cfg)?;
     let eval_before = if !obj.eval.is_empty() && !resume {

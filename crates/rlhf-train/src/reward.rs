@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_pairs, Batch, PairBatch};
+use rlhf_data::batch::{collate_pairs, collate_shared_pairs, Batch, PairBatch};
 use rlhf_data::formats::{load_preferences, load_preferences_lenient, load_sft, PreferencePair};
 use rlhf_data::formats::{Prompt, SftExample};
 use rlhf_data::tokenize::{
@@ -65,6 +65,12 @@ pub struct RewardConfig {
     /// Train only the last N transformer layers (+ final norm, head; with LoRA: their adapters).
     pub train_last_layers: Option<usize>,
     pub lora: Option<LoraConfig>,
+    /// Compute each prompt once per batch: a pair's (or a ranking's) responses follow their
+    /// prompt in one row, each attending to the prompt and itself
+    /// ([`rlhf_data::batch::SharedPairBatch`]). The same scores and gradients as one row per
+    /// response, up to float rounding, from fewer tokens. `false`: one row of prompt +
+    /// response per response.
+    pub share_prompts: bool,
     pub train: TrainConfig,
 }
 
@@ -87,6 +93,7 @@ impl Default for RewardConfig {
             normalize_max: 2048,
             train_last_layers: None,
             lora: None,
+            share_prompts: true,
             train: TrainConfig {
                 lr: 1e-5,
                 ..TrainConfig::default()
@@ -305,6 +312,8 @@ pub struct RewardObjective {
     pub norm_seqs: Vec<Vec<u32>>,
     /// Raw held-out `(r_chosen, r_rejected)` of the latest [`Objective::evaluate`].
     pub last_eval: Option<(Vec<f32>, Vec<f32>)>,
+    /// Training batches compute each prompt once ([`RewardConfig::share_prompts`]).
+    pub share_prompts: bool,
     offset: Cell<Option<f32>>,
 }
 
@@ -324,6 +333,7 @@ impl RewardObjective {
             margin_scale: Some(1.0),
             norm_seqs: vec![],
             last_eval: None,
+            share_prompts: true,
             offset: Cell::new(None),
         }
     }
@@ -333,8 +343,8 @@ impl RewardObjective {
         self.offset.get()
     }
 
-    fn margins(&self, pb: &PairBatch) -> Vec<f32> {
-        pb.margin
+    fn margins(&self, margin: &[Option<f32>]) -> Vec<f32> {
+        margin
             .iter()
             .map(|m| match self.margin_scale {
                 Some(s) => m.unwrap_or(0.0) * s,
@@ -348,6 +358,25 @@ impl RewardObjective {
         let (ids, mask) = batch_tensors(&pb.batch)?;
         let h = self.rm.model.hidden(&ids, &mask)?;
         self.rm.head.at(&h, &pb.last_index)
+    }
+
+    /// Raw scores `[2B]` (chosen first, tracked), margins and real tokens of the pairs `items`,
+    /// laid out as [`RewardObjective::share_prompts`] says.
+    fn batch_scores(&self, items: &[usize]) -> Result<(Tensor, Vec<Option<f32>>, usize)> {
+        let rows = items.iter().map(|&i| &self.train[i]);
+        let pad = self.tokenizer.pad_id();
+        if self.share_prompts {
+            let sb = collate_shared_pairs(rows, pad);
+            Ok((
+                self.rm.pair_scores(&sb)?,
+                sb.margin.clone(),
+                sb.real_tokens(),
+            ))
+        } else {
+            let pb = collate_pairs(rows, pad);
+            let tokens = pb.batch.attention_mask.iter().filter(|&&x| x != 0).count();
+            Ok((self.pair_scores(&pb)?, pb.margin.clone(), tokens))
+        }
     }
 
     /// Held-out `(r_chosen, r_rejected)` raw scores.
@@ -370,23 +399,15 @@ impl RewardObjective {
     }
 }
 
-/// Raw `(r_chosen, r_rejected)` of tokenised pairs: their `2 × len` rows scored in chunks of
-/// `2 × batch` rows of similar lengths ([`RewardModel::raw_scores`]).
+/// Raw `(r_chosen, r_rejected)` of tokenised pairs: chunks of `batch` pairs of similar lengths,
+/// each prompt computed once per chunk ([`RewardModel::raw_pair_scores`]).
 pub fn score_tokenized_pairs(
     rm: &RewardModel,
     tok: &Tokenizer,
     pairs: &[TokenizedPair],
     batch: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let row = |p: &TokenizedPair, resp: &[u32]| [p.prompt_ids.as_slice(), resp].concat();
-    let seqs: Vec<Vec<u32>> = pairs
-        .iter()
-        .map(|p| row(p, &p.chosen_ids))
-        .chain(pairs.iter().map(|p| row(p, &p.rejected_ids)))
-        .collect();
-    let mut s = rm.raw_scores(&seqs, tok.pad_id(), 2 * batch.max(1))?;
-    let rr = s.split_off(pairs.len());
-    Ok((s, rr))
+    rm.raw_pair_scores(pairs, tok.pad_id(), batch.max(1))
 }
 
 impl Objective for RewardObjective {
@@ -397,7 +418,11 @@ impl Objective for RewardObjective {
         self.train.len()
     }
     fn lengths(&self) -> Option<Vec<usize>> {
-        Some(self.train.iter().map(|p| p.len()).collect())
+        let len = match self.share_prompts {
+            true => TokenizedPair::shared_len,
+            false => TokenizedPair::len,
+        };
+        Some(self.train.iter().map(len).collect())
     }
     fn groups(&self) -> Option<Vec<usize>> {
         Some(self.train.iter().map(|p| p.group).collect())
@@ -409,15 +434,11 @@ impl Objective for RewardObjective {
         self.rm.model.set_train_noise(seed)
     }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
-        let pb = collate_pairs(
-            items.iter().map(|&i| &self.train[i]),
-            self.tokenizer.pad_id(),
-        );
-        let b = pb.pairs;
-        let scores = self.pair_scores(&pb)?;
+        let b = items.len();
+        let (scores, margin, tokens) = self.batch_scores(items)?;
         let rc = scores.narrow(0, 0, b)?;
         let rr = scores.narrow(0, b, b)?;
-        let m = self.margins(&pb);
+        let m = self.margins(&margin);
         let mt = match self.margin_scale {
             Some(_) => Some(Tensor::from_vec(m.clone(), (b,), &Device::Cpu)?),
             None => None,
@@ -430,7 +451,7 @@ impl Objective for RewardObjective {
             loss,
             logged_loss: None,
             metrics,
-            tokens: pb.batch.attention_mask.iter().filter(|&&x| x != 0).count(),
+            tokens,
         })
     }
     fn evaluate(&mut self) -> Result<Scalars> {
@@ -603,6 +624,7 @@ pub fn train_reward_on(
     }
     warn_memory(&rm.model, cfg.train.batch_size * 2, cfg.max_len);
     let mut obj = RewardObjective::new(rm, tok, train_t, eval_t);
+    obj.share_prompts = cfg.share_prompts;
     obj.eval_batch = cfg.train.batch_size.max(1);
     obj.margin_scale = cfg.use_margin.then_some(cfg.margin_scale as f32);
     obj.norm_seqs = norm_seqs;

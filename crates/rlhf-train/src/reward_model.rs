@@ -8,6 +8,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use rlhf_data::batch::{collate_shared_pairs, SharedPairBatch};
+use rlhf_data::tokenize::TokenizedPair;
 use rlhf_model::heads::{last_token_positions, ScalarHead};
 use rlhf_model::weights::{RandomInit, SafetensorsSource};
 use rlhf_model::{CausalLM, Family, Tokenizer};
@@ -60,6 +62,58 @@ impl RewardModel {
     pub fn forward(&self, ids: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
         let h = self.model.hidden(ids, mask)?;
         self.head.at(&h, &last_token_positions(mask))
+    }
+
+    /// Raw scores (tracked for gradients) of the distinct responses of a shared-prompt batch,
+    /// `[sb.responses.len()]`: each read at the last token of its prompt + response, every
+    /// prompt computed once ([`CausalLM::hidden_prefix_rows`]).
+    pub fn response_scores(&self, sb: &SharedPairBatch) -> Result<Tensor> {
+        let (n, t) = (sb.rows.len(), sb.seq_len);
+        let ids = Tensor::from_vec(sb.input_ids.clone(), (n, t), &Device::Cpu)?;
+        let h = self.model.hidden_prefix_rows(&ids, &sb.rows)?;
+        let d = h.dim(2)?;
+        let idx: Vec<u32> = sb
+            .responses
+            .iter()
+            .map(|r| (r.row * t + r.last()) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, (sb.responses.len(),), &Device::Cpu)?;
+        let h = h.reshape((n * t, d))?.index_select(&idx, 0)?;
+        Ok(self.head.linear.forward(&h)?.squeeze(1)?)
+    }
+
+    /// Raw scores (tracked for gradients) of a shared-prompt batch's pairs, `[2B]`: the chosen
+    /// responses' first, then the rejected ones' (as [`rlhf_data::batch::PairBatch`] orders
+    /// its rows).
+    pub fn pair_scores(&self, sb: &SharedPairBatch) -> Result<Tensor> {
+        let s = self.response_scores(sb)?;
+        let idx: Vec<u32> = (0..2)
+            .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side] as u32))
+            .collect();
+        let n = idx.len();
+        Ok(s.index_select(&Tensor::from_vec(idx, (n,), &Device::Cpu)?, 0)?)
+    }
+
+    /// Raw `(r_chosen, r_rejected)` of tokenised pairs, no gradients: chunks of `batch` pairs of
+    /// similar lengths, each prompt computed once per chunk; results in the order of `pairs`.
+    pub fn raw_pair_scores(
+        &self,
+        pairs: &[TokenizedPair],
+        pad: u32,
+        batch: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _no_grad = rlhf_model::params::no_grad();
+        let lens: Vec<usize> = pairs.iter().map(TokenizedPair::shared_len).collect();
+        let (mut rc, mut rr) = (vec![0f32; pairs.len()], vec![0f32; pairs.len()]);
+        for c in rlhf_data::batch::length_chunks(&lens, batch) {
+            let sb = collate_shared_pairs(c.iter().map(|&i| &pairs[i]), pad);
+            let s: Vec<f32> = self.response_scores(&sb)?.detach().to_vec1()?;
+            for (&i, [ch, rj]) in c.iter().zip(&sb.pair_responses) {
+                rc[i] = s[*ch];
+                rr[i] = s[*rj];
+            }
+        }
+        Ok((rc, rr))
     }
 
     /// Normalised scores of whole token sequences, in chunks of `chunk` (see

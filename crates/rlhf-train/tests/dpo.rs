@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod shared_prompts;
+
 use rlhf_data::formats::SftExample;
 use rlhf_data::tokenize::{tokenize_pairs, tokenize_sft, PairTokenizeConfig, SftTokenizeConfig};
 use rlhf_data::vocab::word_level_tokenizer;
@@ -509,5 +511,72 @@ fn reference_and_eval_passes_keep_every_pairs_values_in_place() {
             "{k}: {v} vs {}",
             s4[k]
         );
+    }
+}
+
+#[test]
+fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response() {
+    let tok = tokenizer();
+    let words = [GOOD, BAD, NEUTRAL].concat();
+    let pairs = shared_prompts::ranking_and_single_pairs(&tok, &words, |_| None);
+    let model = |seed| {
+        CausalLM::random(
+            serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(),
+                "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}),
+            seed,
+        )
+        .unwrap()
+    };
+    // The reference pass shares prompts: the same log-probs as each pair's rows alone.
+    let reference = model(3);
+    let refs = rlhf_train::dpo::reference_logps(&reference, &pairs, tok.pad_id(), 4).unwrap();
+    for (i, p) in pairs.iter().enumerate() {
+        let alone =
+            rlhf_train::dpo::reference_logps(&reference, std::slice::from_ref(p), tok.pad_id(), 1)
+                .unwrap()[0];
+        let one_row = |resp: &[u32]| {
+            let ids = [p.prompt_ids.as_slice(), resp].concat();
+            let lp = reference
+                .next_token_logprobs(
+                    &Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap(),
+                    &[vec![1; ids.len()]],
+                    1.0,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            lp[p.prompt_ids.len() - 1..].iter().sum::<f32>()
+        };
+        for (k, resp) in [&p.chosen_ids, &p.rejected_ids].iter().enumerate() {
+            let want = one_row(resp);
+            assert!(
+                (refs[i][k] - want).abs() < 1e-4,
+                "pair {i}: {:?} vs {want}",
+                refs[i]
+            );
+            assert!(
+                (alone[k] - want).abs() < 1e-4,
+                "pair {i} alone: {alone:?} vs {want}"
+            );
+        }
+    }
+    // Training batches: the same loss, metrics and gradients either way, from fewer tokens.
+    for loss in [DpoLoss::Sigmoid, DpoLoss::Rpo] {
+        let params = DpoLossParams {
+            loss,
+            ..DpoLossParams::default()
+        };
+        let mut obj =
+            DpoObjective::new(model(4), tok.clone(), pairs.clone(), vec![], params).unwrap();
+        obj.ref_train = refs.clone();
+        let items: Vec<usize> = (0..pairs.len()).collect();
+        let params = obj.trainable();
+        let step = |share| {
+            obj.share_prompts = share;
+            obj.loss(&items).unwrap()
+        };
+        shared_prompts::assert_layouts_agree(&format!("{loss:?}"), step, &params);
     }
 }

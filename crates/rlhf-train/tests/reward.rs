@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod shared_prompts;
+
 use rlhf_data::formats::Prompt;
 use rlhf_data::vocab::word_level_tokenizer;
 use rlhf_model::{CausalLM, Device, Tensor, Tokenizer, Var};
@@ -411,5 +413,51 @@ fn scoring_in_length_sorted_chunks_keeps_every_rows_score_in_place() {
         assert!((rc[i] - alone[i]).abs() < 1e-5, "pair {i} chosen");
         let r = rm.raw_scores(&[rej], pad, 1).unwrap()[0];
         assert!((rr[i] - r).abs() < 1e-5, "pair {i} rejected");
+    }
+}
+
+#[test]
+fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response() {
+    use rlhf_train::reward::RewardObjective;
+    use rlhf_train::reward_model::RewardModel;
+    use rlhf_train::Objective;
+    let tok = tokenizer();
+    let pairs = shared_prompts::ranking_and_single_pairs(&tok, &vocab(), |g| Some(0.25 * g as f32));
+    for arch in ["gpt2", "llama"] {
+        let cfg = match arch {
+            "gpt2" => serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(),
+                "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}),
+            _ => serde_json::json!({"model_type": "llama", "vocab_size": tok.vocab_size(),
+                "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64}),
+        };
+        let rm = RewardModel::from_backbone(CausalLM::random(cfg, 5).unwrap(), 6).unwrap();
+        let mut obj = RewardObjective::new(rm, tok.clone(), pairs.clone(), vec![]);
+        let items: Vec<usize> = (0..pairs.len()).collect();
+        let params = obj.trainable();
+        let step = |share| {
+            obj.share_prompts = share;
+            obj.loss(&items).unwrap()
+        };
+        let m = shared_prompts::assert_layouts_agree(arch, step, &params);
+        assert!(m["accuracy"] > 0.0 && m["accuracy"] < 1.0, "{arch}: {m:?}");
+        // Scoring without gradients shares prompts too, with the same numbers.
+        let (rc, rr) = rlhf_train::reward::score_tokenized_pairs(&obj.rm, &tok, &pairs, 3).unwrap();
+        let alone = |p: &[u32], r: &[u32]| {
+            obj.rm
+                .raw_scores(&[[p, r].concat()], tok.pad_id(), 1)
+                .unwrap()[0]
+        };
+        for (i, p) in pairs.iter().enumerate() {
+            assert!(
+                (rc[i] - alone(&p.prompt_ids, &p.chosen_ids)).abs() < 1e-5,
+                "{arch}: pair {i}"
+            );
+            assert!(
+                (rr[i] - alone(&p.prompt_ids, &p.rejected_ids)).abs() < 1e-5,
+                "{arch}: pair {i}"
+            );
+        }
     }
 }
