@@ -235,20 +235,86 @@ impl ResponseSlot {
     }
 }
 
-/// A batch of `B` preference pairs with every prompt computed once: one row per distinct prompt
-/// (in order of first appearance), holding the prompt, then each distinct response to it — a
-/// pair's two responses, or a K-way ranking's K responses however many pairs it gave — each
-/// seeing only the prompt and itself ([`PrefixRow`]). Same numbers as a [`PairBatch`], fewer
-/// tokens: on HH-RLHF the prompts are about 70% of a [`PairBatch`]'s real tokens.
+/// Prompt + response items with every prompt computed once: one row per distinct prompt (in
+/// order of first appearance), holding the prompt, then each distinct response to it, each
+/// seeing only the prompt and itself ([`PrefixRow`]). The numbers of one row of prompt +
+/// response per item, from fewer tokens.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SharedPairBatch {
+pub struct SharedBatch {
     /// Row-major `[rows, seq_len]`, right-padded.
     pub input_ids: Vec<u32>,
     pub seq_len: usize,
     pub rows: Vec<PrefixRow>,
-    /// Every distinct (prompt, response) of the batch once.
+    /// Every distinct (prompt, response) once.
     pub responses: Vec<ResponseSlot>,
-    /// Per pair: indices into `responses` of its chosen and its rejected response.
+    /// Per item: its index into `responses`.
+    pub item_response: Vec<usize>,
+}
+
+impl SharedBatch {
+    /// Real (non-padding) tokens.
+    pub fn real_tokens(&self) -> usize {
+        self.rows.iter().map(PrefixRow::len).sum()
+    }
+}
+
+/// Collate `(prompt, response)` items into a [`SharedBatch`]: each distinct prompt once, each
+/// distinct response to it once.
+pub fn collate_shared<'a>(
+    items: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
+    pad_id: u32,
+) -> SharedBatch {
+    let mut row_of: HashMap<&[u32], usize> = HashMap::new();
+    let mut row_ids: Vec<Vec<u32>> = vec![];
+    let mut rows: Vec<PrefixRow> = vec![];
+    let mut response_of: HashMap<(usize, &[u32]), usize> = HashMap::new();
+    let mut responses: Vec<ResponseSlot> = vec![];
+    let mut item_response = vec![];
+    for (prompt, resp) in items {
+        let r = *row_of.entry(prompt).or_insert_with(|| {
+            row_ids.push(prompt.to_vec());
+            rows.push(PrefixRow {
+                prompt: prompt.len(),
+                responses: vec![],
+            });
+            rows.len() - 1
+        });
+        let k = *response_of.entry((r, resp)).or_insert_with(|| {
+            responses.push(ResponseSlot {
+                row: r,
+                prompt_len: rows[r].prompt,
+                start: row_ids[r].len(),
+                len: resp.len(),
+            });
+            row_ids[r].extend_from_slice(resp);
+            rows[r].responses.push(resp.len());
+            responses.len() - 1
+        });
+        item_response.push(k);
+    }
+    let seq_len = row_ids.iter().map(Vec::len).max().unwrap_or(0);
+    let mut input_ids = Vec::with_capacity(row_ids.len() * seq_len);
+    for ids in &row_ids {
+        input_ids.extend_from_slice(ids);
+        input_ids.extend(std::iter::repeat_n(pad_id, seq_len - ids.len()));
+    }
+    SharedBatch {
+        input_ids,
+        seq_len,
+        rows,
+        responses,
+        item_response,
+    }
+}
+
+/// A batch of `B` preference pairs with every prompt computed once ([`SharedBatch`]): a pair's
+/// two responses, or a K-way ranking's K responses however many pairs it gave, follow their
+/// prompt in one row. Same numbers as a [`PairBatch`], fewer tokens: on HH-RLHF the prompts are
+/// about 70% of a [`PairBatch`]'s real tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPairBatch {
+    pub batch: SharedBatch,
+    /// Per pair: indices into `batch.responses` of its chosen and its rejected response.
     pub pair_responses: Vec<[usize; 2]>,
     /// Per pair.
     pub margin: Vec<Option<f32>>,
@@ -260,61 +326,25 @@ impl SharedPairBatch {
     pub fn pairs(&self) -> usize {
         self.pair_responses.len()
     }
-
-    /// Real (non-padding) tokens.
-    pub fn real_tokens(&self) -> usize {
-        self.rows.iter().map(PrefixRow::len).sum()
-    }
 }
 
-/// Collate preference pairs into a [`SharedPairBatch`]: each distinct prompt once, each distinct
-/// response to it once.
+/// Collate preference pairs into a [`SharedPairBatch`].
 pub fn collate_shared_pairs<'a>(
     pairs: impl IntoIterator<Item = &'a TokenizedPair>,
     pad_id: u32,
 ) -> SharedPairBatch {
     let pairs: Vec<&TokenizedPair> = pairs.into_iter().collect();
-    let mut row_of: HashMap<&[u32], usize> = HashMap::new();
-    let mut row_ids: Vec<Vec<u32>> = vec![];
-    let mut rows: Vec<PrefixRow> = vec![];
-    let mut response_of: HashMap<(usize, &[u32]), usize> = HashMap::new();
-    let mut responses: Vec<ResponseSlot> = vec![];
-    let mut pair_responses = Vec::with_capacity(pairs.len());
-    for &p in &pairs {
-        let r = *row_of.entry(p.prompt_ids.as_slice()).or_insert_with(|| {
-            row_ids.push(p.prompt_ids.clone());
-            rows.push(PrefixRow {
-                prompt: p.prompt_ids.len(),
-                responses: vec![],
-            });
-            rows.len() - 1
-        });
-        let mut slot = |resp: &'a [u32]| {
-            *response_of.entry((r, resp)).or_insert_with(|| {
-                responses.push(ResponseSlot {
-                    row: r,
-                    prompt_len: rows[r].prompt,
-                    start: row_ids[r].len(),
-                    len: resp.len(),
-                });
-                row_ids[r].extend_from_slice(resp);
-                rows[r].responses.push(resp.len());
-                responses.len() - 1
-            })
-        };
-        pair_responses.push([slot(&p.chosen_ids), slot(&p.rejected_ids)]);
-    }
-    let seq_len = row_ids.iter().map(Vec::len).max().unwrap_or(0);
-    let mut input_ids = Vec::with_capacity(row_ids.len() * seq_len);
-    for ids in &row_ids {
-        input_ids.extend_from_slice(ids);
-        input_ids.extend(std::iter::repeat_n(pad_id, seq_len - ids.len()));
-    }
+    let items = pairs.iter().flat_map(|p| {
+        [&p.chosen_ids, &p.rejected_ids].map(|r| (p.prompt_ids.as_slice(), r.as_slice()))
+    });
+    let batch = collate_shared(items, pad_id);
+    let pair_responses = batch
+        .item_response
+        .chunks(2)
+        .map(|c| [c[0], c[1]])
+        .collect();
     SharedPairBatch {
-        input_ids,
-        seq_len,
-        rows,
-        responses,
+        batch,
         pair_responses,
         margin: pairs.iter().map(|p| p.margin).collect(),
         group: pairs.iter().map(|p| p.group).collect(),
@@ -671,8 +701,9 @@ mod tests {
             pair(&[1, 2], a, c, 0),
             pair(&[1, 2], b, c, 0),
         ];
-        let sb = collate_shared_pairs(&pairs, 0);
-        assert_eq!(sb.pairs(), 4);
+        let sp = collate_shared_pairs(&pairs, 0);
+        assert_eq!(sp.pairs(), 4);
+        let sb = &sp.batch;
         assert_eq!(sb.seq_len, 8);
         assert_eq!(&sb.input_ids[..8], &[1, 2, 3, 9, 4, 6, 7, 9]);
         assert_eq!(&sb.input_ids[8..], &[5, 8, 0, 0, 0, 0, 0, 0]);
@@ -690,12 +721,12 @@ mod tests {
             ]
         );
         // Responses in order of first appearance: a, b, [8], [], c.
-        assert_eq!(sb.pair_responses, vec![[0, 1], [2, 3], [0, 4], [1, 4]]);
+        assert_eq!(sp.pair_responses, vec![[0, 1], [2, 3], [0, 4], [1, 4]]);
         let lasts: Vec<usize> = sb.responses.iter().map(ResponseSlot::last).collect();
         assert_eq!(lasts, vec![3, 4, 1, 0, 7]);
         // The same scores as PairBatch's rows: prompt + response, last token.
         let pb = collate_pairs(&pairs, 0);
-        for (k, [ch, rj]) in sb.pair_responses.iter().enumerate() {
+        for (k, [ch, rj]) in sp.pair_responses.iter().enumerate() {
             assert_eq!(
                 sb.responses[*ch].last(),
                 pb.last_index[k] - pb.prompt_len[k] + sb.responses[*ch].start
@@ -708,8 +739,8 @@ mod tests {
         let pred: Vec<Option<usize>> = (0..3).map(|j| c_slot.predictor(j)).collect();
         assert_eq!(pred, vec![Some(1), Some(5), Some(6)]);
         assert_eq!(sb.real_tokens(), 8 + 2);
-        assert_eq!(sb.margin, vec![Some(0.0), Some(1.0), Some(0.0), Some(0.0)]);
-        assert_eq!(sb.group, vec![0, 1, 0, 0]);
+        assert_eq!(sp.margin, vec![Some(0.0), Some(1.0), Some(0.0), Some(0.0)]);
+        assert_eq!(sp.group, vec![0, 1, 0, 0]);
         // A PairBatch holds 8 rows of 1-5 real tokens for these pairs: 27 real tokens.
         assert_eq!(
             pb.batch.attention_mask.iter().filter(|&&m| m != 0).count(),

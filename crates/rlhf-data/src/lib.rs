@@ -18,8 +18,9 @@ pub mod vocab;
 pub mod world;
 
 pub use batch::{
-    collate_packed, collate_pairs, collate_sft, collate_shared_pairs, epoch_permutation,
-    left_pad_prompts, Batch, DataOrder, PackedBatch, PairBatch, ResponseSlot, SharedPairBatch,
+    collate_packed, collate_pairs, collate_sft, collate_shared, collate_shared_pairs,
+    epoch_permutation, left_pad_prompts, Batch, DataOrder, PackedBatch, PairBatch, ResponseSlot,
+    SharedBatch, SharedPairBatch,
 };
 pub use formats::{
     load_preferences, load_preferences_lenient, load_prompts, load_sft, load_text_prompts,

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rlhf_data::batch::{
-    collate_pairs, collate_shared_pairs, length_chunks, Batch, SharedPairBatch,
+    collate_pairs, collate_shared_pairs, length_chunks, Batch, SharedBatch, SharedPairBatch,
 };
 use rlhf_data::formats::PreferencePair;
 use rlhf_data::tokenize::{PairTokenizeConfig, TokenizedPair};
@@ -304,10 +304,7 @@ pub fn response_logps(model: &CausalLM, b: &Batch) -> Result<(Tensor, Vec<usize>
 /// `[sb.responses.len()]`, tracked for gradients, and each one's token count. Every prompt is
 /// computed once ([`CausalLM::hidden_prefix_rows`]); only response positions go through the
 /// LM head. The numbers of [`response_logps`] on rows of prompt + response.
-pub fn shared_response_logps(
-    model: &CausalLM,
-    sb: &SharedPairBatch,
-) -> Result<(Tensor, Vec<usize>)> {
+pub fn shared_response_logps(model: &CausalLM, sb: &SharedBatch) -> Result<(Tensor, Vec<usize>)> {
     let (n, t) = (sb.rows.len(), sb.seq_len);
     let mut idx = Vec::new();
     let mut targets = Vec::new();
@@ -351,7 +348,7 @@ pub fn shared_response_logps(
 /// [`shared_response_logps`] per pair: `[2B]` (chosen first, then rejected, as
 /// [`response_logps`] on a [`rlhf_data::batch::PairBatch`]) and the token counts in that order.
 pub fn shared_pair_logps(model: &CausalLM, sb: &SharedPairBatch) -> Result<(Tensor, Vec<usize>)> {
-    let (lp, counts) = shared_response_logps(model, sb)?;
+    let (lp, counts) = shared_response_logps(model, &sb.batch)?;
     let order: Vec<usize> = (0..2)
         .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side]))
         .collect();
@@ -375,7 +372,7 @@ pub fn reference_logps(
         let lens: Vec<usize> = pairs.iter().map(TokenizedPair::shared_len).collect();
         for chunk in length_chunks(&lens, batch) {
             let sb = collate_shared_pairs(chunk.iter().map(|&i| &pairs[i]), pad);
-            let (lp, _) = shared_response_logps(model, &sb)?;
+            let (lp, _) = shared_response_logps(model, &sb.batch)?;
             let v: Vec<f32> = lp.detach().to_vec1()?;
             for (&i, [c, r]) in chunk.iter().zip(&sb.pair_responses) {
                 out[i] = [v[*c], v[*r]];
@@ -455,7 +452,7 @@ impl DpoObjective {
         let (lp, counts, tokens) = if self.share_prompts {
             let sb = collate_shared_pairs(rows.iter().copied(), pad);
             let (lp, counts) = shared_pair_logps(&self.model, &sb)?;
-            (lp, counts, sb.real_tokens())
+            (lp, counts, sb.batch.real_tokens())
         } else {
             let pb = collate_pairs(rows.iter().copied(), pad);
             let (lp, counts) = response_logps(&self.model, &pb.batch)?;

@@ -308,8 +308,9 @@ pub struct RewardObjective {
     pub eval_batch: usize,
     /// Multiply the pairs' margins by this; `None` = ignore margins.
     pub margin_scale: Option<f32>,
-    /// Sequences whose mean score becomes the offset after training (empty: no normalisation).
-    pub norm_seqs: Vec<Vec<u32>>,
+    /// `(prompt, response)` items whose mean score becomes the offset after training (empty:
+    /// no normalisation).
+    pub norm_seqs: Vec<(Vec<u32>, Vec<u32>)>,
     /// Raw held-out `(r_chosen, r_rejected)` of the latest [`Objective::evaluate`].
     pub last_eval: Option<(Vec<f32>, Vec<f32>)>,
     /// Training batches compute each prompt once ([`RewardConfig::share_prompts`]).
@@ -370,7 +371,7 @@ impl RewardObjective {
             Ok((
                 self.rm.pair_scores(&sb)?,
                 sb.margin.clone(),
-                sb.real_tokens(),
+                sb.batch.real_tokens(),
             ))
         } else {
             let pb = collate_pairs(rows, pad);
@@ -389,7 +390,7 @@ impl RewardObjective {
         if self.norm_seqs.is_empty() {
             return Ok(None);
         }
-        let raw = self.rm.raw_scores(
+        let raw = self.rm.raw_response_scores(
             &self.norm_seqs,
             self.tokenizer.pad_id(),
             self.eval_batch * 2,
@@ -600,16 +601,18 @@ pub fn train_reward_on(
             },
         )
         .with_context(|| format!("{}", p.display()))?;
-        t.into_iter().map(|x| x.input_ids).collect()
+        // Split where the loss starts, so that samples of one prompt share it when scored.
+        let split = |mut x: rlhf_data::tokenize::TokenizedSft| {
+            let k = x.loss_mask.iter().position(|&m| m).unwrap_or(0);
+            let response = x.input_ids.split_off(k);
+            (x.input_ids, response)
+        };
+        t.into_iter().map(split).collect()
     } else {
         train_t
             .iter()
             .flat_map(|p| {
-                [&p.chosen_ids, &p.rejected_ids].map(|r| {
-                    let mut s = p.prompt_ids.clone();
-                    s.extend_from_slice(r);
-                    s
-                })
+                [&p.chosen_ids, &p.rejected_ids].map(|r| (p.prompt_ids.clone(), r.clone()))
             })
             .collect()
     };

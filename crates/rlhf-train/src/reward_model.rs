@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_shared_pairs, SharedPairBatch};
+use rlhf_data::batch::{collate_shared, collate_shared_pairs, SharedBatch, SharedPairBatch};
 use rlhf_data::tokenize::TokenizedPair;
 use rlhf_model::heads::{last_token_positions, ScalarHead};
 use rlhf_model::weights::{RandomInit, SafetensorsSource};
@@ -67,7 +67,7 @@ impl RewardModel {
     /// Raw scores (tracked for gradients) of the distinct responses of a shared-prompt batch,
     /// `[sb.responses.len()]`: each read at the last token of its prompt + response, every
     /// prompt computed once ([`CausalLM::hidden_prefix_rows`]).
-    pub fn response_scores(&self, sb: &SharedPairBatch) -> Result<Tensor> {
+    pub fn response_scores(&self, sb: &SharedBatch) -> Result<Tensor> {
         let (n, t) = (sb.rows.len(), sb.seq_len);
         let ids = Tensor::from_vec(sb.input_ids.clone(), (n, t), &Device::Cpu)?;
         let h = self.model.hidden_prefix_rows(&ids, &sb.rows)?;
@@ -86,7 +86,7 @@ impl RewardModel {
     /// responses' first, then the rejected ones' (as [`rlhf_data::batch::PairBatch`] orders
     /// its rows).
     pub fn pair_scores(&self, sb: &SharedPairBatch) -> Result<Tensor> {
-        let s = self.response_scores(sb)?;
+        let s = self.response_scores(&sb.batch)?;
         let idx: Vec<u32> = (0..2)
             .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side] as u32))
             .collect();
@@ -107,13 +107,35 @@ impl RewardModel {
         let (mut rc, mut rr) = (vec![0f32; pairs.len()], vec![0f32; pairs.len()]);
         for c in rlhf_data::batch::length_chunks(&lens, batch) {
             let sb = collate_shared_pairs(c.iter().map(|&i| &pairs[i]), pad);
-            let s: Vec<f32> = self.response_scores(&sb)?.detach().to_vec1()?;
+            let s: Vec<f32> = self.response_scores(&sb.batch)?.detach().to_vec1()?;
             for (&i, [ch, rj]) in c.iter().zip(&sb.pair_responses) {
                 rc[i] = s[*ch];
                 rr[i] = s[*rj];
             }
         }
         Ok((rc, rr))
+    }
+
+    /// Raw scores of `(prompt, response)` items, no gradients: chunks of `chunk` items of similar
+    /// lengths, each prompt computed once per chunk; results in the order of `items`. The scores
+    /// of [`RewardModel::raw_scores`] on the items' prompt + response.
+    pub fn raw_response_scores(
+        &self,
+        items: &[(Vec<u32>, Vec<u32>)],
+        pad: u32,
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let _no_grad = rlhf_model::params::no_grad();
+        let lens: Vec<usize> = items.iter().map(|(p, r)| p.len() + r.len()).collect();
+        let mut out = vec![0f32; items.len()];
+        for c in rlhf_data::batch::length_chunks(&lens, chunk) {
+            let sb = collate_shared(c.iter().map(|&i| (&items[i].0[..], &items[i].1[..])), pad);
+            let s: Vec<f32> = self.response_scores(&sb)?.detach().to_vec1()?;
+            for (&i, &k) in c.iter().zip(&sb.item_response) {
+                out[i] = s[k];
+            }
+        }
+        Ok(out)
     }
 
     /// Normalised scores of whole token sequences, in chunks of `chunk` (see

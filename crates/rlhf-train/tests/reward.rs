@@ -449,14 +449,26 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
                 .raw_scores(&[[p, r].concat()], tok.pad_id(), 1)
                 .unwrap()[0]
         };
+        // (prompt, response) items (the normalisation set), in chunks of 5 of similar lengths.
+        let items: Vec<(Vec<u32>, Vec<u32>)> = pairs
+            .iter()
+            .flat_map(|p| {
+                [&p.chosen_ids, &p.rejected_ids].map(|r| (p.prompt_ids.clone(), r.clone()))
+            })
+            .collect();
+        let scored = obj.rm.raw_response_scores(&items, tok.pad_id(), 5).unwrap();
         for (i, p) in pairs.iter().enumerate() {
-            assert!(
-                (rc[i] - alone(&p.prompt_ids, &p.chosen_ids)).abs() < 1e-5,
-                "{arch}: pair {i}"
+            let (c, r) = (
+                alone(&p.prompt_ids, &p.chosen_ids),
+                alone(&p.prompt_ids, &p.rejected_ids),
             );
+            assert!((rc[i] - c).abs() < 1e-5, "{arch}: pair {i}");
+            assert!((rr[i] - r).abs() < 1e-5, "{arch}: pair {i}");
+            assert!((scored[2 * i] - c).abs() < 1e-5, "{arch}: item {}", 2 * i);
             assert!(
-                (rr[i] - alone(&p.prompt_ids, &p.rejected_ids)).abs() < 1e-5,
-                "{arch}: pair {i}"
+                (scored[2 * i + 1] - r).abs() < 1e-5,
+                "{arch}: item {}",
+                2 * i + 1
             );
         }
     }
