@@ -279,25 +279,50 @@ pub fn response_logps(model: &CausalLM, b: &Batch) -> Result<(Tensor, Vec<usize>
     if let Some(r) = counts.iter().position(|&c| c == 0) {
         bail!("row {r} of a preference batch has no response tokens")
     }
-    let k = idx.len();
     let d = model.hidden_size();
     let h = model
         .hidden(&ids, &mask)?
         .narrow(1, 0, t - 1)?
         .reshape((n * (t - 1), d))?;
-    let sel = h.index_select(&Tensor::from_vec(idx, (k,), &Device::Cpu)?, 0)?;
+    let sums = summed_logps(
+        model,
+        &h,
+        Predicted {
+            idx,
+            targets,
+            owner: row_of,
+        },
+        n,
+    )?;
+    Ok((sums, counts))
+}
+
+/// Which hidden states predict which tokens, and whose sum each belongs to.
+struct Predicted {
+    /// Rows of the flattened hidden states.
+    idx: Vec<u32>,
+    /// The token each of them predicts.
+    targets: Vec<u32>,
+    /// The sequence (`0..n`) each belongs to.
+    owner: Vec<usize>,
+}
+
+/// Per sequence `0..n`, the sum of log p(target) over its predicted tokens: only those rows of
+/// `hidden` (`[rows, d]`) go through the LM head. `[n]`, tracked for gradients.
+fn summed_logps(model: &CausalLM, hidden: &Tensor, p: Predicted, n: usize) -> Result<Tensor> {
+    let k = p.idx.len();
+    let sel = hidden.index_select(&Tensor::from_vec(p.idx, (k,), &Device::Cpu)?, 0)?;
     let logits = model.lm_logits(&sel)?;
     let lp = rlhf_model::fused::token_logprobs(
         &logits,
-        &Tensor::from_vec(targets, (k,), &Device::Cpu)?,
+        &Tensor::from_vec(p.targets, (k,), &Device::Cpu)?,
     )?;
     let mut seg = vec![0f32; n * k];
-    for (i, &r) in row_of.iter().enumerate() {
+    for (i, &r) in p.owner.iter().enumerate() {
         seg[r * k + i] = 1.0;
     }
     let seg = Tensor::from_vec(seg, (n, k), &Device::Cpu)?;
-    let sums = seg.matmul(&lp.reshape((k, 1))?)?.squeeze(1)?;
-    Ok((sums, counts))
+    Ok(seg.matmul(&lp.reshape((k, 1))?)?.squeeze(1)?)
 }
 
 /// Log-probs of the distinct responses of a shared-prompt batch, each summed over its tokens:
@@ -323,26 +348,15 @@ pub fn shared_response_logps(model: &CausalLM, sb: &SharedBatch) -> Result<(Tens
     if let Some(k) = counts.iter().position(|&c| c == 0) {
         bail!("response {k} of a preference batch has no predicted tokens (empty response, or a one-token response to an empty prompt)")
     }
-    let k = idx.len();
     let ids = Tensor::from_vec(sb.input_ids.clone(), (n, t), &Device::Cpu)?;
     let h = model.hidden_prefix_rows(&ids, &sb.rows)?;
-    let d = h.dim(2)?;
-    let sel = h
-        .reshape((n * t, d))?
-        .index_select(&Tensor::from_vec(idx, (k,), &Device::Cpu)?, 0)?;
-    let logits = model.lm_logits(&sel)?;
-    let lp = rlhf_model::fused::token_logprobs(
-        &logits,
-        &Tensor::from_vec(targets, (k,), &Device::Cpu)?,
-    )?;
-    let m = sb.responses.len();
-    let mut seg = vec![0f32; m * k];
-    for (i, &r) in resp_of.iter().enumerate() {
-        seg[r * k + i] = 1.0;
-    }
-    let seg = Tensor::from_vec(seg, (m, k), &Device::Cpu)?;
-    let sums = seg.matmul(&lp.reshape((k, 1))?)?.squeeze(1)?;
-    Ok((sums, counts))
+    let h = h.reshape((n * t, h.dim(2)?))?;
+    let p = Predicted {
+        idx,
+        targets,
+        owner: resp_of,
+    };
+    Ok((summed_logps(model, &h, p, sb.responses.len())?, counts))
 }
 
 /// [`shared_response_logps`] per pair: `[2B]` (chosen first, then rejected, as
