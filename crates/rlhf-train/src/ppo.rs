@@ -40,7 +40,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rlhf_data::batch::{epoch_permutation, DataOrder};
 use rlhf_data::formats::{load_prompts, load_text_prompts, Prompt};
-use rlhf_data::tokenize::tokenize_prompt;
+use rlhf_data::tokenize::{tokenize_prompt, MAX_SEGMENTS};
 use rlhf_model::heads::ScalarHead;
 use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::params::{Param, ParamStore};
@@ -104,6 +104,12 @@ pub struct PpoConfig {
     /// `batch/real_tokens` in the metrics is the share of the update's tokens that are not
     /// padding.
     pub group_by_length: bool,
+    /// Pack each minibatch's prompt + response sequences back to back into rows as wide as its
+    /// longest sequence (first-fit decreasing; each sequence attends only to itself, its
+    /// positions counted from its own start), instead of one row per sequence with the prompt
+    /// left-padded and the response right-padded. The same log-probs, values and gradients, up
+    /// to float rounding, with little padding left to compute.
+    pub pack_sequences: bool,
 
     pub max_new_tokens: usize,
     /// Sampling temperature (> 0); log-probs are always computed with logits / T.
@@ -191,6 +197,7 @@ impl Default for PpoConfig {
             minibatch_size: 16,
             ppo_epochs: 4,
             group_by_length: false,
+            pack_sequences: true,
             max_new_tokens: 48,
             temperature: 0.7,
             top_k: 0,
@@ -389,14 +396,23 @@ pub fn explained_variance(values: &[Vec<f32>], returns: &[Vec<f32>]) -> f64 {
 // Minibatch tensors: left-padded prompts, right-padded responses
 // ---------------------------------------------------------------------------------------------
 
-/// One minibatch as model input. Row r: `[pad… prompt | response pad…]`, prompt left-padded to
-/// `tp`, response right-padded to `tr`. Hidden state at slot `tp − 1 + j` predicts response
-/// token j, so response position j's log-prob and value are read there.
+/// One minibatch as model input, in one of two layouts:
+/// - [`MbInput::new`]: row r is `[pad… prompt | response pad…]`, the prompt left-padded to `tp`,
+///   the response right-padded to `tr`. The hidden state at slot `tp − 1 + j` predicts response
+///   token j, so response position j's log-prob and value are read there.
+/// - [`MbInput::packed`]: sequences `[prompt | response]` back to back in rows, each its own
+///   segment of the mask; `gather` names the slot that predicts each response token.
+///
+/// Either way the outputs are `[n, tr]`: one row per sequence, responses right-padded.
 pub struct MbInput {
     pub ids: Tensor,
     pub mask: Vec<Vec<u8>>,
+    /// The prompts' padded width (left-padded layout; 0 when packed).
     pub tp: usize,
     pub tr: usize,
+    /// Packed layout: the row of the flattened `[rows·width]` hidden states that predicts
+    /// response token j of sequence i, at `i·tr + j` (past a response's end: its last token's).
+    pub gather: Option<Tensor>,
     /// Response tokens (pad where padded), flattened [n·tr].
     pub targets: Tensor,
     /// 1 on response tokens, 0 on response padding: [n, tr] u8.
@@ -441,10 +457,84 @@ impl MbInput {
             mask,
             tp,
             tr,
+            gather: None,
             targets: Tensor::from_vec(targets, (n * tr,), &Device::Cpu)?,
             rmask: Tensor::from_vec(rmask, (n, tr), &Device::Cpu)?,
             lens: responses.iter().map(|r| r.len()).collect(),
         })
+    }
+
+    /// The packed layout: prompt + response sequences back to back in rows as wide as the
+    /// longest, placed first-fit, longest first (at most [`MAX_SEGMENTS`] to a row). Every
+    /// prompt must be non-empty (its last token predicts the response's first).
+    pub fn packed(prompts: &[&[u32]], responses: &[&[u32]], pad: u32) -> Result<Self> {
+        let n = prompts.len();
+        if n == 0 || n != responses.len() {
+            bail!("minibatch: {} prompts, {} responses", n, responses.len())
+        }
+        if prompts.iter().any(|p| p.is_empty()) || responses.iter().all(|r| r.is_empty()) {
+            bail!("minibatch with an empty prompt or no response tokens")
+        }
+        let tr = responses.iter().map(|r| r.len()).max().unwrap_or(0);
+        let len = |i: usize| prompts[i].len() + responses[i].len();
+        let width = (0..n).map(len).max().unwrap_or(0);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(len(i)), i));
+        // rows[k] = (sequences, used width); start[i] = (row, first slot) of sequence i.
+        let mut rows: Vec<(Vec<usize>, usize)> = vec![];
+        let mut start = vec![(0usize, 0usize); n];
+        for i in order {
+            let fit = rows
+                .iter()
+                .position(|(seqs, used)| used + len(i) <= width && seqs.len() < MAX_SEGMENTS);
+            let k = fit.unwrap_or_else(|| {
+                rows.push((vec![], 0));
+                rows.len() - 1
+            });
+            start[i] = (k, rows[k].1);
+            rows[k].0.push(i);
+            rows[k].1 += len(i);
+        }
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut mask = Vec::with_capacity(rows.len());
+        for (seqs, used) in &rows {
+            let mut m = Vec::with_capacity(width);
+            for (k, &i) in seqs.iter().enumerate() {
+                ids.extend_from_slice(prompts[i]);
+                ids.extend_from_slice(responses[i]);
+                m.extend(std::iter::repeat_n(k as u8 + 1, len(i)));
+            }
+            ids.extend(std::iter::repeat_n(pad, width - used));
+            m.resize(width, 0);
+            mask.push(m);
+        }
+        let mut gather = Vec::with_capacity(n * tr);
+        let mut targets = Vec::with_capacity(n * tr);
+        let mut rmask = Vec::with_capacity(n * tr);
+        for (i, (p, r)) in prompts.iter().zip(responses).enumerate() {
+            let (row, s) = start[i];
+            let first = row * width + s + p.len() - 1;
+            gather.extend((0..tr).map(|j| (first + j.min(r.len().saturating_sub(1))) as u32));
+            targets.extend_from_slice(r);
+            targets.extend(std::iter::repeat_n(pad, tr - r.len()));
+            rmask.extend(std::iter::repeat_n(1u8, r.len()));
+            rmask.extend(std::iter::repeat_n(0u8, tr - r.len()));
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu)?,
+            mask,
+            tp: 0,
+            tr,
+            gather: Some(Tensor::from_vec(gather, (n * tr,), &Device::Cpu)?),
+            targets: Tensor::from_vec(targets, (n * tr,), &Device::Cpu)?,
+            rmask: Tensor::from_vec(rmask, (n, tr), &Device::Cpu)?,
+            lens: responses.iter().map(|r| r.len()).collect(),
+        })
+    }
+
+    /// Token slots the model computes (real and padding).
+    pub fn slots(&self) -> usize {
+        self.ids.elem_count()
     }
 
     pub fn n(&self) -> usize {
@@ -453,7 +543,14 @@ impl MbInput {
 
     /// Hidden states at the slots that predict response tokens: [n, tr, d].
     fn response_hidden(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(h.narrow(1, self.tp - 1, self.tr)?)
+        match &self.gather {
+            None => Ok(h.narrow(1, self.tp - 1, self.tr)?),
+            Some(g) => {
+                let (b, t, d) = h.dims3()?;
+                let x = h.reshape((b * t, d))?.index_select(g, 0)?;
+                Ok(x.reshape((self.n(), self.tr, d))?)
+            }
+        }
     }
 
     /// Ragged rows (true lengths) of a [n, tr] tensor.
@@ -779,7 +876,10 @@ impl PpoTrainer {
             .map(|&i| self.prompts[ro.prompt_idx[i]].as_slice())
             .collect();
         let r: Vec<&[u32]> = rows.iter().map(|&i| ro.responses[i].as_slice()).collect();
-        MbInput::new(&p, &r, self.pad)
+        match self.cfg.pack_sequences {
+            true => MbInput::packed(&p, &r, self.pad),
+            false => MbInput::new(&p, &r, self.pad),
+        }
     }
 
     fn gen_seed(&self, iteration: usize) -> u64 {
@@ -1137,7 +1237,7 @@ impl PpoTrainer {
             for rows in self.minibatches(ro, it, epoch) {
                 let mb = self.mb_input(ro, &rows)?;
                 train_tokens += mb.mask.iter().flatten().filter(|&&x| x != 0).count();
-                padded_tokens += mb.n() * (mb.tp + mb.tr);
+                padded_tokens += mb.slots();
                 fn pick<'a>(v: &'a [Vec<f32>], rows: &[usize]) -> Vec<&'a [f32]> {
                     rows.iter().map(|&i| v[i].as_slice()).collect()
                 }

@@ -6,6 +6,10 @@
 use std::cell::Cell;
 use std::path::PathBuf;
 
+// Gradient comparison helpers (its pair builders are for the reward and DPO tests).
+#[allow(dead_code)]
+mod shared_prompts;
+
 use anyhow::Result;
 use rlhf_data::vocab::word_level_tokenizer;
 use rlhf_model::{
@@ -460,6 +464,66 @@ fn exploding_kl_stops_at_max_kl_naming_a_checkpoint_from_before_it() {
         "iteration {it}, named step {named}: {err}"
     );
     std::fs::remove_dir_all(&out).ok();
+}
+
+/// Packed minibatches (sequences back to back in rows, each its own segment) give the
+/// log-probs, values and gradients of the left/right-padded layout, from fewer slots; with an
+/// empty response among them, and a separate critic that runs its own forward.
+#[test]
+fn packed_minibatches_give_the_padded_layouts_logprobs_values_and_gradients() {
+    let tok = tok();
+    let long: Vec<u32> = prompts(&tok).concat();
+    assert!(long.len() >= 24);
+    let p: Vec<Vec<u32>> = (0..9).map(|i| long[..1 + (i * 7) % 16].to_vec()).collect();
+    let r: Vec<Vec<u32>> = (0..9)
+        .map(|i| long[(i * 3) % 10..(i * 3) % 10 + (i * 5) % 13].to_vec())
+        .collect();
+    assert!(r[0].is_empty());
+    let pr: Vec<&[u32]> = p.iter().map(|x| x.as_slice()).collect();
+    let rr: Vec<&[u32]> = r.iter().map(|x| x.as_slice()).collect();
+    let policy = tiny_gpt2(&tok, 5);
+    let critic = ValueFunction::separate(tiny_gpt2(&tok, 6)).unwrap();
+    let mut params = policy.params.trainable();
+    params.extend(critic.trainable());
+    let run = |mb: &MbInput| {
+        let (h, _, lp) = policy_forward(&policy, mb, 0.7).unwrap();
+        let v = critic.values(mb, &h).unwrap();
+        let m = mb.rmask.to_dtype(rlhf_model::DType::F32).unwrap();
+        // A loss that weighs every response position differently.
+        let w: Vec<f32> = (0..mb.n() * mb.tr)
+            .map(|k| 1.0 + (k % 7) as f32 / 7.0)
+            .collect();
+        let w = Tensor::from_vec(w, (mb.n(), mb.tr), &Device::Cpu).unwrap();
+        let lm = (&m * &w).unwrap();
+        let loss = ((lp.clone() * &lm).unwrap().sum_all().unwrap()
+            + (v.sqr().unwrap() * &lm).unwrap().sum_all().unwrap())
+        .unwrap();
+        let g = shared_prompts::grads_of(&loss, &params);
+        (mb.rows(&lp).unwrap(), mb.rows(&v).unwrap(), g)
+    };
+    let padded = MbInput::new(&pr, &rr, tok.pad_id()).unwrap();
+    let packed = MbInput::packed(&pr, &rr, tok.pad_id()).unwrap();
+    let real: usize = (0..9).map(|i| p[i].len() + r[i].len()).sum();
+    eprintln!(
+        "slots: padded {}, packed {}, real {real}",
+        padded.slots(),
+        packed.slots()
+    );
+    assert!(packed.slots() * 10 < padded.slots() * 8);
+    let (lp0, v0, g0) = run(&padded);
+    let (lp1, v1, g1) = run(&packed);
+    for i in 0..9 {
+        assert_eq!(lp1[i].len(), r[i].len());
+        for (a, b) in lp0[i].iter().zip(&lp1[i]).chain(v0[i].iter().zip(&v1[i])) {
+            assert!(
+                (a - b).abs() < 1e-5 * (1.0 + a.abs()),
+                "sequence {i}: {a} vs {b}"
+            );
+        }
+    }
+    shared_prompts::assert_same_gradients("packed", &g1, &g0);
+    // Only empty prompts are refused.
+    assert!(MbInput::packed(&[&[]], &[&[3]], 0).is_err());
 }
 
 #[test]

@@ -92,7 +92,7 @@ pub fn assert_layouts_agree(
 }
 
 /// The gradient of `loss` for each of `params` (zeros where the loss does not reach one).
-fn grads_of(loss: &Tensor, params: &[Param]) -> Vec<Vec<f32>> {
+pub fn grads_of(loss: &Tensor, params: &[Param]) -> Vec<Vec<f32>> {
     let g = loss.backward().unwrap();
     params
         .iter()
@@ -105,7 +105,7 @@ fn grads_of(loss: &Tensor, params: &[Param]) -> Vec<Vec<f32>> {
 
 /// Each parameter's gradient equal to 0.1% of its largest entry (plus 0.001% of the largest
 /// entry of any, for parameters whose gradient nearly cancels); some gradient not vanishing.
-fn assert_same_gradients(tag: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
+pub fn assert_same_gradients(tag: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     let top = |g: &[f32]| g.iter().fold(0f32, |s, x| s.max(x.abs()));
     let global = want.iter().map(|g| top(g)).fold(0f32, f32::max);
     assert!(global > 1e-3, "{tag}: gradients vanish: {global}");
