@@ -124,12 +124,24 @@ pub fn length_chunks(lens: &[usize], per_chunk: usize) -> Vec<Vec<usize>> {
 /// The share of a batching's padded tokens that are real: each batch (of item indices) pads
 /// to its longest item, `lens[i]` being item `i`'s length.
 pub fn real_token_share(batches: &[Vec<usize>], lens: &[usize]) -> f64 {
-    let (mut real, mut padded) = (0usize, 0usize);
-    for b in batches {
-        real += b.iter().map(|&i| lens[i]).sum::<usize>();
-        padded += b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0);
-    }
-    real as f64 / padded.max(1) as f64
+    token_share(batches.iter().map(|b| padded_tokens(b, lens)))
+}
+
+/// Real tokens and padded slots of one batch of items (one row each, padded to the longest).
+pub fn padded_tokens(batch: &[usize], lens: &[usize]) -> (usize, usize) {
+    let real = batch.iter().map(|&i| lens[i]).sum();
+    (
+        real,
+        batch.len() * batch.iter().map(|&i| lens[i]).max().unwrap_or(0),
+    )
+}
+
+/// Real tokens over slots, summed over batches' `(real, slots)`.
+pub fn token_share(batches: impl IntoIterator<Item = (usize, usize)>) -> f64 {
+    let (real, slots) = batches
+        .into_iter()
+        .fold((0, 0), |(r, s), (a, b)| (r + a, s + b));
+    real as f64 / slots.max(1) as f64
 }
 
 /// Left-pad prompts for generation: `(ids, attention_mask, seq_len)`, row-major.
@@ -255,6 +267,11 @@ impl SharedBatch {
     /// Real (non-padding) tokens.
     pub fn real_tokens(&self) -> usize {
         self.rows.iter().map(PrefixRow::len).sum()
+    }
+
+    /// Slots the model computes: rows × width.
+    pub fn slots(&self) -> usize {
+        self.rows.len() * self.seq_len
     }
 }
 

@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::Scalars;
 use crate::reward::{
-    accuracy_report, batch_tensors, log_sigmoid, softplus_f64, tokenize_pairs_warn,
-    train_eval_pairs, train_last_layers, AccuracyReport,
+    accuracy_report, batch_tensors, log_sigmoid, pair_batch_tokens, softplus_f64,
+    tokenize_pairs_warn, train_eval_pairs, train_last_layers, AccuracyReport,
 };
 use crate::sft::{load_policy, save_policy, warn_memory};
 use crate::trainer::{Objective, RunSummary, StepOut, TrainConfig, Trainer};
@@ -573,6 +573,9 @@ impl Objective for DpoObjective {
     }
     fn lengths(&self) -> Option<Vec<usize>> {
         Some(self.lengths_of(&self.train))
+    }
+    fn batch_tokens(&self, items: &[usize], _lengths: &[usize]) -> (usize, usize) {
+        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), self.share_prompts)
     }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()

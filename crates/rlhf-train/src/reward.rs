@@ -177,6 +177,22 @@ pub fn pair_metrics(rc: &[f32], rr: &[f32], margins: &[f32]) -> Scalars {
 // Helpers shared with DPO
 // ---------------------------------------------------------------------------------------------
 
+/// Real tokens and computed slots of a batch of `pairs`, laid out with prompts shared or one
+/// row per response (the padding report).
+pub fn pair_batch_tokens<'a>(
+    pairs: impl IntoIterator<Item = &'a TokenizedPair>,
+    share_prompts: bool,
+) -> (usize, usize) {
+    if share_prompts {
+        let sb = collate_shared_pairs(pairs, 0).batch;
+        (sb.real_tokens(), sb.slots())
+    } else {
+        let b = collate_pairs(pairs, 0).batch;
+        let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
+        (real, b.batch * b.seq_len)
+    }
+}
+
 /// Token ids `[b, t]` and the mask rows of a right-padded batch.
 pub fn batch_tensors(b: &Batch) -> Result<(Tensor, Vec<Vec<u8>>)> {
     let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq_len), &Device::Cpu)?;
@@ -424,6 +440,9 @@ impl Objective for RewardObjective {
             false => TokenizedPair::len,
         };
         Some(self.train.iter().map(len).collect())
+    }
+    fn batch_tokens(&self, items: &[usize], _lengths: &[usize]) -> (usize, usize) {
+        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), self.share_prompts)
     }
     fn groups(&self) -> Option<Vec<usize>> {
         Some(self.train.iter().map(|p| p.group).collect())

@@ -114,6 +114,12 @@ pub trait Objective {
     fn lengths(&self) -> Option<Vec<usize>> {
         None
     }
+    /// Real tokens and computed slots (real + padding) of the micro-batch `items`, given every
+    /// item's [`Objective::lengths`] (for the padding report): by default one row per item,
+    /// padded to the longest.
+    fn batch_tokens(&self, items: &[usize], lengths: &[usize]) -> (usize, usize) {
+        rlhf_data::batch::padded_tokens(items, lengths)
+    }
     /// Called once before training when the loop batches items by length, with the
     /// micro-batch size: a loss that averages over tokens should then weigh a token alike in
     /// every batch (SFT); a loss that averages over items needs nothing.
@@ -245,7 +251,9 @@ impl Trainer {
         };
         let plan_for = |epoch: u64| plan_with(epoch, cfg.group_by_length);
         if let (Some(l), 0) = (&lengths, state.step) {
-            let share = |plan: &[Vec<usize>]| rlhf_data::batch::real_token_share(plan, l);
+            let share = |plan: &[Vec<usize>]| {
+                rlhf_data::batch::token_share(plan.iter().map(|b| obj.batch_tokens(b, l)))
+            };
             let now = share(&plan_with(0, cfg.group_by_length));
             if cfg.group_by_length {
                 eprintln!(

@@ -442,6 +442,24 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
         };
         let m = shared_prompts::assert_layouts_agree(arch, step, &params);
         assert!(m["accuracy"] > 0.0 && m["accuracy"] < 1.0, "{arch}: {m:?}");
+        // The padding report counts the layout that runs: the shared rows' tokens and slots.
+        let report = |obj: &mut RewardObjective, share| {
+            obj.share_prompts = share;
+            obj.batch_tokens(&items, &obj.lengths().unwrap())
+        };
+        let (single, shared) = (report(&mut obj, false), report(&mut obj, true));
+        let real = |p: &rlhf_data::tokenize::TokenizedPair| {
+            2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()
+        };
+        assert_eq!(
+            single.0,
+            pairs.iter().map(real).sum::<usize>(),
+            "{arch}: {single:?}"
+        );
+        assert!(
+            shared.0 * 10 < single.0 * 7 && shared.1 < single.1,
+            "{arch}: {shared:?} vs {single:?}"
+        );
         // Scoring without gradients shares prompts too, with the same numbers.
         let (rc, rr) = rlhf_train::reward::score_tokenized_pairs(&obj.rm, &tok, &pairs, 3).unwrap();
         let alone = |p: &[u32], r: &[u32]| {
