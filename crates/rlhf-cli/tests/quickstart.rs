@@ -1,6 +1,7 @@
 //! The quickstart end to end (CI preset: a small but real run): interrupted with Ctrl-C after
 //! SFT, re-run resumes without redoing SFT, and the result shows RLHF working — the PPO policy's
-//! gold utility above SFT's, KL bounded, the reward model near the annotators' agreement.
+//! gold utility above SFT's, KL bounded, the reward model's accuracy below the ceiling that the
+//! annotators' agreement sets.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -140,12 +141,27 @@ fn quickstart_ci_preset_improves_gold_utility_and_resumes_after_ctrl_c() {
     let rounds = r["rounds"].as_array().unwrap();
     let last = rounds.last().unwrap();
     let acc = last["rm_heldout_acc"].as_f64().unwrap();
-    let ceiling = last["annotator_agreement"].as_f64().unwrap();
-    eprintln!("RM held-out accuracy {acc:.3}, annotator agreement {ceiling:.3}");
-    assert!(
-        acc > 0.6 && acc <= ceiling + 0.08,
-        "RM accuracy {acc} vs ceiling {ceiling}"
+    let agreement = last["annotator_agreement"].as_f64().unwrap();
+    // A judge who knew the true preference agrees with one annotator on (1 + √(2a − 1))/2 of
+    // the pairs when two annotators agree on a (each flipping a share e: a = 1 − 2e(1 − e)).
+    let ceiling = (1.0 + (2.0 * agreement - 1.0).max(0.0).sqrt()) / 2.0;
+    eprintln!(
+        "RM held-out accuracy {acc:.3}, annotator agreement {agreement:.3}, ceiling {ceiling:.3}"
     );
-    assert!(last["alpha"].as_f64().unwrap() > 0.5);
+    assert!(
+        acc > 0.6 && acc <= ceiling + 0.05,
+        "RM accuracy {acc} vs ceiling {ceiling} (agreement {agreement})"
+    );
+    // The annotators are consistent: strongly on round 1's SFT samples (the same for every
+    // code version), and above chance on every round. A later round's candidates come from the
+    // previous round's policies, whose trajectories move with the last bits of the reward model
+    // (PPO amplifies them), and candidates closer in quality are harder to rank alike.
+    let alphas: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["alpha"].as_f64().unwrap())
+        .collect();
+    eprintln!("Krippendorff α per round: {alphas:?}");
+    assert!(alphas[0] > 0.7, "round 1: α {}", alphas[0]);
+    assert!(alphas.iter().all(|&a| a > 0.3), "α per round: {alphas:?}");
     std::fs::remove_dir_all(&out).ok();
 }

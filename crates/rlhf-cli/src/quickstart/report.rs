@@ -65,7 +65,8 @@ pub struct RoundReport {
     pub alpha: f64,
     #[serde(deserialize_with = "nan")]
     pub kappa: f64,
-    /// Mean pairwise agreement between annotators on derived pairs: the ceiling for RM accuracy.
+    /// Mean pairwise agreement between annotators on derived pairs ([`accuracy_ceiling`] turns
+    /// it into the ceiling for RM accuracy).
     #[serde(deserialize_with = "nan")]
     pub annotator_agreement: f64,
     #[serde(deserialize_with = "nan")]
@@ -175,8 +176,12 @@ pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
     let mut rows = vec![];
     for rr in &r.rounds {
         rows.push((
-            format!("r{} annotator agreement (ceiling)", rr.round),
+            format!("r{} annotator agreement", rr.round),
             rr.annotator_agreement,
+        ));
+        rows.push((
+            format!("r{} RM ceiling (from agreement)", rr.round),
+            accuracy_ceiling(rr.annotator_agreement),
         ));
         rows.push((
             format!("r{} RM held-out accuracy", rr.round),
@@ -191,6 +196,14 @@ pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
         bar_chart("Annotators and the reward model", &rows, 1.0),
     ));
     out
+}
+
+/// The accuracy against one annotator's labels of a judge who knows the true preference, when
+/// two annotators agree on a share `agreement` of pairs: each flips a share e with
+/// `1 − 2e(1 − e) = agreement`, so the judge agrees on `1 − e = (1 + √(2·agreement − 1))/2`.
+/// (With some pairs harder than others this is still an upper bound: the map is concave.)
+pub fn accuracy_ceiling(agreement: f64) -> f64 {
+    (1.0 + (2.0 * agreement - 1.0).max(0.0).sqrt()) / 2.0
 }
 
 const CSS: &str = r#"
@@ -273,7 +286,7 @@ pub fn html(r: &Report) -> String {
         );
     }
     let _ = write!(h, "</table>");
-    let _ = write!(h, "<p class=note>The reward model is trained on the simulated annotators' rankings, so it can be no more accurate on held-out pairs than the annotators agree with each other (the ceiling). PPO optimises the reward model, a proxy: the first chart shows whether gold utility keeps rising with the proxy or falls behind it (reward over-optimisation); the second how much KL from the SFT policy each method spends for its gain.</p>");
+    let _ = write!(h, "<p class=note>The reward model is trained on the simulated annotators' rankings, so on held-out pairs (each labelled by one annotator) it can in expectation be no more accurate than a judge who knew the true preference: if each annotator flips a share e of pairs, two agree on a = 1 − 2e(1 − e) of them and the true judge on 1 − e = (1 + √(2a − 1))/2, the ceiling — above the agreement itself (a = 0.59 gives 0.71). PPO optimises the reward model, a proxy: the first chart shows whether gold utility keeps rising with the proxy or falls behind it (reward over-optimisation); the second how much KL from the SFT policy each method spends for its gain.</p>");
     let _ = write!(h, "<h2>Samples (eval prompts)</h2>");
     for s in &r.samples {
         let _ = write!(
@@ -387,6 +400,19 @@ pub fn svg_to_png(svg: &str, fonts: &PngFonts, scale: f32) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Annotators who each flip a share e of pairs agree on 1 − 2e(1 − e); the ceiling recovers
+    /// 1 − e, lies above the agreement, and is 1 at full agreement and ½ at chance.
+    #[test]
+    fn accuracy_ceiling_inverts_the_agreement_of_two_noisy_annotators() {
+        for e in [0.0, 0.05, 0.15, 0.29, 0.4, 0.5] {
+            let a = 1.0 - 2.0 * e * (1.0 - e);
+            assert!((accuracy_ceiling(a) - (1.0 - e)).abs() < 1e-12, "e = {e}");
+            assert!(accuracy_ceiling(a) >= a);
+        }
+        assert!((accuracy_ceiling(0.59) - 0.712).abs() < 1e-3);
+        assert_eq!(accuracy_ceiling(0.3), 0.5);
+    }
 
     fn pixels(png: &[u8]) -> Vec<u8> {
         resvg::tiny_skia::Pixmap::decode_png(png)

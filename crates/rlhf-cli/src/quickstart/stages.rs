@@ -315,7 +315,8 @@ pub fn annotate(ctx: &Ctx, round: usize, c: &Candidates) -> Result<Annotation> {
         let report = store.agreement_report(project.id).await?;
         anyhow::Ok((report, pairs.len()))
     })?;
-    // Annotator-vs-annotator agreement on derived pairs: the ceiling for a reward model.
+    // Annotator-vs-annotator agreement on derived pairs: it sets the ceiling for a reward model
+    // (report::accuracy_ceiling).
     let agreement = panel_agreement(&panel, c, ctx.args.seed ^ round as u64);
     Ok(Annotation {
         n_items: c.prompts.len(),
