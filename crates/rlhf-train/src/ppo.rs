@@ -10,7 +10,10 @@
 //! 2. **Log-probs are recomputed** with a forward pass over prompt+response, logits / T, in the
 //!    exact minibatches of the first PPO epoch: the first minibatch of the first epoch then sees
 //!    bit-identical old and new log-probs (ratio exactly 1, approx-KL exactly 0). The generator's
-//!    own log-probs are only compared against them (`sanity/gen_logprob_max_diff`).
+//!    own log-probs are only compared against them (`sanity/gen_logprob_max_diff`). Every
+//!    forward over a minibatch packs its prompt+response sequences back to back, each its own
+//!    attention segment ([`MbInput::packed`], `pack_sequences`), instead of padding each to the
+//!    minibatch's longest prompt and response: the same numbers from about half the slots.
 //! 3. **Reference** log-probs: the frozen SFT model — with LoRA, the policy itself with adapters
 //!    disabled (no second copy of the weights).
 //! 4. **Score** by a pluggable [`RewardFn`] (a [`RewardModel`] or a closure); optional batch
