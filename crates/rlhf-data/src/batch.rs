@@ -275,28 +275,47 @@ impl SharedBatch {
     }
 }
 
+/// How many attention keys cost as much as one token through a layer's products, for a model
+/// of hidden size `d`: a key costs ≈ 4·d multiply-adds per query (q·k and p·v), a token ≈ 24·d²
+/// through GPT-2's projections and MLP (more with Llama's wider MLP), so ≈ 6·d keys.
+pub fn key_ratio(hidden_size: usize) -> usize {
+    6 * hidden_size
+}
+
 /// Collate `(prompt, response)` items into a [`SharedBatch`]: each distinct prompt once, each
-/// distinct response to it once.
+/// distinct response to it once. A response joins its prompt's row while that pays: its
+/// queries also compute (masked) scores over the row's earlier responses, `len × earlier`
+/// keys, which must cost less than the prompt it saves, `key_ratio` ([`key_ratio`]) keys per
+/// prompt token; otherwise it starts another row of the same prompt. (Long responses to a short
+/// prompt, K of them, would otherwise spend ~K²/2 response lengths of attention.)
 pub fn collate_shared<'a>(
     items: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
     pad_id: u32,
+    key_ratio: usize,
 ) -> SharedBatch {
-    let mut row_of: HashMap<&[u32], usize> = HashMap::new();
+    // The prompt's latest row, and the response tokens already in it.
+    let mut row_of: HashMap<&[u32], (usize, usize)> = HashMap::new();
     let mut row_ids: Vec<Vec<u32>> = vec![];
     let mut rows: Vec<PrefixRow> = vec![];
-    let mut response_of: HashMap<(usize, &[u32]), usize> = HashMap::new();
+    let mut response_of: HashMap<(&[u32], &[u32]), usize> = HashMap::new();
     let mut responses: Vec<ResponseSlot> = vec![];
     let mut item_response = vec![];
     for (prompt, resp) in items {
-        let r = *row_of.entry(prompt).or_insert_with(|| {
-            row_ids.push(prompt.to_vec());
-            rows.push(PrefixRow {
-                prompt: prompt.len(),
-                responses: vec![],
-            });
-            rows.len() - 1
-        });
-        let k = *response_of.entry((r, resp)).or_insert_with(|| {
+        let k = *response_of.entry((prompt, resp)).or_insert_with(|| {
+            let joins =
+                |&(_, earlier): &(usize, usize)| resp.len() * earlier <= key_ratio * prompt.len();
+            let (r, _) = match row_of.get(prompt).filter(|x| joins(x)) {
+                Some(&x) => x,
+                None => {
+                    row_ids.push(prompt.to_vec());
+                    rows.push(PrefixRow {
+                        prompt: prompt.len(),
+                        responses: vec![],
+                    });
+                    (rows.len() - 1, 0)
+                }
+            };
+            row_of.insert(prompt, (r, row_ids[r].len() - prompt.len() + resp.len()));
             responses.push(ResponseSlot {
                 row: r,
                 prompt_len: rows[r].prompt,
@@ -345,16 +364,17 @@ impl SharedPairBatch {
     }
 }
 
-/// Collate preference pairs into a [`SharedPairBatch`].
+/// Collate preference pairs into a [`SharedPairBatch`] (rows as [`collate_shared`] builds them).
 pub fn collate_shared_pairs<'a>(
     pairs: impl IntoIterator<Item = &'a TokenizedPair>,
     pad_id: u32,
+    key_ratio: usize,
 ) -> SharedPairBatch {
     let pairs: Vec<&TokenizedPair> = pairs.into_iter().collect();
     let items = pairs.iter().flat_map(|p| {
         [&p.chosen_ids, &p.rejected_ids].map(|r| (p.prompt_ids.as_slice(), r.as_slice()))
     });
-    let batch = collate_shared(items, pad_id);
+    let batch = collate_shared(items, pad_id, key_ratio);
     let pair_responses = batch
         .item_response
         .chunks(2)
@@ -718,7 +738,7 @@ mod tests {
             pair(&[1, 2], a, c, 0),
             pair(&[1, 2], b, c, 0),
         ];
-        let sp = collate_shared_pairs(&pairs, 0);
+        let sp = collate_shared_pairs(&pairs, 0, 1 << 16);
         assert_eq!(sp.pairs(), 4);
         let sb = &sp.batch;
         assert_eq!(sb.seq_len, 8);
@@ -763,6 +783,47 @@ mod tests {
             pb.batch.attention_mask.iter().filter(|&&m| m != 0).count(),
             27
         );
+    }
+
+    /// A response joins its prompt's row while the keys its queries compute over the row's
+    /// earlier responses (len × earlier) cost less than the prompt it saves (key_ratio × prompt
+    /// tokens); otherwise the prompt gets another row. A repeated response keeps its slot.
+    #[test]
+    fn shared_rows_split_when_attention_over_earlier_responses_would_cost_more_than_the_prompt() {
+        let p = [1u32, 2];
+        let (a, b, c) = ([3u32; 10], [4u32; 10], [5u32; 10]);
+        let items = [
+            (&p[..], &a[..]),
+            (&p[..], &b[..]),
+            (&p[..], &c[..]),
+            (&p[..], &a[..]),
+        ];
+        let layout = |key_ratio| {
+            let sb = collate_shared(items, 0, key_ratio);
+            let rows: Vec<Vec<usize>> = sb.rows.iter().map(|r| r.responses.clone()).collect();
+            (rows, sb.item_response, sb.seq_len)
+        };
+        // Always worth it: one row of the prompt and three responses.
+        assert_eq!(
+            layout(1 << 16),
+            (vec![vec![10, 10, 10]], vec![0, 1, 2, 0], 32)
+        );
+        // 10 × 10 = 100 ≤ 50 × 2 joins; 10 × 20 = 200 does not.
+        assert_eq!(
+            layout(50),
+            (vec![vec![10, 10], vec![10]], vec![0, 1, 2, 0], 22)
+        );
+        // Never worth it: one row per response, each with the prompt.
+        let (rows, of_item, width) = layout(6);
+        assert_eq!(
+            (rows, of_item, width),
+            (vec![vec![10]; 3], vec![0, 1, 2, 0], 12)
+        );
+        let sb = collate_shared(items, 0, 6);
+        assert_eq!(&sb.input_ids[12..24], &[1, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
+        assert_eq!(sb.responses[2].row, 2);
+        assert_eq!(sb.responses[2].predictor(0), Some(1));
+        assert_eq!(key_ratio(576), 3456);
     }
 
     #[test]

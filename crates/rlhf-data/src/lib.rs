@@ -19,8 +19,8 @@ pub mod world;
 
 pub use batch::{
     collate_packed, collate_pairs, collate_sft, collate_shared, collate_shared_pairs,
-    epoch_permutation, left_pad_prompts, Batch, DataOrder, PackedBatch, PairBatch, ResponseSlot,
-    SharedBatch, SharedPairBatch,
+    epoch_permutation, key_ratio, left_pad_prompts, Batch, DataOrder, PackedBatch, PairBatch,
+    ResponseSlot, SharedBatch, SharedPairBatch,
 };
 pub use formats::{
     load_preferences, load_preferences_lenient, load_prompts, load_sft, load_text_prompts,

@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rlhf_data::batch::{
-    collate_pairs, collate_shared_pairs, length_chunks, Batch, SharedBatch, SharedPairBatch,
+    collate_pairs, collate_shared_pairs, key_ratio, length_chunks, Batch, SharedBatch,
+    SharedPairBatch,
 };
 use rlhf_data::formats::PreferencePair;
 use rlhf_data::tokenize::{PairTokenizeConfig, TokenizedPair};
@@ -385,7 +386,8 @@ pub fn reference_logps(
         let mut out = vec![[0f32; 2]; pairs.len()];
         let lens: Vec<usize> = pairs.iter().map(TokenizedPair::shared_len).collect();
         for chunk in length_chunks(&lens, batch) {
-            let sb = collate_shared_pairs(chunk.iter().map(|&i| &pairs[i]), pad);
+            let kr = key_ratio(model.hidden_size());
+            let sb = collate_shared_pairs(chunk.iter().map(|&i| &pairs[i]), pad, kr);
             let (lp, _) = shared_response_logps(model, &sb.batch)?;
             let v: Vec<f32> = lp.detach().to_vec1()?;
             for (&i, [c, r]) in chunk.iter().zip(&sb.pair_responses) {
@@ -464,7 +466,8 @@ impl DpoObjective {
         let b = rows.len();
         let pad = self.tokenizer.pad_id();
         let (lp, counts, tokens) = if self.share_prompts {
-            let sb = collate_shared_pairs(rows.iter().copied(), pad);
+            let kr = key_ratio(self.model.hidden_size());
+            let sb = collate_shared_pairs(rows.iter().copied(), pad, kr);
             let (lp, counts) = shared_pair_logps(&self.model, &sb)?;
             (lp, counts, sb.batch.real_tokens())
         } else {
@@ -575,7 +578,10 @@ impl Objective for DpoObjective {
         Some(self.lengths_of(&self.train))
     }
     fn batch_tokens(&self, items: &[usize], _lengths: &[usize]) -> (usize, usize) {
-        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), self.share_prompts)
+        let share = self
+            .share_prompts
+            .then_some(key_ratio(self.model.hidden_size()));
+        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), share)
     }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()

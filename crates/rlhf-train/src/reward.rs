@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_pairs, collate_shared_pairs, Batch, PairBatch};
+use rlhf_data::batch::{collate_pairs, collate_shared_pairs, key_ratio, Batch, PairBatch};
 use rlhf_data::formats::{load_preferences, load_preferences_lenient, load_sft, PreferencePair};
 use rlhf_data::formats::{Prompt, SftExample};
 use rlhf_data::tokenize::{
@@ -177,14 +177,14 @@ pub fn pair_metrics(rc: &[f32], rr: &[f32], margins: &[f32]) -> Scalars {
 // Helpers shared with DPO
 // ---------------------------------------------------------------------------------------------
 
-/// Real tokens and computed slots of a batch of `pairs`, laid out with prompts shared or one
-/// row per response (the padding report).
+/// Real tokens and computed slots of a batch of `pairs`, laid out with prompts shared (with this
+/// [`key_ratio`]) or one row per response (the padding report).
 pub fn pair_batch_tokens<'a>(
     pairs: impl IntoIterator<Item = &'a TokenizedPair>,
-    share_prompts: bool,
+    share_prompts: Option<usize>,
 ) -> (usize, usize) {
-    if share_prompts {
-        let sb = collate_shared_pairs(pairs, 0).batch;
+    if let Some(kr) = share_prompts {
+        let sb = collate_shared_pairs(pairs, 0, kr).batch;
         (sb.real_tokens(), sb.slots())
     } else {
         let b = collate_pairs(pairs, 0).batch;
@@ -383,7 +383,7 @@ impl RewardObjective {
         let rows = items.iter().map(|&i| &self.train[i]);
         let pad = self.tokenizer.pad_id();
         if self.share_prompts {
-            let sb = collate_shared_pairs(rows, pad);
+            let sb = collate_shared_pairs(rows, pad, key_ratio(self.rm.model.hidden_size()));
             Ok((
                 self.rm.pair_scores(&sb)?,
                 sb.margin.clone(),
@@ -442,7 +442,9 @@ impl Objective for RewardObjective {
         Some(self.train.iter().map(len).collect())
     }
     fn batch_tokens(&self, items: &[usize], _lengths: &[usize]) -> (usize, usize) {
-        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), self.share_prompts)
+        let kr = key_ratio(self.rm.model.hidden_size());
+        let share = self.share_prompts.then_some(kr);
+        pair_batch_tokens(items.iter().map(|&i| &self.train[i]), share)
     }
     fn groups(&self) -> Option<Vec<usize>> {
         Some(self.train.iter().map(|p| p.group).collect())

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use rlhf_data::batch::{collate_shared, collate_shared_pairs, SharedBatch, SharedPairBatch};
+use rlhf_data::batch::{
+    collate_shared, collate_shared_pairs, key_ratio, SharedBatch, SharedPairBatch,
+};
 use rlhf_data::tokenize::TokenizedPair;
 use rlhf_model::heads::{last_token_positions, ScalarHead};
 use rlhf_model::weights::{RandomInit, SafetensorsSource};
@@ -106,7 +108,8 @@ impl RewardModel {
         let lens: Vec<usize> = pairs.iter().map(TokenizedPair::shared_len).collect();
         let (mut rc, mut rr) = (vec![0f32; pairs.len()], vec![0f32; pairs.len()]);
         for c in rlhf_data::batch::length_chunks(&lens, batch) {
-            let sb = collate_shared_pairs(c.iter().map(|&i| &pairs[i]), pad);
+            let kr = key_ratio(self.model.hidden_size());
+            let sb = collate_shared_pairs(c.iter().map(|&i| &pairs[i]), pad, kr);
             let s: Vec<f32> = self.response_scores(&sb.batch)?.detach().to_vec1()?;
             for (&i, [ch, rj]) in c.iter().zip(&sb.pair_responses) {
                 rc[i] = s[*ch];
@@ -129,7 +132,8 @@ impl RewardModel {
         let lens: Vec<usize> = items.iter().map(|(p, r)| p.len() + r.len()).collect();
         let mut out = vec![0f32; items.len()];
         for c in rlhf_data::batch::length_chunks(&lens, chunk) {
-            let sb = collate_shared(c.iter().map(|&i| (&items[i].0[..], &items[i].1[..])), pad);
+            let it = c.iter().map(|&i| (&items[i].0[..], &items[i].1[..]));
+            let sb = collate_shared(it, pad, key_ratio(self.model.hidden_size()));
             let s: Vec<f32> = self.response_scores(&sb)?.detach().to_vec1()?;
             for (&i, &k) in c.iter().zip(&sb.item_response) {
                 out[i] = s[k];

@@ -475,6 +475,22 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
             })
             .collect();
         let scored = obj.rm.raw_response_scores(&items, tok.pad_id(), 5).unwrap();
+        // Rows split (a key ratio of 1 gives almost every response its own row of its prompt):
+        // the same scores, each read where its response lies.
+        let split = rlhf_data::batch::collate_shared(
+            items.iter().map(|(p, r)| (&p[..], &r[..])),
+            tok.pad_id(),
+            1,
+        );
+        assert!(split.rows.len() > 8 && split.responses.len() < items.len());
+        let split_scores: Vec<f32> = obj.rm.response_scores(&split).unwrap().to_vec1().unwrap();
+        for (k, (p, r)) in items.iter().enumerate() {
+            let s = split_scores[split.item_response[k]];
+            assert!(
+                (s - alone(p, r)).abs() < 1e-5,
+                "{arch}: item {k} in split rows"
+            );
+        }
         for (i, p) in pairs.iter().enumerate() {
             let (c, r) = (
                 alone(&p.prompt_ids, &p.chosen_ids),
