@@ -52,6 +52,11 @@ impl Batch {
         &self.input_ids[i * self.seq_len..(i + 1) * self.seq_len]
     }
 
+    /// Real (non-padding) tokens in the batch.
+    pub fn real_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|&&m| m != 0).count()
+    }
+
     /// Number of real (non-padding) tokens in row `i`.
     pub fn row_len(&self, i: usize) -> usize {
         self.attention_mask[i * self.seq_len..(i + 1) * self.seq_len]
@@ -779,10 +784,7 @@ mod tests {
         assert_eq!(sp.margin, vec![Some(0.0), Some(1.0), Some(0.0), Some(0.0)]);
         assert_eq!(sp.group, vec![0, 1, 0, 0]);
         // A PairBatch holds 8 rows of 1-5 real tokens for these pairs: 27 real tokens.
-        assert_eq!(
-            pb.batch.attention_mask.iter().filter(|&&m| m != 0).count(),
-            27
-        );
+        assert_eq!(pb.batch.real_tokens(), 27);
     }
 
     /// A response joins its prompt's row while the keys its queries compute over the row's

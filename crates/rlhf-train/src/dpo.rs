@@ -473,8 +473,7 @@ impl DpoObjective {
         } else {
             let pb = collate_pairs(rows.iter().copied(), pad);
             let (lp, counts) = response_logps(&self.model, &pb.batch)?;
-            let tokens = pb.batch.attention_mask.iter().filter(|&&x| x != 0).count();
-            (lp, counts, tokens)
+            (lp, counts, pb.batch.real_tokens())
         };
         let pc = lp.narrow(0, 0, b)?;
         let pr = lp.narrow(0, b, b)?;

@@ -188,8 +188,7 @@ pub fn pair_batch_tokens<'a>(
         (sb.real_tokens(), sb.slots())
     } else {
         let b = collate_pairs(pairs, 0).batch;
-        let real = b.attention_mask.iter().filter(|&&m| m != 0).count();
-        (real, b.batch * b.seq_len)
+        (b.real_tokens(), b.batch * b.seq_len)
     }
 }
 
@@ -391,7 +390,7 @@ impl RewardObjective {
             ))
         } else {
             let pb = collate_pairs(rows, pad);
-            let tokens = pb.batch.attention_mask.iter().filter(|&&x| x != 0).count();
+            let tokens = pb.batch.real_tokens();
             Ok((self.pair_scores(&pb)?, pb.margin.clone(), tokens))
         }
     }

@@ -83,7 +83,7 @@ pub fn sft_loss(model: &CausalLM, rows: &[&TokenizedSft], pad: u32) -> Result<(T
     let logits = model.lm_logits(&h.reshape((n * (t - 1), d))?)?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
     let loss = masked_nll(&logits, &targets, &shifted_loss_mask(&b.loss_mask, t))?;
-    Ok((loss, b.attention_mask.iter().filter(|&&x| x != 0).count()))
+    Ok((loss, b.real_tokens()))
 }
 
 /// The loss mask of the *predictions*: entry (row, j) says whether token j+1 is a target.
