@@ -736,8 +736,10 @@ pub fn eval_reward(
     Ok(accuracy_report(&rc, &rr, opts.seed))
 }
 
-/// Normalised scores of prompt/response rows with a loaded reward model. Rows longer than
-/// `max_len` lose prompt tokens from the left (then response tokens from the right).
+/// Normalised scores of prompt/response rows with a loaded reward model, in chunks of `batch`
+/// rows of similar lengths, each prompt computed once per chunk (several completions of one
+/// prompt, as best-of-n files hold, share it). Rows longer than `max_len` lose prompt tokens
+/// from the left (then response tokens from the right).
 pub fn score_rows(
     rm: &RewardModel,
     tok: &Tokenizer,
@@ -745,22 +747,21 @@ pub fn score_rows(
     max_len: usize,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let mut seqs = Vec::with_capacity(rows.len());
+    let mut items = Vec::with_capacity(rows.len());
     for (i, (p, r)) in rows.iter().enumerate() {
         let mut ids = tokenize_prompt(tok, p).with_context(|| format!("row {i}"))?;
-        let resp = tokenize_response(tok, p, r).with_context(|| format!("row {i}"))?;
+        let mut resp = tokenize_response(tok, p, r).with_context(|| format!("row {i}"))?;
         if max_len > 0 && ids.len() + resp.len() > max_len {
             let keep = max_len.saturating_sub(resp.len()).max(max_len / 2);
             let drop = ids.len().saturating_sub(keep);
             ids.drain(..drop);
-        }
-        ids.extend(resp);
-        if max_len > 0 {
             ids.truncate(max_len);
+            resp.truncate(max_len - ids.len());
         }
-        seqs.push(ids);
+        items.push((ids, resp));
     }
-    rm.score(&seqs, tok.pad_id(), batch)
+    let raw = rm.raw_response_scores(&items, tok.pad_id(), batch)?;
+    Ok(raw.into_iter().map(|x| x - rm.offset).collect())
 }
 
 /// Normalised scores of prompt/response rows with the reward model saved in `model_dir`.

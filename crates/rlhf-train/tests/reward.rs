@@ -246,6 +246,17 @@ fn tiny_reward_model_learns_the_rule_and_round_trips() {
     for (x, y) in a.iter().zip(&c) {
         assert!((x - y).abs() < 1e-5, "{x} vs {y} (batching changes scores)");
     }
+    // Rows of one prompt share it in a chunk: the scores of each row alone.
+    for (k, (p, r)) in rows.iter().enumerate() {
+        let mut ids = rlhf_data::tokenize::tokenize_prompt(&tok, p).unwrap();
+        ids.extend(rlhf_data::tokenize::tokenize_response(&tok, p, r).unwrap());
+        let alone = rm.score(&[ids], tok.pad_id(), 1).unwrap()[0];
+        assert!(
+            (c[k] - alone).abs() < 1e-5,
+            "row {k}: {} vs {alone} alone",
+            c[k]
+        );
+    }
     let wins = (0..20).filter(|&i| a[2 * i] > a[2 * i + 1]).count();
     assert!(wins >= 18, "{wins}/20");
     // Normalised: the training responses score mean ~0.
