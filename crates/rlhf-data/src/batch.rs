@@ -298,8 +298,8 @@ pub fn collate_shared<'a>(
     pad_id: u32,
     key_ratio: usize,
 ) -> SharedBatch {
-    // The prompt's latest row, and the response tokens already in it.
-    let mut row_of: HashMap<&[u32], (usize, usize)> = HashMap::new();
+    // The prompt's latest row.
+    let mut row_of: HashMap<&[u32], usize> = HashMap::new();
     let mut row_ids: Vec<Vec<u32>> = vec![];
     let mut rows: Vec<PrefixRow> = vec![];
     let mut response_of: HashMap<(&[u32], &[u32]), usize> = HashMap::new();
@@ -307,20 +307,20 @@ pub fn collate_shared<'a>(
     let mut item_response = vec![];
     for (prompt, resp) in items {
         let k = *response_of.entry((prompt, resp)).or_insert_with(|| {
-            let joins =
-                |&(_, earlier): &(usize, usize)| resp.len() * earlier <= key_ratio * prompt.len();
-            let (r, _) = match row_of.get(prompt).filter(|x| joins(x)) {
-                Some(&x) => x,
-                None => {
+            // Response tokens already in row r.
+            let earlier = |r: usize| rows[r].len() - rows[r].prompt;
+            let r = match row_of.get(prompt) {
+                Some(&r) if resp.len() * earlier(r) <= key_ratio * prompt.len() => r,
+                _ => {
                     row_ids.push(prompt.to_vec());
                     rows.push(PrefixRow {
                         prompt: prompt.len(),
                         responses: vec![],
                     });
-                    (rows.len() - 1, 0)
+                    rows.len() - 1
                 }
             };
-            row_of.insert(prompt, (r, row_ids[r].len() - prompt.len() + resp.len()));
+            row_of.insert(prompt, r);
             responses.push(ResponseSlot {
                 row: r,
                 prompt_len: rows[r].prompt,
@@ -366,6 +366,13 @@ pub struct SharedPairBatch {
 impl SharedPairBatch {
     pub fn pairs(&self) -> usize {
         self.pair_responses.len()
+    }
+
+    /// Indices into `batch.responses` of every pair's chosen response, then of every pair's
+    /// rejected one: the row order of a [`PairBatch`] (`[2B]`).
+    pub fn pair_order(&self) -> Vec<usize> {
+        let side = |s: usize| self.pair_responses.iter().map(move |p| p[s]);
+        side(0).chain(side(1)).collect()
     }
 }
 

@@ -341,6 +341,15 @@ impl TokenizedPair {
     pub fn shared_len(&self) -> usize {
         self.prompt_ids.len() + self.chosen_ids.len() + self.rejected_ids.len()
     }
+
+    /// The width the pair takes in a batch: its shared row ([`TokenizedPair::shared_len`]) when
+    /// prompts are shared, else its longer row ([`TokenizedPair::len`]).
+    pub fn width(&self, share_prompts: bool) -> usize {
+        match share_prompts {
+            true => self.shared_len(),
+            false => self.len(),
+        }
+    }
 }
 
 /// Response ids: text after a text prompt, or the template's rendering of an assistant turn

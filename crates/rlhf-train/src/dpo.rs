@@ -364,9 +364,7 @@ pub fn shared_response_logps(model: &CausalLM, sb: &SharedBatch) -> Result<(Tens
 /// [`response_logps`] on a [`rlhf_data::batch::PairBatch`]) and the token counts in that order.
 pub fn shared_pair_logps(model: &CausalLM, sb: &SharedPairBatch) -> Result<(Tensor, Vec<usize>)> {
     let (lp, counts) = shared_response_logps(model, &sb.batch)?;
-    let order: Vec<usize> = (0..2)
-        .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side]))
-        .collect();
+    let order = sb.pair_order();
     let idx: Vec<u32> = order.iter().map(|&i| i as u32).collect();
     let lp = lp.index_select(&Tensor::from_vec(idx, (order.len(),), &Device::Cpu)?, 0)?;
     Ok((lp, order.iter().map(|&i| counts[i]).collect()))
@@ -493,11 +491,7 @@ impl DpoObjective {
     /// The width each pair takes in a batch: its row in a shared-prompt batch, the longer of
     /// its two rows otherwise.
     fn lengths_of(&self, pairs: &[TokenizedPair]) -> Vec<usize> {
-        let len = match self.share_prompts {
-            true => TokenizedPair::shared_len,
-            false => TokenizedPair::len,
-        };
-        pairs.iter().map(len).collect()
+        pairs.iter().map(|p| p.width(self.share_prompts)).collect()
     }
 
     /// Held-out implicit rewards `(chosen, rejected)` of every eval pair, and the eval metrics.

@@ -434,11 +434,12 @@ impl Objective for RewardObjective {
         self.train.len()
     }
     fn lengths(&self) -> Option<Vec<usize>> {
-        let len = match self.share_prompts {
-            true => TokenizedPair::shared_len,
-            false => TokenizedPair::len,
-        };
-        Some(self.train.iter().map(len).collect())
+        Some(
+            self.train
+                .iter()
+                .map(|p| p.width(self.share_prompts))
+                .collect(),
+        )
     }
     fn batch_tokens(&self, items: &[usize], _lengths: &[usize]) -> (usize, usize) {
         let kr = key_ratio(self.rm.model.hidden_size());

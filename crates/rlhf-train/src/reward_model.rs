@@ -89,9 +89,7 @@ impl RewardModel {
     /// its rows).
     pub fn pair_scores(&self, sb: &SharedPairBatch) -> Result<Tensor> {
         let s = self.response_scores(&sb.batch)?;
-        let idx: Vec<u32> = (0..2)
-            .flat_map(|side| sb.pair_responses.iter().map(move |p| p[side] as u32))
-            .collect();
+        let idx: Vec<u32> = sb.pair_order().into_iter().map(|i| i as u32).collect();
         let n = idx.len();
         Ok(s.index_select(&Tensor::from_vec(idx, (n,), &Device::Cpu)?, 0)?)
     }
