@@ -485,16 +485,44 @@ pub const MAX_SEGMENTS: usize = 255;
 /// split; longer ones are cut to `max_len`, empty ones skipped). Deterministic.
 pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
     assert!(max_len > 0, "pack: max_len must be positive");
-    let mut order: Vec<usize> = (0..examples.len())
-        .filter(|&i| !examples[i].is_empty())
-        .collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len().min(max_len)));
+    let lens: Vec<usize> = examples.iter().map(|e| e.len().min(max_len)).collect();
+    pack_bins(&lens, max_len)
+        .into_iter()
+        .map(|members| {
+            let mut row = PackedSft {
+                input_ids: Vec::new(),
+                loss_mask: Vec::new(),
+                position_ids: Vec::new(),
+                seq_starts: Vec::new(),
+                segments: Vec::new(),
+            };
+            for (k, i) in members.into_iter().enumerate() {
+                let ex = &examples[i];
+                let len = lens[i];
+                row.seq_starts.push(row.input_ids.len());
+                row.input_ids.extend_from_slice(&ex.input_ids[..len]);
+                row.loss_mask.push(false);
+                row.loss_mask.extend_from_slice(&ex.loss_mask[1..len]);
+                row.position_ids.extend(0..len as u32);
+                row.segments.extend(std::iter::repeat_n(k as u8 + 1, len));
+            }
+            row
+        })
+        .collect()
+}
+
+/// Items of lengths `lens` (each at most `max_len`) in bins of at most `max_len` tokens and
+/// [`MAX_SEGMENTS`] items, best-fit decreasing (ties in input order); empty items are skipped.
+/// Each bin lists its items in the order they were placed. Deterministic.
+pub fn pack_bins(lens: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).filter(|&i| lens[i] > 0).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
     let mut bins: Vec<Vec<usize>> = Vec::new();
     let mut fill: Vec<usize> = Vec::new();
     // remaining capacity -> bins with exactly that much room (in creation order)
     let mut by_room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for i in order {
-        let len = examples[i].len().min(max_len);
+        let len = lens[i];
         let found = by_room.range(len..).next().map(|(&room, bs)| (room, bs[0]));
         let b = match found {
             Some((room, b)) => {
@@ -520,26 +548,5 @@ pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
             v.insert(pos, b);
         }
     }
-    bins.into_iter()
-        .map(|members| {
-            let mut row = PackedSft {
-                input_ids: Vec::new(),
-                loss_mask: Vec::new(),
-                position_ids: Vec::new(),
-                seq_starts: Vec::new(),
-                segments: Vec::new(),
-            };
-            for (k, i) in members.into_iter().enumerate() {
-                let ex = &examples[i];
-                let len = ex.len().min(max_len);
-                row.seq_starts.push(row.input_ids.len());
-                row.input_ids.extend_from_slice(&ex.input_ids[..len]);
-                row.loss_mask.push(false);
-                row.loss_mask.extend_from_slice(&ex.loss_mask[1..len]);
-                row.position_ids.extend(0..len as u32);
-                row.segments.extend(std::iter::repeat_n(k as u8 + 1, len));
-            }
-            row
-        })
-        .collect()
+    bins
 }

@@ -43,7 +43,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rlhf_data::batch::{epoch_permutation, DataOrder};
 use rlhf_data::formats::{load_prompts, load_text_prompts, Prompt};
-use rlhf_data::tokenize::{tokenize_prompt, MAX_SEGMENTS};
+use rlhf_data::tokenize::{pack_bins, tokenize_prompt};
 use rlhf_model::heads::ScalarHead;
 use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::params::{Param, ParamStore};
@@ -423,12 +423,18 @@ pub struct MbInput {
     pub lens: Vec<usize>,
 }
 
+/// The number of sequences of a minibatch, checked: at least one, a response per prompt.
+fn check_sizes(prompts: &[&[u32]], responses: &[&[u32]]) -> Result<usize> {
+    let n = prompts.len();
+    if n == 0 || n != responses.len() {
+        bail!("minibatch: {} prompts, {} responses", n, responses.len())
+    }
+    Ok(n)
+}
+
 impl MbInput {
     pub fn new(prompts: &[&[u32]], responses: &[&[u32]], pad: u32) -> Result<Self> {
-        let n = prompts.len();
-        if n == 0 || n != responses.len() {
-            bail!("minibatch: {} prompts, {} responses", n, responses.len())
-        }
+        let n = check_sizes(prompts, responses)?;
         let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let tr = responses.iter().map(|r| r.len()).max().unwrap_or(0);
         if tp == 0 || tr == 0 {
@@ -437,8 +443,6 @@ impl MbInput {
         let t = tp + tr;
         let mut ids = Vec::with_capacity(n * t);
         let mut mask = Vec::with_capacity(n);
-        let mut targets = Vec::with_capacity(n * tr);
-        let mut rmask = Vec::with_capacity(n * tr);
         for (p, r) in prompts.iter().zip(responses) {
             let lp = tp - p.len();
             let rp = tr - r.len();
@@ -450,85 +454,78 @@ impl MbInput {
             m.extend(std::iter::repeat_n(1u8, p.len() + r.len()));
             m.extend(std::iter::repeat_n(0u8, rp));
             mask.push(m);
-            targets.extend_from_slice(r);
-            targets.extend(std::iter::repeat_n(pad, rp));
-            rmask.extend(std::iter::repeat_n(1u8, r.len()));
-            rmask.extend(std::iter::repeat_n(0u8, rp));
         }
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (n, t), &Device::Cpu)?,
-            mask,
-            tp,
-            tr,
-            gather: None,
-            targets: Tensor::from_vec(targets, (n * tr,), &Device::Cpu)?,
-            rmask: Tensor::from_vec(rmask, (n, tr), &Device::Cpu)?,
-            lens: responses.iter().map(|r| r.len()).collect(),
-        })
+        let ids = Tensor::from_vec(ids, (n, t), &Device::Cpu)?;
+        Self::with_inputs(ids, mask, tp, None, responses, pad)
     }
 
     /// The packed layout: prompt + response sequences back to back in rows as wide as the
-    /// longest, placed first-fit, longest first (at most [`MAX_SEGMENTS`] to a row). Every
-    /// prompt must be non-empty (its last token predicts the response's first).
+    /// longest, placed best-fit, longest first, as SFT packs ([`pack_bins`]: at most
+    /// [`rlhf_data::tokenize::MAX_SEGMENTS`] to a row). Every prompt must be non-empty (its last
+    /// token predicts the response's first).
     pub fn packed(prompts: &[&[u32]], responses: &[&[u32]], pad: u32) -> Result<Self> {
-        let n = prompts.len();
-        if n == 0 || n != responses.len() {
-            bail!("minibatch: {} prompts, {} responses", n, responses.len())
-        }
+        let n = check_sizes(prompts, responses)?;
         if prompts.iter().any(|p| p.is_empty()) || responses.iter().all(|r| r.is_empty()) {
             bail!("minibatch with an empty prompt or no response tokens")
         }
         let tr = responses.iter().map(|r| r.len()).max().unwrap_or(0);
-        let len = |i: usize| prompts[i].len() + responses[i].len();
-        let width = (0..n).map(len).max().unwrap_or(0);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| (std::cmp::Reverse(len(i)), i));
-        // rows[k] = (sequences, used width); start[i] = (row, first slot) of sequence i.
-        let mut rows: Vec<(Vec<usize>, usize)> = vec![];
-        let mut start = vec![(0usize, 0usize); n];
-        for i in order {
-            let fit = rows
-                .iter()
-                .position(|(seqs, used)| used + len(i) <= width && seqs.len() < MAX_SEGMENTS);
-            let k = fit.unwrap_or_else(|| {
-                rows.push((vec![], 0));
-                rows.len() - 1
-            });
-            start[i] = (k, rows[k].1);
-            rows[k].0.push(i);
-            rows[k].1 += len(i);
-        }
+        let lens: Vec<usize> = (0..n)
+            .map(|i| prompts[i].len() + responses[i].len())
+            .collect();
+        let width = lens.iter().copied().max().unwrap_or(0);
+        let rows = pack_bins(&lens, width);
+        // The first slot of each sequence in the flattened [rows·width] layout.
+        let mut start = vec![0usize; n];
         let mut ids = Vec::with_capacity(rows.len() * width);
         let mut mask = Vec::with_capacity(rows.len());
-        for (seqs, used) in &rows {
+        for (r, seqs) in rows.iter().enumerate() {
             let mut m = Vec::with_capacity(width);
             for (k, &i) in seqs.iter().enumerate() {
+                start[i] = r * width + m.len();
                 ids.extend_from_slice(prompts[i]);
                 ids.extend_from_slice(responses[i]);
-                m.extend(std::iter::repeat_n(k as u8 + 1, len(i)));
+                m.extend(std::iter::repeat_n(k as u8 + 1, lens[i]));
             }
-            ids.extend(std::iter::repeat_n(pad, width - used));
+            ids.extend(std::iter::repeat_n(pad, width - m.len()));
             m.resize(width, 0);
             mask.push(m);
         }
         let mut gather = Vec::with_capacity(n * tr);
+        for (i, (p, r)) in prompts.iter().zip(responses).enumerate() {
+            let first = start[i] + p.len() - 1;
+            gather.extend((0..tr).map(|j| (first + j.min(r.len().saturating_sub(1))) as u32));
+        }
+        let ids = Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu)?;
+        let gather = Tensor::from_vec(gather, (n * tr,), &Device::Cpu)?;
+        Self::with_inputs(ids, mask, 0, Some(gather), responses, pad)
+    }
+
+    /// A minibatch of model inputs `ids`/`mask` in either layout, with the response side both
+    /// layouts share: targets and mask `[n, tr]`, responses right-padded.
+    fn with_inputs(
+        ids: Tensor,
+        mask: Vec<Vec<u8>>,
+        tp: usize,
+        gather: Option<Tensor>,
+        responses: &[&[u32]],
+        pad: u32,
+    ) -> Result<Self> {
+        let n = responses.len();
+        let tr = responses.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut targets = Vec::with_capacity(n * tr);
         let mut rmask = Vec::with_capacity(n * tr);
-        for (i, (p, r)) in prompts.iter().zip(responses).enumerate() {
-            let (row, s) = start[i];
-            let first = row * width + s + p.len() - 1;
-            gather.extend((0..tr).map(|j| (first + j.min(r.len().saturating_sub(1))) as u32));
+        for r in responses {
             targets.extend_from_slice(r);
             targets.extend(std::iter::repeat_n(pad, tr - r.len()));
             rmask.extend(std::iter::repeat_n(1u8, r.len()));
             rmask.extend(std::iter::repeat_n(0u8, tr - r.len()));
         }
         Ok(Self {
-            ids: Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu)?,
+            ids,
             mask,
-            tp: 0,
+            tp,
             tr,
-            gather: Some(Tensor::from_vec(gather, (n * tr,), &Device::Cpu)?),
+            gather,
             targets: Tensor::from_vec(targets, (n * tr,), &Device::Cpu)?,
             rmask: Tensor::from_vec(rmask, (n, tr), &Device::Cpu)?,
             lens: responses.iter().map(|r| r.len()).collect(),
