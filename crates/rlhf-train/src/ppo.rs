@@ -108,10 +108,10 @@ pub struct PpoConfig {
     /// padding.
     pub group_by_length: bool,
     /// Pack each minibatch's prompt + response sequences back to back into rows as wide as its
-    /// longest sequence (first-fit decreasing; each sequence attends only to itself, its
-    /// positions counted from its own start), instead of one row per sequence with the prompt
-    /// left-padded and the response right-padded. The same log-probs, values and gradients, up
-    /// to float rounding, with little padding left to compute.
+    /// longest sequence (best-fit decreasing, as SFT packs; each sequence attends only to
+    /// itself, its positions counted from its own start), instead of one row per sequence with
+    /// the prompt left-padded and the response right-padded. The same log-probs, values and
+    /// gradients, up to float rounding, with little padding left to compute.
     pub pack_sequences: bool,
 
     pub max_new_tokens: usize,
