@@ -178,12 +178,30 @@ pub fn head_logprobs(
     targets: &Tensor,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if fusable(&[hidden, weight])
+    if head_fusable(hidden, weight, targets) {
+        return kernels::head::head_logprobs(hidden, weight, targets, scale).map(Some);
+    }
+    Ok(None)
+}
+
+/// Whether the fused head ops take these operands.
+fn head_fusable(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> bool {
+    fusable(&[hidden, weight])
         && hidden.rank() == 2
         && weight.rank() == 2
         && targets.dtype() == candle_core::DType::U32
-    {
-        return kernels::head::head_logprobs(hidden, weight, targets, scale).map(Some);
+}
+
+/// [`head_logprobs`] with each row's entropy: [n, 2] (log p(target), H) under
+/// `softmax(hidden · weightᵀ · scale)`, both differentiable; `None` when not fusable.
+pub fn head_logprobs_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if head_fusable(hidden, weight, targets) {
+        return kernels::head::head_logprobs_entropy(hidden, weight, targets, scale).map(Some);
     }
     Ok(None)
 }

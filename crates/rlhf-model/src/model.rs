@@ -242,23 +242,63 @@ impl CausalLM {
         targets: &Tensor,
         temperature: f64,
     ) -> Result<Tensor> {
-        let w = match &self.lm_head {
-            None => Some(self.backbone.embed().t()),
-            Some(l) if l.bias.is_none() && l.lora.is_none() && !l.transposed => Some(l.weight.t()),
-            Some(_) => None,
-        };
-        if let Some(w) = w {
+        if let Some(w) = self.plain_head_weight() {
             if let Some(lp) = crate::fused::head_logprobs(hidden, &w, targets, 1.0 / temperature)? {
                 return Ok(lp);
             }
         }
+        let logits = self.scaled_logits(hidden, temperature)?;
+        Ok(crate::fused::token_logprobs(&logits, targets)?)
+    }
+
+    /// [`CausalLM::head_logprobs`] and each row's entropy of `softmax(lm_logits / temperature)`:
+    /// hidden [n, d], targets [n] → (log p(target) [n], entropy [n]), both differentiable. On
+    /// the CPU in f32 one fused op ([`crate::fused::head_logprobs_entropy`]) with the same one
+    /// [n × vocab] buffer; otherwise logits, [`crate::fused::token_logprobs`] and
+    /// [`crate::ops::entropy`].
+    pub fn head_logprobs_entropy(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        if temperature <= 0.0 {
+            bail!("temperature must be positive, got {temperature}")
+        }
+        if let Some(w) = self.plain_head_weight() {
+            let scale = 1.0 / temperature;
+            if let Some(o) = crate::fused::head_logprobs_entropy(hidden, &w, targets, scale)? {
+                return Ok((
+                    o.narrow(1, 0, 1)?.squeeze(1)?,
+                    o.narrow(1, 1, 1)?.squeeze(1)?,
+                ));
+            }
+        }
+        let logits = self.scaled_logits(hidden, temperature)?;
+        Ok((
+            crate::fused::token_logprobs(&logits, targets)?,
+            crate::ops::entropy(&logits)?,
+        ))
+    }
+
+    /// The LM head's weight [V, d] when the head is a plain product (tied embedding, or a
+    /// linear without bias or LoRA), which the fused head ops take.
+    fn plain_head_weight(&self) -> Option<Tensor> {
+        match &self.lm_head {
+            None => Some(self.backbone.embed().t()),
+            Some(l) if l.bias.is_none() && l.lora.is_none() && !l.transposed => Some(l.weight.t()),
+            Some(_) => None,
+        }
+    }
+
+    /// `lm_logits(hidden) / temperature`.
+    fn scaled_logits(&self, hidden: &Tensor, temperature: f64) -> Result<Tensor> {
         let logits = self.lm_logits(hidden)?;
-        let logits = if temperature != 1.0 {
+        Ok(if temperature != 1.0 {
             (logits / temperature)?
         } else {
             logits
-        };
-        Ok(crate::fused::token_logprobs(&logits, targets)?)
+        })
     }
 
     // ----- LoRA -----

@@ -583,6 +583,17 @@ fn token_logprobs_wide_vocab() {
     assert!(e < 1e-5, "{e}");
 }
 
+/// A second backward over the graph of a head op's output `out` (the first consumed the op's
+/// kept buffer, so this one recomputes it) gives the same gradients.
+fn assert_second_backward_agrees(out: &Tensor, vars: [&Var; 2]) {
+    let loss = (out * probe_for(out)).unwrap().sum_all().unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in vars {
+        let e = max_err(&vals(g2.get(v).unwrap()), &vals(g1.get(v).unwrap()));
+        assert!(e < 1e-6, "second backward differs by {e}");
+    }
+}
+
 #[test]
 fn head_logprobs_matches_composed_and_fd() {
     let targets = Tensor::from_vec(vec![0u32, 6, 3, 2, 5], 5, &DEV).unwrap();
@@ -609,12 +620,7 @@ fn head_logprobs_matches_composed_and_fd() {
     let lp = fused::head_logprobs(h.as_tensor(), w.as_tensor(), &targets, 1.0 / 0.7)
         .unwrap()
         .unwrap();
-    let loss = (&lp * probe_for(&lp)).unwrap().sum_all().unwrap();
-    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
-    for v in [&h, &w] {
-        let e = max_err(&vals(g2.get(v).unwrap()), &vals(g1.get(v).unwrap()));
-        assert!(e < 1e-6, "second backward differs by {e}");
-    }
+    assert_second_backward_agrees(&lp, [&h, &w]);
     // Without gradients the logits are computed in row blocks (more rows than a block).
     let (n, v, d) = (150, 33, 8);
     let h = Tensor::from_vec(data(n * d, 53), (n, d), &DEV).unwrap();
@@ -627,6 +633,95 @@ fn head_logprobs_matches_composed_and_fd() {
         &vals(&ops::token_logprobs(&logits, &t).unwrap()),
     );
     assert!(e < 1e-5, "{e}");
+}
+
+/// (log p(target), entropy) per row, composed: [n, 2].
+fn composed_lp_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+    let logits = (h.matmul(&w.t().unwrap()).unwrap() * scale).unwrap();
+    let lp = ops::token_logprobs(&logits, targets).unwrap();
+    let ent = ops::entropy(&logits).unwrap();
+    Tensor::stack(&[lp, ent], 1).unwrap()
+}
+
+#[test]
+fn head_logprobs_entropy_matches_composed_and_fd() {
+    let targets = Tensor::from_vec(vec![0u32, 6, 3, 2, 5], 5, &DEV).unwrap();
+    for scale in [1.0, 1.0 / 0.7, 3.0] {
+        let (t1, t2) = (targets.clone(), targets.clone());
+        // The probe weights both columns, so the entropy's gradient is checked too.
+        check(
+            "head_logprobs_entropy",
+            &[inp(20, &[5, 4], 71), inp(28, &[7, 4], 72)],
+            &move |t| {
+                fused::head_logprobs_entropy(&t[0], &t[1], &t1, scale)
+                    .unwrap()
+                    .unwrap()
+            },
+            &move |t| composed_lp_entropy(&t[0], &t[1], &t2, scale),
+        );
+    }
+    // Only the log-prob column in the loss (PPO without an entropy bonus): the gradients of
+    // `head_logprobs`.
+    let h = Var::from_vec(data(20, 73), (5, 4), &DEV).unwrap();
+    let w = Var::from_vec(data(28, 74), (7, 4), &DEV).unwrap();
+    let grads = |entropy: bool| {
+        let lp = if entropy {
+            fused::head_logprobs_entropy(h.as_tensor(), w.as_tensor(), &targets, 1.0 / 0.7)
+                .unwrap()
+                .unwrap()
+                .narrow(1, 0, 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+        } else {
+            fused::head_logprobs(h.as_tensor(), w.as_tensor(), &targets, 1.0 / 0.7)
+                .unwrap()
+                .unwrap()
+        };
+        let g = (&lp * probe_for(&lp))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [&h, &w].map(|v| vals(g.get(v).unwrap()))
+    };
+    let (a, b) = (grads(true), grads(false));
+    for (x, y) in a.iter().zip(&b) {
+        let e = max_err(x, y);
+        assert!(e < 1e-6, "log-prob column's gradients differ by {e}");
+    }
+    // A second backward over the same graph recomputes the consumed buffer.
+    let out = fused::head_logprobs_entropy(h.as_tensor(), w.as_tensor(), &targets, 2.0)
+        .unwrap()
+        .unwrap();
+    assert_second_backward_agrees(&out, [&h, &w]);
+    // Without gradients, in row blocks, over a wide vocabulary with near-one-hot rows (large
+    // logits: entropy ≈ 0 must not lose its precision or turn NaN) and flat ones.
+    let (n, v, d) = (150, 1000, 8);
+    let mut hd = data(n * d, 75);
+    hd[..8 * d].iter_mut().for_each(|x| *x *= 60.0);
+    hd[8 * d..16 * d].iter_mut().for_each(|x| *x = 0.0);
+    let h = Tensor::from_vec(hd, (n, d), &DEV).unwrap();
+    let w = Tensor::from_vec(data(v * d, 76), (v, d), &DEV).unwrap();
+    let t: Vec<u32> = (0..n as u32).map(|i| i * 37 % v as u32).collect();
+    let t = Tensor::from_vec(t, n, &DEV).unwrap();
+    let f = vals(
+        &fused::head_logprobs_entropy(&h, &w, &t, 1.0)
+            .unwrap()
+            .unwrap(),
+    );
+    let c = vals(&composed_lp_entropy(&h, &w, &t, 1.0));
+    assert!(f.iter().all(|x| x.is_finite()));
+    let e = max_err(&f, &c);
+    assert!(e < 1e-4, "{e}");
+    // The flat rows' entropy is ln V.
+    assert!(
+        (f[2 * 8 + 1] - (v as f32).ln()).abs() < 1e-4,
+        "{}",
+        f[2 * 8 + 1]
+    );
+    assert!(fused::head_logprobs_entropy(&h, &w, &t, 0.0).is_err());
 }
 
 #[test]

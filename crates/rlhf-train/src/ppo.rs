@@ -416,8 +416,13 @@ pub struct MbInput {
     /// Packed layout: the row of the flattened `[rows·width]` hidden states that predicts
     /// response token j of sequence i, at `i·tr + j` (past a response's end: its last token's).
     pub gather: Option<Tensor>,
-    /// Response tokens (pad where padded), flattened [n·tr].
-    pub targets: Tensor,
+    /// The response slots holding a token: indices into the flattened `[n·tr]` outputs.
+    pub real: Tensor,
+    /// Their tokens, `[real slots]`.
+    pub real_targets: Tensor,
+    /// For each of the `[n·tr]` output slots, its index in `real` (the count of real slots, a
+    /// zero, on padding).
+    pub spread: Tensor,
     /// 1 on response tokens, 0 on response padding: [n, tr] u8.
     pub rmask: Tensor,
     pub lens: Vec<usize>,
@@ -456,7 +461,7 @@ impl MbInput {
             mask.push(m);
         }
         let ids = Tensor::from_vec(ids, (n, t), &Device::Cpu)?;
-        Self::with_inputs(ids, mask, tp, None, responses, pad)
+        Self::with_inputs(ids, mask, tp, None, responses)
     }
 
     /// The packed layout: prompt + response sequences back to back in rows as wide as the
@@ -497,36 +502,42 @@ impl MbInput {
         }
         let ids = Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu)?;
         let gather = Tensor::from_vec(gather, (n * tr,), &Device::Cpu)?;
-        Self::with_inputs(ids, mask, 0, Some(gather), responses, pad)
+        Self::with_inputs(ids, mask, 0, Some(gather), responses)
     }
 
     /// A minibatch of model inputs `ids`/`mask` in either layout, with the response side both
-    /// layouts share: targets and mask `[n, tr]`, responses right-padded.
+    /// layouts share: the real response slots and their tokens (the LM head runs on these), and
+    /// the mask `[n, tr]`, responses right-padded.
     fn with_inputs(
         ids: Tensor,
         mask: Vec<Vec<u8>>,
         tp: usize,
         gather: Option<Tensor>,
         responses: &[&[u32]],
-        pad: u32,
     ) -> Result<Self> {
         let n = responses.len();
         let tr = responses.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut targets = Vec::with_capacity(n * tr);
+        let total: usize = responses.iter().map(|r| r.len()).sum();
+        let mut real = Vec::with_capacity(total);
+        let mut spread = Vec::with_capacity(n * tr);
         let mut rmask = Vec::with_capacity(n * tr);
-        for r in responses {
-            targets.extend_from_slice(r);
-            targets.extend(std::iter::repeat_n(pad, tr - r.len()));
+        for (i, r) in responses.iter().enumerate() {
+            spread.extend((0..r.len()).map(|j| (real.len() + j) as u32));
+            spread.extend(std::iter::repeat_n(total as u32, tr - r.len()));
+            real.extend((0..r.len()).map(|j| (i * tr + j) as u32));
             rmask.extend(std::iter::repeat_n(1u8, r.len()));
             rmask.extend(std::iter::repeat_n(0u8, tr - r.len()));
         }
+        let real_targets: Vec<u32> = responses.iter().flat_map(|r| r.iter().copied()).collect();
         Ok(Self {
             ids,
             mask,
             tp,
             tr,
             gather,
-            targets: Tensor::from_vec(targets, (n * tr,), &Device::Cpu)?,
+            real: Tensor::from_vec(real, (total,), &Device::Cpu)?,
+            real_targets: Tensor::from_vec(real_targets, (total,), &Device::Cpu)?,
+            spread: Tensor::from_vec(spread, (n * tr,), &Device::Cpu)?,
             rmask: Tensor::from_vec(rmask, (n, tr), &Device::Cpu)?,
             lens: responses.iter().map(|r| r.len()).collect(),
         })
@@ -553,6 +564,14 @@ impl MbInput {
         }
     }
 
+    /// Values at the real response slots `[real slots]` → `[n, tr]`, 0 on padding
+    /// (differentiable).
+    fn spread_out(&self, x: &Tensor) -> Result<Tensor> {
+        let x = Tensor::cat(&[x, &Tensor::zeros(1, x.dtype(), x.device())?], 0)?;
+        Ok(x.index_select(&self.spread, 0)?
+            .reshape((self.n(), self.tr))?)
+    }
+
     /// Ragged rows (true lengths) of a [n, tr] tensor.
     pub fn rows(&self, t: &Tensor) -> Result<Vec<Vec<f32>>> {
         let v: Vec<Vec<f32>> = t.detach().to_vec2()?;
@@ -576,8 +595,11 @@ impl MbInput {
     }
 }
 
-/// Policy forward over a minibatch: hidden states at response-predicting slots [n, tr, d],
-/// logits / T [n·tr, V] and the response tokens' log-probs [n, tr] (tracked for gradients).
+/// Policy forward over a minibatch: hidden states at response-predicting slots [n, tr, d], and
+/// the response tokens' log-probs and the policy's entropy at each, under logits / T, [n, tr]
+/// each (0 on response padding), all tracked for gradients. The LM head runs on the response
+/// tokens only, as one fused op ([`CausalLM::head_logprobs_entropy`]): no [tokens × vocab]
+/// logits are returned or kept beyond its one buffer.
 pub fn policy_forward(
     model: &CausalLM,
     mb: &MbInput,
@@ -585,14 +607,9 @@ pub fn policy_forward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let h = mb.response_hidden(&model.hidden(&mb.ids, &mb.mask)?)?;
     let d = model.hidden_size();
-    let logits = model.lm_logits(&h.reshape((mb.n() * mb.tr, d))?)?;
-    let logits = if temperature != 1.0 {
-        (logits / temperature)?
-    } else {
-        logits
-    };
-    let lp = rlhf_model::fused::token_logprobs(&logits, &mb.targets)?.reshape((mb.n(), mb.tr))?;
-    Ok((h, logits, lp))
+    let hr = h.reshape((mb.n() * mb.tr, d))?.index_select(&mb.real, 0)?;
+    let (lp, ent) = model.head_logprobs_entropy(&hr, &mb.real_targets, temperature)?;
+    Ok((h, mb.spread_out(&lp)?, mb.spread_out(&ent)?))
 }
 
 /// Log-probs (logits / T) of each response token given its prompt, in one batch.
@@ -606,7 +623,7 @@ pub fn response_logprobs(
     let p: Vec<&[u32]> = prompts.iter().map(|x| x.as_slice()).collect();
     let r: Vec<&[u32]> = responses.iter().map(|x| x.as_slice()).collect();
     let mb = MbInput::new(&p, &r, pad)?;
-    let (_, _, lp) = policy_forward(model, &mb, temperature)?;
+    let (_, lp, _) = policy_forward(model, &mb, temperature)?;
     mb.rows(&lp)
 }
 
@@ -824,10 +841,10 @@ impl PpoTrainer {
     fn ref_logprobs(&self, mb: &MbInput) -> Result<Tensor> {
         let t = self.cfg.temperature;
         let lp = match &self.reference {
-            Some(r) => policy_forward(r, mb, t)?.2,
+            Some(r) => policy_forward(r, mb, t)?.1,
             None => self
                 .policy
-                .with_adapters_disabled(|| Ok(policy_forward(&self.policy, mb, t)?.2))?,
+                .with_adapters_disabled(|| Ok(policy_forward(&self.policy, mb, t)?.1))?,
         };
         Ok(lp.detach())
     }
@@ -1033,9 +1050,8 @@ impl PpoTrainer {
         let mut ent_n = 0f64;
         for rows in self.minibatches(&ro, it, 0) {
             let mb = self.mb_input(&ro, &rows)?;
-            let (h, logits, lp) = policy_forward(&self.policy, &mb, cfg.temperature)?;
+            let (h, lp, ent) = policy_forward(&self.policy, &mb, cfg.temperature)?;
             let v = self.critic.values(&mb, &h)?;
-            let ent = rlhf_model::ops::entropy(&logits.detach())?.reshape((mb.n(), mb.tr))?;
             ent_sum += (masked_mean(&ent, &mb.rmask)?.to_scalar::<f32>()? as f64) * mb.n() as f64;
             ent_n += mb.n() as f64;
             let rl = self.ref_logprobs(&mb)?;
@@ -1250,7 +1266,7 @@ impl PpoTrainer {
                 // Installed before the forward: GPT-2's and Llama's blocks then run as one node each
                 // (`rlhf_model::kernels::block`).
                 let sink = GradSink::install(&sink_tensors)?;
-                let (h, logits, new_lp) = policy_forward(&self.policy, &mb, cfg.temperature)?;
+                let (h, new_lp, ent) = policy_forward(&self.policy, &mb, cfg.temperature)?;
                 // Clipped surrogate.
                 let logratio = (&new_lp - &old_lp)?;
                 let ratio = logratio.exp()?;
@@ -1265,15 +1281,7 @@ impl PpoTrainer {
                 let vf2 = (&vclip - &ret)?.sqr()?;
                 let vf_loss = (masked_mean(&vf1.maximum(&vf2)?, &mb.rmask)? * 0.5)?;
                 let mut loss = (&pg_loss + (&vf_loss * cfg.vf_coef)?)?;
-                let ent_logits = if cfg.ent_coef != 0.0 {
-                    logits.clone()
-                } else {
-                    logits.detach()
-                };
-                let ent = masked_mean(
-                    &rlhf_model::ops::entropy(&ent_logits)?.reshape((mb.n(), mb.tr))?,
-                    &mb.rmask,
-                )?;
+                let ent = masked_mean(&ent, &mb.rmask)?;
                 if cfg.ent_coef != 0.0 {
                     loss = (loss - (&ent * cfg.ent_coef)?)?;
                 }

@@ -486,7 +486,7 @@ fn packed_minibatches_give_the_padded_layouts_logprobs_values_and_gradients() {
     let mut params = policy.params.trainable();
     params.extend(critic.trainable());
     let run = |mb: &MbInput| {
-        let (h, _, lp) = policy_forward(&policy, mb, 0.7).unwrap();
+        let (h, lp, _) = policy_forward(&policy, mb, 0.7).unwrap();
         let v = critic.values(mb, &h).unwrap();
         let m = mb.rmask.to_dtype(rlhf_model::DType::F32).unwrap();
         // A loss that weighs every response position differently.
@@ -526,6 +526,79 @@ fn packed_minibatches_give_the_padded_layouts_logprobs_values_and_gradients() {
     assert!(MbInput::packed(&[&[]], &[&[3]], 0).is_err());
 }
 
+/// `policy_forward` runs the LM head on the real response tokens only, with the entropy fused
+/// in: its log-probs, entropies and gradients (an entropy bonus included) equal those composed
+/// from the full `[n·tr × V]` logits, and response padding reads 0.
+#[test]
+fn policy_forward_matches_logits_composed_over_every_slot() {
+    let tok = tok();
+    let p = prompts(&tok);
+    let r: Vec<Vec<u32>> = (0..p.len())
+        .map(|i| p[(i + 1) % p.len()][..i % 5].to_vec())
+        .collect();
+    assert!(r[0].is_empty() && r.iter().any(|x| x.len() >= 3));
+    let pr: Vec<&[u32]> = p.iter().map(|x| x.as_slice()).collect();
+    let rr: Vec<&[u32]> = r.iter().map(|x| x.as_slice()).collect();
+    let policy = tiny_gpt2(&tok, 7);
+    let params = policy.params.trainable();
+    let t = 0.7;
+    for mb in [
+        MbInput::new(&pr, &rr, tok.pad_id()).unwrap(),
+        MbInput::packed(&pr, &rr, tok.pad_id()).unwrap(),
+    ] {
+        let (n, tr) = (mb.n(), mb.tr);
+        let m = mb.rmask.to_dtype(rlhf_model::DType::F32).unwrap();
+        let w = |k0: usize| {
+            let w: Vec<f32> = (0..n * tr)
+                .map(|k| 1.0 + ((k + k0) % 5) as f32 / 5.0)
+                .collect();
+            (Tensor::from_vec(w, (n, tr), &Device::Cpu).unwrap() * &m).unwrap()
+        };
+        let (w1, w2) = (w(0), w(3));
+        let loss = |lp: &Tensor, ent: &Tensor| {
+            ((lp * &w1).unwrap().sum_all().unwrap() + (ent * &w2).unwrap().sum_all().unwrap())
+                .unwrap()
+        };
+        let (h, lp, ent) = policy_forward(&policy, &mb, t).unwrap();
+        let g = shared_prompts::grads_of(&loss(&lp, &ent), &params);
+        // Composed: logits / T at every [n, tr] slot, response padding included.
+        let targets: Vec<u32> = r
+            .iter()
+            .flat_map(|x| {
+                x.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, tr - x.len()))
+            })
+            .collect();
+        let targets = Tensor::from_vec(targets, n * tr, &Device::Cpu).unwrap();
+        let hc = h.reshape((n * tr, ())).unwrap();
+        let logits = (policy.lm_logits(&hc).unwrap() / t).unwrap();
+        let lpc = rlhf_model::ops::token_logprobs(&logits, &targets)
+            .unwrap()
+            .reshape((n, tr))
+            .unwrap();
+        let entc = rlhf_model::ops::entropy(&logits)
+            .unwrap()
+            .reshape((n, tr))
+            .unwrap();
+        let gc = shared_prompts::grads_of(&loss(&lpc, &entc), &params);
+        for (a, b) in [(&lp, &lpc), (&ent, &entc)] {
+            let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                (a.to_vec2().unwrap(), b.to_vec2().unwrap());
+            for i in 0..n {
+                for j in 0..tr {
+                    if j < r[i].len() {
+                        assert!((a[i][j] - b[i][j]).abs() < 1e-5 * (1.0 + b[i][j].abs()));
+                    } else {
+                        assert_eq!(a[i][j], 0.0, "padding slot {i},{j}");
+                    }
+                }
+            }
+        }
+        shared_prompts::assert_same_gradients("fused head", &g, &gc);
+    }
+}
+
 #[test]
 fn empty_generations_stop_with_a_clear_message() {
     let tok = tok();
@@ -539,7 +612,7 @@ fn empty_generations_stop_with_a_clear_message() {
     let mb = MbInput::new(&pr, &rr, tok.pad_id()).unwrap();
     let mut opt = AdamW::new(policy.params.trainable(), AdamWConfig::default()).unwrap();
     for _ in 0..60 {
-        let (_, _, lp) = policy_forward(&policy, &mb, 1.0).unwrap();
+        let (_, lp, _) = policy_forward(&policy, &mb, 1.0).unwrap();
         let loss = lp.mean_all().unwrap().neg().unwrap();
         let g = loss.backward().unwrap();
         let grads: Vec<Option<Tensor>> = opt

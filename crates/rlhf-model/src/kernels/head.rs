@@ -7,6 +7,13 @@
 //! training step holds a single [n × V] buffer, takes one exponential per logit, and candle
 //! never zero-fills and accumulates a logits gradient. Without gradients the logits are computed
 //! a block of rows at a time and never materialised.
+//!
+//! With `entropy` the op also returns each row's entropy `H = −Σ p log p` (output [n, 2]:
+//! log p(target), H), which PPO logs and may add to its loss. The forward then keeps the
+//! shifted logits `s = z − max` (not their exponentials) and each row's `ln Σ e^s`; the
+//! backward takes one exponential per logit to get `p` again and turns the buffer in place into
+//! `d z = g_lp·(onehot − p) − g_H·p·(log p + H)`, so the entropy costs one extra sum in the
+//! forward and no second [n × V] buffer.
 
 use std::sync::Mutex;
 
@@ -20,120 +27,166 @@ use super::{math, out, sink, slice, uninit, with_f32};
 const BLOCK: usize = 64;
 
 /// What the forward keeps for the backward: e^(logit − row max) for every logit, and each
-/// row's 1 / Σ of those.
+/// row's 1 / Σ of those; with `entropy`, the shifted logits and each row's ln Σ instead.
 type Kept = (Vec<f32>, Vec<f32>);
 
 struct HeadLogprobs {
     targets: Vec<u32>,
     scale: f32,
     keep: bool,
+    /// Output [n, 2] (log p(target), entropy) instead of [n].
+    entropy: bool,
     kept: Mutex<Option<Kept>>,
 }
 
-/// logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`. With `inv`
-/// (one slot per row), `dst` is left holding e^(logit − row max) and `inv` each row's 1 / Σ.
-#[allow(clippy::too_many_arguments)]
-fn block(
-    h: &[f32],
-    w: &[f32],
+/// One call's operands: hidden states [n, d] and the head's weight [v, d].
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    h: &'a [f32],
+    w: &'a [f32],
     d: usize,
     v: usize,
-    r0: usize,
-    rows: usize,
-    scale: f32,
-    targets: &[u32],
-    dst: &mut [f32],
-    o: &mut [f32],
-    inv: Option<&mut [f32]>,
-) {
-    sgemm(
-        rows,
-        v,
-        d,
-        Mat {
-            data: &h[r0 * d..(r0 + rows) * d],
-            rs: d,
-            cs: 1,
-        },
-        Mat {
-            data: w,
-            rs: 1,
-            cs: d,
-        },
-        dst,
-        false,
-    );
-    let row_lp = |i: usize, row: &mut [f32], o: &mut f32, inv: Option<&mut f32>| {
-        if scale != 1.0 {
-            row.iter_mut().for_each(|x| *x *= scale);
-        }
-        let m = math::max(row);
-        let target = row[targets[r0 + i] as usize];
-        let sum = match inv {
-            Some(inv) => {
-                let sum = math::exp_sub_in_place(row, m);
-                *inv = 1.0 / sum;
-                sum
-            }
-            None => math::sum_exp_sub(row, m),
-        };
-        *o = target - (m + sum.ln());
-    };
-    let rows_o = dst[..rows * v].par_chunks_mut(v).zip(o.par_iter_mut());
-    match inv {
-        Some(inv) => rows_o
-            .zip(inv.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((row, o), inv))| row_lp(i, row, o, Some(inv))),
-        None => rows_o
-            .enumerate()
-            .for_each(|(i, (row, o))| row_lp(i, row, o, None)),
+}
+
+impl Operands<'_> {
+    /// Unscaled logits `h[r0..r0+rows] · wᵀ` into `dst`.
+    fn logits_into(&self, r0: usize, rows: usize, dst: &mut [f32]) {
+        let (d, v) = (self.d, self.v);
+        sgemm(
+            rows,
+            v,
+            d,
+            Mat {
+                data: &self.h[r0 * d..(r0 + rows) * d],
+                rs: d,
+                cs: 1,
+            },
+            Mat {
+                data: self.w,
+                rs: 1,
+                cs: d,
+            },
+            dst,
+            false,
+        );
     }
 }
 
 impl HeadLogprobs {
-    fn forward(
+    /// Outputs per row: 1, or 2 with the entropy.
+    fn width(&self) -> usize {
+        1 + self.entropy as usize
+    }
+
+    /// Logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`. With
+    /// `inv` (one slot per row), `dst` is left holding e^(logit − row max) and `inv` each row's
+    /// 1 / Σ.
+    fn block(
         &self,
-        h: &[f32],
-        w: &[f32],
-        n: usize,
-        d: usize,
-        v: usize,
-    ) -> (Vec<f32>, Option<Kept>) {
-        let mut o = uninit(n);
-        if self.keep {
-            let (mut e, mut inv) = (uninit(n * v), uninit(n));
-            block(
-                h,
-                w,
-                d,
-                v,
-                0,
-                n,
-                self.scale,
-                &self.targets,
-                &mut e,
-                &mut o,
-                Some(&mut inv),
-            );
-            (o, Some((e, inv)))
+        x: Operands,
+        r0: usize,
+        rows: usize,
+        dst: &mut [f32],
+        o: &mut [f32],
+        inv: Option<&mut [f32]>,
+    ) {
+        x.logits_into(r0, rows, dst);
+        let (scale, targets) = (self.scale, &self.targets);
+        let row_lp = |i: usize, row: &mut [f32], o: &mut f32, inv: Option<&mut f32>| {
+            if scale != 1.0 {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+            let m = math::max(row);
+            let target = row[targets[r0 + i] as usize];
+            let sum = match inv {
+                Some(inv) => {
+                    let sum = math::exp_sub_in_place(row, m);
+                    *inv = 1.0 / sum;
+                    sum
+                }
+                None => math::sum_exp_sub(row, m),
+            };
+            *o = target - (m + sum.ln());
+        };
+        let rows_o = dst[..rows * x.v].par_chunks_mut(x.v).zip(o.par_iter_mut());
+        match inv {
+            Some(inv) => rows_o
+                .zip(inv.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, ((row, o), inv))| row_lp(i, row, o, Some(inv))),
+            None => rows_o
+                .enumerate()
+                .for_each(|(i, (row, o))| row_lp(i, row, o, None)),
+        }
+    }
+
+    /// The entropy form of [`HeadLogprobs::block`]: `dst` is left holding
+    /// `s = scale·logit − row max`, `o` gets (log p(target), H) per row and `lnsum` each row's
+    /// `ln Σ e^s`.
+    fn block_entropy(
+        &self,
+        x: Operands,
+        r0: usize,
+        rows: usize,
+        dst: &mut [f32],
+        o: &mut [f32],
+        lnsum: &mut [f32],
+    ) {
+        x.logits_into(r0, rows, dst);
+        let (scale, targets) = (self.scale, &self.targets);
+        dst[..rows * x.v]
+            .par_chunks_mut(x.v)
+            .zip(o.par_chunks_mut(2))
+            .zip(lnsum.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((row, o), ls))| {
+                // scale > 0, so the scaled row's max is scale × the row's max.
+                let m = scale * math::max(row);
+                let (sum, dot) = math::shift_sum_exp_dot(row, scale, m);
+                *ls = sum.ln();
+                o[0] = row[targets[r0 + i] as usize] - *ls;
+                o[1] = *ls - dot / sum;
+            });
+    }
+
+    /// Rows `r0..r0+rows` into `dst` (rows × v), `o` and `per_row` (1 / Σ, or ln Σ with the
+    /// entropy); without `per_row` (and without the entropy) only `o`.
+    fn rows(
+        &self,
+        x: Operands,
+        r0: usize,
+        rows: usize,
+        dst: &mut [f32],
+        o: &mut [f32],
+        per_row: Option<&mut [f32]>,
+    ) {
+        if self.entropy {
+            let mut scratch;
+            let ls = match per_row {
+                Some(p) => p,
+                None => {
+                    scratch = uninit(rows);
+                    &mut scratch[..]
+                }
+            };
+            self.block_entropy(x, r0, rows, dst, o, ls);
         } else {
-            let mut buf = uninit(BLOCK.min(n) * v);
-            for (bi, o) in o.chunks_mut(BLOCK).enumerate() {
-                let rows = o.len();
-                block(
-                    h,
-                    w,
-                    d,
-                    v,
-                    bi * BLOCK,
-                    rows,
-                    self.scale,
-                    &self.targets,
-                    &mut buf,
-                    o,
-                    None,
-                );
+            self.block(x, r0, rows, dst, o, per_row);
+        }
+    }
+
+    fn forward(&self, x: Operands, n: usize) -> (Vec<f32>, Option<Kept>) {
+        let k = self.width();
+        let mut o = uninit(n * k);
+        if self.keep {
+            let (mut e, mut per_row) = (uninit(n * x.v), uninit(n));
+            self.rows(x, 0, n, &mut e, &mut o, Some(&mut per_row));
+            (o, Some((e, per_row)))
+        } else {
+            let mut buf = uninit(BLOCK.min(n) * x.v);
+            for (bi, o) in o.chunks_mut(BLOCK * k).enumerate() {
+                let rows = o.len() / k;
+                self.rows(x, bi * BLOCK, rows, &mut buf, o, None);
             }
             (o, None)
         }
@@ -168,54 +221,65 @@ impl CustomOp2 for HeadLogprobs {
             slice(s1, l1, "head_logprobs")?,
             slice(s2, l2, "head_logprobs")?,
         );
-        let (o, kept) = self.forward(h, w, n, d, v);
+        let (o, kept) = self.forward(Operands { h, w, d, v }, n);
         *self.kept.lock().unwrap() = kept;
-        out(o, &Shape::from(n))
+        if self.entropy {
+            out(o, &Shape::from((n, 2)))
+        } else {
+            out(o, &Shape::from(n))
+        }
     }
     fn bwd(
         &self,
         h: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, d) = h.dims2()?;
         let v = w.dim(0)?;
-        let g = grad.to_vec1::<f32>()?;
+        let g = grad.flatten_all()?.to_vec1::<f32>()?;
+        // Each row's entropy, from the output.
+        let ent: Vec<f32> = if self.entropy {
+            res.narrow(1, 1, 1)?.flatten_all()?.to_vec1()?
+        } else {
+            vec![]
+        };
         let mut guard = self.kept.lock().unwrap();
         let (want_h, want_w) = (h.track_op(), w.track_op());
         let (dh, dw) = with_f32(&[h, w], |t| {
             let (hs, ws) = (t[0], t[1]);
-            // The kept exponentials (or, after a first backward consumed them, recomputed ones).
-            let (mut logits, inv) = match guard.take() {
+            // The kept buffer (or, after a first backward consumed it, a recomputed one).
+            let (mut logits, per_row) = match guard.take() {
                 Some(k) => k,
                 None => {
-                    let (mut e, mut inv) = (uninit(n * v), uninit(n));
-                    let mut o = vec![0.0; n];
-                    block(
-                        hs,
-                        ws,
-                        d,
-                        v,
-                        0,
-                        n,
-                        self.scale,
-                        &self.targets,
-                        &mut e,
-                        &mut o,
-                        Some(&mut inv),
-                    );
-                    (e, inv)
+                    let (mut e, mut per_row) = (uninit(n * v), uninit(n));
+                    let mut o = vec![0.0; n * self.width()];
+                    let x = Operands { h: hs, w: ws, d, v };
+                    self.rows(x, 0, n, &mut e, &mut o, Some(&mut per_row));
+                    (e, per_row)
                 }
             };
-            // d logit = −g·scale·p (+ g·scale at the target), p = e^(logit − max) / Σ.
-            logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                let ti = self.targets[i] as usize;
-                let gs = g[i] * self.scale;
-                let c = -gs * inv[i];
-                row.iter_mut().for_each(|x| *x *= c);
-                row[ti] += gs;
-            });
+            let scale = self.scale;
+            if self.entropy {
+                // Row holds s = z − max; log p = s − ln Σ, p = e^(log p):
+                // d logit = scale·(g_lp·(onehot − p) − g_H·p·(log p + H)).
+                logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                    let (gl, ge, ls) = (g[2 * i], g[2 * i + 1], per_row[i]);
+                    let c0 = gl + ge * (ent[i] - ls);
+                    math::entropy_dlogits(row, ls, c0, ge, scale);
+                    row[self.targets[i] as usize] += gl * scale;
+                });
+            } else {
+                // d logit = −g·scale·p (+ g·scale at the target), p = e^(logit − max) / Σ.
+                logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                    let ti = self.targets[i] as usize;
+                    let gs = g[i] * scale;
+                    let c = -gs * per_row[i];
+                    row.iter_mut().for_each(|x| *x *= c);
+                    row[ti] += gs;
+                });
+            }
             let gm = Mat {
                 data: &logits,
                 rs: v,
@@ -272,12 +336,37 @@ pub fn head_logprobs(
     targets: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    apply(hidden, weight, targets, scale, false)
+}
+
+/// [`head_logprobs`] and each row's entropy of `softmax(hidden · weightᵀ · scale)`, as [n, 2]
+/// (log p(target), H), both differentiable. `scale` must be positive.
+pub fn head_logprobs_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if scale <= 0.0 {
+        candle_core::bail!("head_logprobs_entropy: scale must be positive, got {scale}")
+    }
+    apply(hidden, weight, targets, scale, true)
+}
+
+fn apply(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    entropy: bool,
+) -> Result<Tensor> {
     let targets = targets.flatten_all()?.to_vec1::<u32>()?;
     let keep = hidden.track_op() || weight.track_op();
     let op = HeadLogprobs {
         targets,
         scale: scale as f32,
         keep,
+        entropy,
         kept: Mutex::new(None),
     };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)

@@ -109,6 +109,43 @@ crate::multiversion! {
 }
 
 crate::multiversion! {
+    /// In place `x ← x·scale − sub`, returning `(Σ e^x, Σ e^x·x)` of the new `x`: a row's
+    /// partition sum and the numerator of E[x] (the entropy's).
+    pub fn shift_sum_exp_dot(x: &mut [f32], scale: f32, sub: f32) -> (f32, f32) {
+        let (mut acc, mut dot) = ([0.0f32; 16], [0.0f32; 16]);
+        let mut c = x.chunks_exact_mut(16);
+        for xs in &mut c {
+            for k in 0..16 {
+                let y = xs[k] * scale - sub;
+                xs[k] = y;
+                let e = exp(y);
+                acc[k] += e;
+                dot[k] += e * y;
+            }
+        }
+        let (mut s, mut t): (f32, f32) = (acc.iter().sum(), dot.iter().sum());
+        for xv in c.into_remainder() {
+            let y = *xv * scale - sub;
+            *xv = y;
+            let e = exp(y);
+            s += e;
+            t += e * y;
+        }
+        (s, t)
+    }
+}
+
+crate::multiversion! {
+    /// In place over shifted logits `s`: `s ← −scale · e^(s − ls) · (c0 + ge·s)`, the entropy
+    /// head's logit gradient without its target term.
+    pub fn entropy_dlogits(x: &mut [f32], ls: f32, c0: f32, ge: f32, scale: f32) {
+        for v in x.iter_mut() {
+            *v = -scale * exp(*v - ls) * (c0 + ge * *v);
+        }
+    }
+}
+
+crate::multiversion! {
     /// Maximum of a slice (−∞ when empty).
     pub fn max(x: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
