@@ -70,39 +70,45 @@ pub struct SftObjective {
 }
 
 /// Mean negative log-likelihood over the loss-masked tokens of a batch, and the token count.
+/// Only the hidden states that predict a loss token go through the LM head, as one fused op
+/// ([`CausalLM::head_logprobs`]): prompt and padding positions cost no vocabulary product, and
+/// no `[tokens × vocab]` logits are materialised.
 pub fn sft_loss(model: &CausalLM, rows: &[&TokenizedSft], pad: u32) -> Result<(Tensor, usize)> {
     let b = collate_sft(rows.iter().copied(), pad);
     let (n, t) = (b.batch, b.seq_len);
     if t < 2 {
         bail!("SFT batch with sequences shorter than 2 tokens")
     }
+    let (slots, targets) = loss_slots(&b.input_ids, &b.loss_mask, t);
+    if slots.is_empty() {
+        bail!("SFT batch has no loss tokens (every completion was truncated away?)")
+    }
+    let k = slots.len();
     let ids = Tensor::from_vec(b.input_ids.clone(), (n, t), &Device::Cpu)?;
     let mask: Vec<Vec<u8>> = b.attention_mask.chunks(t).map(|c| c.to_vec()).collect();
     let d = model.hidden_size();
-    let h = model.hidden(&ids, &mask)?.narrow(1, 0, t - 1)?;
-    let logits = model.lm_logits(&h.reshape((n * (t - 1), d))?)?;
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    let loss = masked_nll(&logits, &targets, &shifted_loss_mask(&b.loss_mask, t))?;
-    Ok((loss, b.real_tokens()))
+    let h = model
+        .hidden(&ids, &mask)?
+        .reshape((n * t, d))?
+        .index_select(&Tensor::from_vec(slots, (k,), &Device::Cpu)?, 0)?;
+    let lp = model.head_logprobs(&h, &Tensor::from_vec(targets, (k,), &Device::Cpu)?, 1.0)?;
+    Ok(((lp.sum_all()?.neg()? / k as f64)?, b.real_tokens()))
 }
 
-/// The loss mask of the *predictions*: entry (row, j) says whether token j+1 is a target.
-pub fn shifted_loss_mask(loss_mask: &[u8], t: usize) -> Vec<f32> {
-    loss_mask
-        .chunks(t)
-        .flat_map(|r| r[1..].iter().map(|&x| x as f32).collect::<Vec<_>>())
-        .collect()
-}
-
-/// −mean over masked rows of log p(target): logits `[n, V]`, targets `[n]`, mask n floats.
-pub fn masked_nll(logits: &Tensor, targets: &Tensor, mask: &[f32]) -> Result<Tensor> {
-    let count: f32 = mask.iter().sum();
-    if count == 0.0 {
-        bail!("SFT batch has no loss tokens (every completion was truncated away?)")
+/// The loss positions of a collated batch (rows of width `t`): each slot (`row·t + j`) whose
+/// next token is a loss token, and that token.
+pub fn loss_slots(input_ids: &[u32], loss_mask: &[u8], t: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut slots = Vec::new();
+    let mut targets = Vec::new();
+    for (r, m) in loss_mask.chunks(t).enumerate() {
+        for j in 0..t - 1 {
+            if m[j + 1] != 0 {
+                slots.push((r * t + j) as u32);
+                targets.push(input_ids[r * t + j + 1]);
+            }
+        }
     }
-    let lp = rlhf_model::fused::token_logprobs(logits, targets)?;
-    let m = Tensor::from_vec(mask.to_vec(), lp.shape(), &Device::Cpu)?;
-    Ok(((lp * m)?.sum_all()?.neg()? / count as f64)?)
+    (slots, targets)
 }
 
 impl Objective for SftObjective {

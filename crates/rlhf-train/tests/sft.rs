@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use rlhf_data::formats::SftExample;
 use rlhf_data::tokenize::{tokenize_sft, SftTokenizeConfig};
 use rlhf_data::vocab::word_level_tokenizer;
-use rlhf_model::{generate, CausalLM, Device, GenerationConfig, Tensor, Tokenizer, Var};
-use rlhf_train::sft::{masked_nll, shifted_loss_mask, SftObjective};
+use rlhf_model::{generate, CausalLM, Device, GenerationConfig, Tensor, Tokenizer};
+use rlhf_train::sft::{loss_slots, sft_loss, SftObjective};
 use rlhf_train::{checkpoint, TrainConfig, Trainer};
 
 const WORDS: &[&str] = &[
@@ -110,11 +110,27 @@ fn tiny_model_memorises_and_generates_the_answers() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// `sft_loss` (the LM head on loss positions only, fused) equals the masked mean over the logits
+/// of every position, in value and in every parameter's gradient; prompt and padding positions
+/// carry no loss.
 #[test]
-fn prompt_tokens_receive_no_loss_gradient() {
+fn sft_loss_is_the_masked_mean_over_every_positions_logits() {
     let obj = objective(2);
-    let rows: Vec<_> = obj.train.iter().take(2).collect();
-    let b = rlhf_data::batch::collate_sft(rows, obj.tokenizer.pad_id());
+    let rows: Vec<_> = obj.train.iter().take(3).collect();
+    let pad = obj.tokenizer.pad_id();
+    let (loss, _) = sft_loss(&obj.model, &rows, pad).unwrap();
+    let params = obj.model.params.trainable();
+    let grads = |loss: &Tensor| {
+        let g = loss.backward().unwrap();
+        params
+            .iter()
+            .map(|p| vals(g.get(p.var().as_tensor()).unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let g = grads(&loss);
+    // Composed: logits at every position, −log p(next token) where the next token is a loss
+    // token, mean over those.
+    let b = rlhf_data::batch::collate_sft(rows.iter().copied(), pad);
     let (n, t) = (b.batch, b.seq_len);
     let ids = Tensor::from_vec(b.input_ids.clone(), (n, t), &Device::Cpu).unwrap();
     let mask: Vec<Vec<u8>> = b.attention_mask.chunks(t).map(|c| c.to_vec()).collect();
@@ -128,32 +144,49 @@ fn prompt_tokens_receive_no_loss_gradient() {
         .model
         .lm_logits(&h.reshape((n * (t - 1), 32)).unwrap())
         .unwrap();
-    let logits = Var::from_tensor(&logits.detach()).unwrap();
     let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let lm = shifted_loss_mask(&b.loss_mask, t);
-    let loss = masked_nll(logits.as_tensor(), &targets, &lm).unwrap();
-    let g: Vec<Vec<f32>> = loss
-        .backward()
-        .unwrap()
-        .get(logits.as_tensor())
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let mut scored = 0;
-    for (row, m) in g.iter().zip(&lm) {
-        let norm: f32 = row.iter().map(|x| x.abs()).sum();
-        if *m == 0.0 {
-            assert_eq!(norm, 0.0, "a prompt/padding position received gradient");
-        } else {
-            assert!(norm > 0.0);
-            scored += 1;
-        }
-    }
+    let lm: Vec<f32> = b
+        .loss_mask
+        .chunks(t)
+        .flat_map(|r| r[1..].iter().map(|&x| x as f32).collect::<Vec<_>>())
+        .collect();
+    let scored: f32 = lm.iter().sum();
     assert!(
-        scored >= 4 && scored < lm.len() / 2,
+        scored >= 4.0 && scored < lm.len() as f32 / 2.0,
         "completion tokens are a minority: {scored}/{}",
         lm.len()
     );
+    let lp = rlhf_model::ops::token_logprobs(&logits, &targets).unwrap();
+    let m = Tensor::from_vec(lm.clone(), lp.shape(), &Device::Cpu).unwrap();
+    let want = ((lp * m).unwrap().sum_all().unwrap().neg().unwrap() / scored as f64).unwrap();
+    let (got, exp) = (
+        loss.to_scalar::<f32>().unwrap(),
+        want.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (got - exp).abs() < 1e-5 * exp.abs(),
+        "loss {got} vs composed {exp}"
+    );
+    let gw = grads(&want);
+    for (i, (x, y)) in g.iter().zip(&gw).enumerate() {
+        let top = y.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let e = x.iter().zip(y).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        assert!(
+            e <= 1e-4 * top + 1e-7,
+            "parameter {i}: gradient differs by {e} of {top}"
+        );
+    }
+    // The slots that go through the head are the mask's, and each one's target is the next id.
+    let (slots, tg) = loss_slots(&b.input_ids, &b.loss_mask, t);
+    assert_eq!(slots.len() as f32, scored);
+    for (&s, &y) in slots.iter().zip(&tg) {
+        let (r, j) = (s as usize / t, s as usize % t);
+        assert!(j < t - 1 && lm[r * (t - 1) + j] == 1.0 && b.input_ids[s as usize + 1] == y);
+    }
+}
+
+fn vals(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn weights(obj: &SftObjective) -> Vec<Vec<f32>> {
