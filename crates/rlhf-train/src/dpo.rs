@@ -309,15 +309,13 @@ struct Predicted {
 }
 
 /// Per sequence `0..n`, the sum of log p(target) over its predicted tokens: only those rows of
-/// `hidden` (`[rows, d]`) go through the LM head. `[n]`, tracked for gradients.
+/// `hidden` (`[rows, d]`) go through the LM head, fused with the log-softmax
+/// ([`CausalLM::head_logprobs`]: one `[tokens × vocab]` buffer with gradients, none without).
+/// `[n]`, tracked for gradients.
 fn summed_logps(model: &CausalLM, hidden: &Tensor, p: Predicted, n: usize) -> Result<Tensor> {
     let k = p.idx.len();
     let sel = hidden.index_select(&Tensor::from_vec(p.idx, (k,), &Device::Cpu)?, 0)?;
-    let logits = model.lm_logits(&sel)?;
-    let lp = rlhf_model::fused::token_logprobs(
-        &logits,
-        &Tensor::from_vec(p.targets, (k,), &Device::Cpu)?,
-    )?;
+    let lp = model.head_logprobs(&sel, &Tensor::from_vec(p.targets, (k,), &Device::Cpu)?, 1.0)?;
     let mut seg = vec![0f32; n * k];
     for (i, &r) in p.owner.iter().enumerate() {
         seg[r * k + i] = 1.0;
