@@ -76,6 +76,61 @@ impl KvCache {
         l.len += t;
         Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
+
+    /// One cache from caches of disjoint row sets (`parts`: a cache and the batch row of each
+    /// of its rows), each part's `len` slots right-aligned in a row of `width` slots: the cache
+    /// of a left-padded batch whose rows were computed in groups, each group padded only to its
+    /// own longest. The padding slots hold zeros (the mask hides them).
+    pub fn merge_left_padded(mut parts: Vec<(KvCache, Vec<usize>)>, width: usize) -> Result<Self> {
+        let b: usize = parts.iter().map(|(_, rows)| rows.len()).sum();
+        let n_layers = parts.first().map_or(0, |(c, _)| c.layers.len());
+        // Batch row → its place in the parts' concatenation.
+        let mut place = vec![0u32; b];
+        for (i, &r) in parts.iter().flat_map(|(_, rows)| rows).enumerate() {
+            place[r] = i as u32;
+        }
+        let mut layers = Vec::with_capacity(n_layers);
+        for li in 0..n_layers {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            // Each part's layer is dropped once copied: the parts and the merged cache are not
+            // both held whole.
+            for (c, _) in parts.iter_mut() {
+                let Some(l) = c.layers[li].take() else {
+                    anyhow::bail!("merge_left_padded: layer {li} of a part is empty")
+                };
+                if l.len > width {
+                    anyhow::bail!("merge_left_padded: a part holds {} > {width} slots", l.len)
+                }
+                let (pb, h, _, d) = l.k.dims4()?;
+                let pad = Tensor::zeros((pb, h, width - l.len, d), l.k.dtype(), l.k.device())?;
+                ks.push(Tensor::cat(&[&pad, &l.k.narrow(2, 0, l.len)?], 2)?);
+                vs.push(Tensor::cat(&[&pad, &l.v.narrow(2, 0, l.len)?], 2)?);
+            }
+            let idx = Tensor::from_vec(place.clone(), b, ks[0].device())?;
+            let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+            let (_, h, _, d) = k.dims4()?;
+            let room = Tensor::zeros((b, h, HEADROOM, d), k.dtype(), k.device())?;
+            layers.push(Some(LayerKv {
+                k: Tensor::cat(&[&k.index_select(&idx, 0)?, &room], 2)?,
+                v: Tensor::cat(&[&v.index_select(&idx, 0)?, &room], 2)?,
+                len: width,
+            }));
+        }
+        Ok(Self { layers })
+    }
+
+    /// Keep only batch rows `rows` (in that order) of every layer, e.g. to stop computing
+    /// sequences that finished. Copies the kept rows once; their slots and capacity stay.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let idx = Tensor::from_vec(idx, rows.len(), l.k.device())?;
+            l.k = l.k.index_select(&idx, 0)?;
+            l.v = l.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// The inputs of one forward call besides the token ids.

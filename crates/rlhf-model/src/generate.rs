@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::backbone::KvCache;
 use crate::model::CausalLM;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +169,95 @@ fn draw(weights: &[f32], target: f32) -> usize {
         .unwrap_or(weights.len().saturating_sub(1))
 }
 
+/// The rows of a generation batch still being computed, each with its original index, its RNG,
+/// its mask and all its ids so far.
+struct Live {
+    rows: Vec<usize>,
+    rngs: Vec<rand::rngs::StdRng>,
+    mask: Vec<Vec<u8>>,
+    ids: Vec<Vec<u32>>,
+}
+
+impl Live {
+    /// Keep batch rows `keep` (ascending) only.
+    fn keep(&mut self, keep: &[usize]) {
+        fn pick<T>(v: &mut Vec<T>, keep: &[usize]) {
+            let mut flags = vec![false; v.len()];
+            keep.iter().for_each(|&i| flags[i] = true);
+            let mut it = flags.into_iter();
+            v.retain(|_| it.next().unwrap_or(false));
+        }
+        pick(&mut self.rows, keep);
+        pick(&mut self.rngs, keep);
+        pick(&mut self.mask, keep);
+        pick(&mut self.ids, keep);
+    }
+}
+
+/// Share of padding a prefill batch may hold: past it, prompts are computed in groups.
+const PREFILL_SLACK: f64 = 0.1;
+
+/// Rows grouped for the prefill, longest prompts first: a group takes the next row while its
+/// padded slots stay within [`PREFILL_SLACK`] of its tokens. One group (all rows, in order)
+/// when the whole batch is within it.
+pub fn prefill_groups(lens: &[usize]) -> Vec<Vec<usize>> {
+    let fits = |width: usize, n: usize, sum: usize| {
+        (width * n) as f64 <= (1.0 + PREFILL_SLACK) * sum as f64
+    };
+    let width = lens.iter().copied().max().unwrap_or(0);
+    if fits(width, lens.len(), lens.iter().sum()) {
+        return vec![(0..lens.len()).collect()];
+    }
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&r| std::cmp::Reverse(lens[r]));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut sum = 0;
+    for r in order {
+        match groups.last_mut() {
+            Some(g) if fits(lens[g[0]], g.len() + 1, sum + lens[r]) => {
+                g.push(r);
+                sum += lens[r];
+            }
+            _ => {
+                groups.push(vec![r]);
+                sum = lens[r];
+            }
+        }
+    }
+    groups
+}
+
+/// The prefill in groups of rows, each left-padded to its own longest prompt: the logits of
+/// every row's last prompt token ([b·V], batch order) and the cache of the batch left-padded
+/// to `width`.
+fn prefill_grouped(
+    model: &CausalLM,
+    prompts: &[Vec<u32>],
+    groups: Vec<Vec<usize>>,
+    pad: u32,
+    width: usize,
+) -> Result<(Vec<f32>, KvCache)> {
+    let v = model.config.vocab_size();
+    let mut logits = vec![0f32; prompts.len() * v];
+    let mut parts = Vec::with_capacity(groups.len());
+    for g in groups {
+        let ps: Vec<Vec<u32>> = g.iter().map(|&r| prompts[r].clone()).collect();
+        let (ids, mask, t) = left_pad(&ps, pad);
+        let mut cache = model.new_cache();
+        let ids = Tensor::from_vec(ids, (g.len(), t), &Device::Cpu)?;
+        let h = model.hidden_cached(&ids, &mask, &mut cache)?;
+        let l: Vec<f32> = model
+            .lm_logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?
+            .flatten_all()?
+            .to_vec1()?;
+        for (i, &r) in g.iter().enumerate() {
+            logits[r * v..(r + 1) * v].copy_from_slice(&l[i * v..(i + 1) * v]);
+        }
+        parts.push((cache, g));
+    }
+    Ok((logits, KvCache::merge_left_padded(parts, width)?))
+}
+
 /// Generate continuations for a batch of tokenised prompts.
 pub fn generate(
     model: &CausalLM,
@@ -187,7 +277,7 @@ pub fn generate(
         bail!("prompt {i} is empty: generation needs at least one token (e.g. BOS)")
     }
     let b = prompts.len();
-    let (ids, mut mask, t0) = left_pad(prompts, cfg.pad_id);
+    let (ids, mask, t0) = left_pad(prompts, cfg.pad_id);
     if let Some(maxp) = model.config.max_positions() {
         if t0 + cfg.max_new_tokens > maxp && model.config.family() == crate::config::Family::Gpt2 {
             bail!(
@@ -197,42 +287,67 @@ pub fn generate(
         }
     }
     // One RNG per row: a row's sample never depends on when other rows finish.
-    let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
+    let rngs: Vec<rand::rngs::StdRng> = (0..b)
         .map(|r| {
             rand::rngs::StdRng::seed_from_u64(
                 cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(r as u64),
             )
         })
         .collect();
-    let mut all_ids: Vec<Vec<u32>> = (0..b).map(|r| ids[r * t0..(r + 1) * t0].to_vec()).collect();
+    let all_ids: Vec<Vec<u32>> = (0..b).map(|r| ids[r * t0..(r + 1) * t0].to_vec()).collect();
     let mut out = Generation {
         tokens: vec![vec![]; b],
         logprobs: vec![vec![]; b],
         finished: vec![false; b],
     };
+    // The rows still computed: finished ones leave the batch (and the cache) once they are an
+    // eighth of it, so a step costs what its unfinished rows need.
+    let mut live = Live {
+        rows: (0..b).collect(),
+        rngs,
+        mask,
+        ids: all_ids,
+    };
     let mut cache = model.new_cache();
     let v = model.config.vocab_size();
     let mut step_ids = Tensor::from_vec(ids, (b, t0), &Device::Cpu)?;
+    // Prompts of very different lengths: the prompts are computed in groups of similar lengths.
+    let groups = prefill_groups(&prompts.iter().map(|p| p.len()).collect::<Vec<_>>());
+    let mut prefilled = None;
+    if cfg.use_cache && groups.len() > 1 {
+        let (logits, c) = prefill_grouped(model, prompts, groups, cfg.pad_id, t0)?;
+        prefilled = Some(logits);
+        cache = c;
+    }
     for step in 0..cfg.max_new_tokens {
-        let h = if cfg.use_cache {
-            model.hidden_cached(&step_ids, &mask, &mut cache)?
-        } else {
-            let t = all_ids[0].len();
-            let flat: Vec<u32> = all_ids.iter().flatten().copied().collect();
-            model.hidden(&Tensor::from_vec(flat, (b, t), &Device::Cpu)?, &mask)?
+        let n = live.rows.len();
+        let logits: Vec<f32> = match prefilled.take() {
+            Some(l) => l,
+            None => {
+                let h = if cfg.use_cache {
+                    model.hidden_cached(&step_ids, &live.mask, &mut cache)?
+                } else {
+                    let t = live.ids[0].len();
+                    let flat: Vec<u32> = live.ids.iter().flatten().copied().collect();
+                    model.hidden(&Tensor::from_vec(flat, (n, t), &Device::Cpu)?, &live.mask)?
+                };
+                let t = h.dim(1)?;
+                let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+                model.lm_logits(&last)?.flatten_all()?.to_vec1()?
+            }
         };
-        let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let logits: Vec<f32> = model.lm_logits(&last)?.flatten_all()?.to_vec1()?;
         // Rows sample in parallel, each with its own RNG: the same draws as one at a time.
-        let picks: Vec<Option<(u32, f32)>> = rngs
+        let finished = &out.finished;
+        let picks: Vec<Option<(u32, f32)>> = live
+            .rngs
             .par_iter_mut()
             .zip(logits.par_chunks(v))
-            .zip(out.finished.par_iter())
-            .map(|((rng, row), &done)| (!done).then(|| sample_row(row, cfg, rng)))
+            .zip(live.rows.par_iter())
+            .map(|((rng, row), &r)| (!finished[r]).then(|| sample_row(row, cfg, rng)))
             .collect();
-        let mut next = Vec::with_capacity(b);
-        for (r, pick) in picks.into_iter().enumerate() {
+        let mut next = Vec::with_capacity(n);
+        for (i, pick) in picks.into_iter().enumerate() {
+            let r = live.rows[i];
             let Some((tok, lp)) = pick else {
                 next.push(cfg.pad_id);
                 continue;
@@ -247,12 +362,20 @@ pub fn generate(
         if out.finished.iter().all(|&f| f) {
             break;
         }
-        for (r, m) in mask.iter_mut().enumerate() {
-            // A finished row keeps attending to its (masked) pad tokens: its output is ignored.
-            m.push(u8::from(out.tokens[r].len() == step + 1));
-            all_ids[r].push(next[r]);
+        for (i, m) in live.mask.iter_mut().enumerate() {
+            // A finished row still in the batch attends to its (masked) pad tokens: its output
+            // is ignored.
+            m.push(u8::from(out.tokens[live.rows[i]].len() == step + 1));
+            live.ids[i].push(next[i]);
         }
-        step_ids = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+        let done = live.rows.iter().filter(|&&r| out.finished[r]).count();
+        if done > 0 && done * 8 >= n {
+            let keep: Vec<usize> = (0..n).filter(|&i| !out.finished[live.rows[i]]).collect();
+            cache.keep_rows(&keep)?;
+            live.keep(&keep);
+            next = keep.iter().map(|&i| next[i]).collect();
+        }
+        step_ids = Tensor::from_vec(next, (live.rows.len(), 1), &Device::Cpu)?;
     }
     Ok(out)
 }

@@ -96,6 +96,108 @@ fn eos_stops_a_row_while_others_continue() {
     );
 }
 
+/// Rows that stop at EOS leave the batch and the KV cache (once they are an eighth of it) while
+/// the others run on: every row's tokens equal the uncached recomputation's, and each row's
+/// equal the run without EOS cut at its first EOS, for rows that stopped at many different
+/// steps.
+#[test]
+fn finished_rows_leave_the_batch_without_changing_the_others() {
+    let prompts: Vec<Vec<u32>> = (0..12)
+        .map(|i| {
+            (0..1 + i % 5)
+                .map(|j| ((i * 7 + j * 3) % 50 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    for name in ["gpt2", "llama", "qwen2"] {
+        let m = load(name);
+        let cfg = GenerationConfig {
+            max_new_tokens: 16,
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let free = generate(&m, &prompts, &cfg).unwrap();
+        // EOS: the token that most rows sample, so that they stop at different steps.
+        let mut rows_with = std::collections::HashMap::<u32, usize>::new();
+        for r in &free.tokens {
+            let mut seen: Vec<u32> = r.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            seen.into_iter()
+                .for_each(|t| *rows_with.entry(t).or_default() += 1);
+        }
+        let eos = *rows_with.iter().max_by_key(|&(t, c)| (*c, *t)).unwrap().0;
+        let cfg = GenerationConfig {
+            eos_ids: vec![eos],
+            ..cfg
+        };
+        let cached = generate(&m, &prompts, &cfg).unwrap();
+        let uncached = generate(
+            &m,
+            &prompts,
+            &GenerationConfig {
+                use_cache: false,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(cached.tokens, uncached.tokens, "{name}");
+        assert_eq!(cached.finished, uncached.finished, "{name}");
+        for (x, y) in cached
+            .logprobs
+            .iter()
+            .flatten()
+            .zip(uncached.logprobs.iter().flatten())
+        {
+            assert!((x - y).abs() < 1e-4, "{name}: {x} vs {y}");
+        }
+        for (r, toks) in cached.tokens.iter().enumerate() {
+            let cut = free.tokens[r]
+                .iter()
+                .position(|&t| t == eos)
+                .map_or(16, |p| p + 1);
+            assert_eq!(toks, &free.tokens[r][..cut], "{name} row {r}");
+            for (x, y) in cached.logprobs[r].iter().zip(&free.logprobs[r]) {
+                assert!((x - y).abs() < 1e-4, "{name} row {r}: {x} vs {y}");
+            }
+        }
+        let ends: std::collections::HashSet<usize> = cached
+            .tokens
+            .iter()
+            .zip(&cached.finished)
+            .filter(|(_, &f)| f)
+            .map(|(t, _)| t.len())
+            .collect();
+        assert!(ends.len() >= 3, "{name}: rows stopped at steps {ends:?}");
+    }
+}
+
+/// Prefill groups: every row once; a batch within 10% padding stays one group in order;
+/// otherwise each group holds rows of similar lengths, padded within 10% of its tokens.
+#[test]
+fn prefill_groups_cover_every_row_within_the_slack() {
+    use rlhf_model::generate::prefill_groups;
+    assert_eq!(prefill_groups(&[10, 10, 9, 10]), vec![vec![0, 1, 2, 3]]);
+    let lens: Vec<usize> = (0..64).map(|i| 20 + (i * 37) % 60).collect();
+    let groups = prefill_groups(&lens);
+    assert!(groups.len() > 1);
+    let mut seen: Vec<usize> = groups.concat();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..64).collect::<Vec<_>>());
+    let (mut padded, real) = (0, lens.iter().sum::<usize>());
+    for g in &groups {
+        let w = g.iter().map(|&r| lens[r]).max().unwrap();
+        let sum: usize = g.iter().map(|&r| lens[r]).sum();
+        assert!(
+            g.len() == 1 || (w * g.len()) as f64 <= 1.1 * sum as f64,
+            "{g:?}"
+        );
+        padded += w * g.len();
+    }
+    assert!((padded as f64) < 1.1 * real as f64 && 64 * 79 > real * 13 / 10);
+}
+
 #[test]
 fn same_seed_same_sample_different_seed_differs() {
     let m = load("qwen2");
