@@ -478,12 +478,29 @@ pub struct PackedSft {
     pub segments: Vec<u8>,
 }
 
+impl From<PackedSft> for TokenizedSft {
+    /// A packed row as one training row: its segments keep the examples apart.
+    fn from(p: PackedSft) -> Self {
+        TokenizedSft {
+            input_ids: p.input_ids,
+            loss_mask: p.loss_mask,
+            segments: p.segments,
+        }
+    }
+}
+
 /// At most this many examples share a packed row (segment ids are one byte; 0 means padding).
 pub const MAX_SEGMENTS: usize = 255;
 
 /// Pack examples into rows of at most `max_len` tokens, best-fit decreasing (examples are never
 /// split; longer ones are cut to `max_len`, empty ones skipped). Deterministic.
 pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
+    pack_refs(&examples.iter().collect::<Vec<_>>(), max_len)
+}
+
+/// [`pack`] over borrowed examples: also how a batch is laid out padding-free (its examples
+/// in rows as wide as its longest).
+pub fn pack_refs(examples: &[&TokenizedSft], max_len: usize) -> Vec<PackedSft> {
     assert!(max_len > 0, "pack: max_len must be positive");
     let lens: Vec<usize> = examples.iter().map(|e| e.len().min(max_len)).collect();
     pack_bins(&lens, max_len)
@@ -497,7 +514,7 @@ pub fn pack(examples: &[TokenizedSft], max_len: usize) -> Vec<PackedSft> {
                 segments: Vec::new(),
             };
             for (k, i) in members.into_iter().enumerate() {
-                let ex = &examples[i];
+                let ex = examples[i];
                 let len = lens[i];
                 row.seq_starts.push(row.input_ids.len());
                 row.input_ids.extend_from_slice(&ex.input_ids[..len]);

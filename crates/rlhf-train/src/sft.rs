@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rlhf_data::batch::collate_sft;
 use rlhf_data::formats::load_sft;
-use rlhf_data::tokenize::{pack, tokenize_sft, SftTokenizeConfig, TokenizedSft};
+use rlhf_data::tokenize::{pack, pack_refs, tokenize_sft, SftTokenizeConfig, TokenizedSft};
 use rlhf_model::params::Param;
 use rlhf_model::{CausalLM, LoraConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,11 @@ pub struct SftConfig {
     /// Render prompt/completion rows through the chat template.
     pub use_chat_template: bool,
     pub packing: bool,
+    /// Lay each batch out padding-free: its examples back to back in rows as wide as its
+    /// longest, each its own attention segment with positions from its own start. The same
+    /// examples, loss tokens, loss and gradients as one padded row each, in fewer slots.
+    /// (Unlike `packing`, which fills rows of `max_len` and so changes what a batch holds.)
+    pub padding_free: bool,
     pub lora: Option<LoraConfig>,
     pub train: TrainConfig,
 }
@@ -49,6 +54,7 @@ impl Default for SftConfig {
             completion_only: true,
             use_chat_template: false,
             packing: false,
+            padding_free: true,
             lora: None,
             train: TrainConfig::default(),
         }
@@ -67,14 +73,29 @@ pub struct SftObjective {
     /// lengths hold very different token counts, and a per-batch mean would weigh a token of a
     /// short batch many times one of a long batch.
     pub token_norm: Option<f64>,
+    /// Lay batches out padding-free ([`SftConfig::padding_free`]).
+    pub padding_free: bool,
 }
 
 /// Mean negative log-likelihood over the loss-masked tokens of a batch, and the token count.
 /// Only the hidden states that predict a loss token go through the LM head, as one fused op
 /// ([`CausalLM::head_logprobs`]): prompt and padding positions cost no vocabulary product, and
-/// no `[tokens × vocab]` logits are materialised.
-pub fn sft_loss(model: &CausalLM, rows: &[&TokenizedSft], pad: u32) -> Result<(Tensor, usize)> {
-    let b = collate_sft(rows.iter().copied(), pad);
+/// no `[tokens × vocab]` logits are materialised. With `padding_free` the rows are laid out
+/// back to back ([`padding_free_rows`]).
+pub fn sft_loss(
+    model: &CausalLM,
+    rows: &[&TokenizedSft],
+    pad: u32,
+    padding_free: bool,
+) -> Result<(Tensor, usize)> {
+    let flat;
+    let b = match padding_free.then(|| padding_free_rows(rows)).flatten() {
+        Some(f) => {
+            flat = f;
+            collate_sft(&flat, pad)
+        }
+        None => collate_sft(rows.iter().copied(), pad),
+    };
     let (n, t) = (b.batch, b.seq_len);
     if t < 2 {
         bail!("SFT batch with sequences shorter than 2 tokens")
@@ -93,6 +114,18 @@ pub fn sft_loss(model: &CausalLM, rows: &[&TokenizedSft], pad: u32) -> Result<(T
         .index_select(&Tensor::from_vec(slots, (k,), &Device::Cpu)?, 0)?;
     let lp = model.head_logprobs(&h, &Tensor::from_vec(targets, (k,), &Device::Cpu)?, 1.0)?;
     Ok(((lp.sum_all()?.neg()? / k as f64)?, b.real_tokens()))
+}
+
+/// A batch's examples back to back in rows as wide as its longest ([`pack_refs`]: best-fit,
+/// each example its own segment, its first token never a target, as in its own row). `None`
+/// when the rows are packed already (`packing = true`) or would not get fewer.
+pub fn padding_free_rows(rows: &[&TokenizedSft]) -> Option<Vec<TokenizedSft>> {
+    let width = rows.iter().map(|r| r.len()).max()?;
+    if width == 0 || rows.iter().any(|r| !r.segments.is_empty()) {
+        return None;
+    }
+    let packed = pack_refs(rows, width);
+    (packed.len() < rows.len()).then(|| packed.into_iter().map(TokenizedSft::from).collect())
 }
 
 /// The loss positions of a collated batch (rows of width `t`): each slot (`row·t + j`) whose
@@ -121,6 +154,20 @@ impl Objective for SftObjective {
     fn lengths(&self) -> Option<Vec<usize>> {
         Some(self.train.iter().map(|r| r.len()).collect())
     }
+    fn batch_tokens(&self, items: &[usize], lengths: &[usize]) -> (usize, usize) {
+        let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
+        match self
+            .padding_free
+            .then(|| padding_free_rows(&rows))
+            .flatten()
+        {
+            Some(flat) => {
+                let width = flat.iter().map(|r| r.len()).max().unwrap_or(0);
+                (flat.iter().map(|r| r.len()).sum(), flat.len() * width)
+            }
+            None => rlhf_data::batch::padded_tokens(items, lengths),
+        }
+    }
     fn trainable(&self) -> Vec<Param> {
         self.model.params.trainable()
     }
@@ -136,7 +183,8 @@ impl Objective for SftObjective {
     }
     fn loss(&mut self, items: &[usize]) -> Result<StepOut> {
         let rows: Vec<&TokenizedSft> = items.iter().map(|&i| &self.train[i]).collect();
-        let (loss, tokens) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
+        let pad = self.tokenizer.pad_id();
+        let (loss, tokens) = sft_loss(&self.model, &rows, pad, self.padding_free)?;
         let (loss, logged_loss) = match self.token_norm {
             Some(norm) => {
                 // `loss` is the batch's token mean: train on the rescaled sum, log the mean.
@@ -164,7 +212,8 @@ impl Objective for SftObjective {
         for chunk in rlhf_data::batch::length_chunks(&lens, self.eval_batch) {
             let rows: Vec<&TokenizedSft> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let toks: usize = rows.iter().map(|r| r.n_loss_tokens()).sum();
-            let (l, _) = sft_loss(&self.model, &rows, self.tokenizer.pad_id())?;
+            let pad = self.tokenizer.pad_id();
+            let (l, _) = sft_loss(&self.model, &rows, pad, self.padding_free)?;
             tot += l.to_scalar::<f32>()? as f64 * toks as f64;
             n += toks as f64;
         }
@@ -272,11 +321,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
     if cfg.packing {
         train = pack(&train, cfg.max_len)
             .into_iter()
-            .map(|p| TokenizedSft {
-                input_ids: p.input_ids,
-                loss_mask: p.loss_mask,
-                segments: p.segments,
-            })
+            .map(TokenizedSft::from)
             .collect();
     }
     warn_memory(&model, cfg.train.batch_size, cfg.max_len);
@@ -287,6 +332,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
         eval,
         eval_batch: cfg.train.batch_size,
         token_norm: None,
+        padding_free: cfg.padding_free,
     };
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;

@@ -117,6 +117,7 @@ fn sft_model(seed: u64) -> (CausalLM, Tokenizer) {
         eval: vec![],
         eval_batch: 16,
         token_norm: None,
+        padding_free: true,
     };
     let out = tmp(&format!("sft-{seed}"));
     Trainer::new(

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use rlhf_data::formats::SftExample;
+use rlhf_data::tokenize::TokenizedSft;
 use rlhf_data::tokenize::{tokenize_sft, SftTokenizeConfig};
 use rlhf_data::vocab::word_level_tokenizer;
 use rlhf_model::{generate, CausalLM, Device, GenerationConfig, Tensor, Tokenizer};
-use rlhf_train::sft::{loss_slots, sft_loss, SftObjective};
+use rlhf_train::sft::{loss_slots, padding_free_rows, sft_loss, SftObjective};
 use rlhf_train::{checkpoint, TrainConfig, Trainer};
 
 const WORDS: &[&str] = &[
@@ -60,6 +61,7 @@ fn objective_on(examples: &[SftExample], seed: u64) -> SftObjective {
         eval: vec![],
         eval_batch: 4,
         token_norm: None,
+        padding_free: true,
     }
 }
 
@@ -110,15 +112,20 @@ fn tiny_model_memorises_and_generates_the_answers() {
     std::fs::remove_dir_all(&out).ok();
 }
 
-/// `sft_loss` (the LM head on loss positions only, fused) equals the masked mean over the logits
-/// of every position, in value and in every parameter's gradient; prompt and padding positions
-/// carry no loss.
+/// `sft_loss` (the LM head on loss positions only, fused), in the padded layout and
+/// padding-free, equals the masked mean over the logits of every position of the padded batch,
+/// in value and in every parameter's gradient; prompt and padding positions carry no loss.
 #[test]
 fn sft_loss_is_the_masked_mean_over_every_positions_logits() {
-    let obj = objective(2);
-    let rows: Vec<_> = obj.train.iter().take(3).collect();
+    let obj = mixed_objective(2);
+    // The longest example and the three shortest: padding-free puts the short ones in one row.
+    let mut order: Vec<usize> = (0..obj.train.len()).collect();
+    order.sort_by_key(|&i| obj.train[i].len());
+    let pick = [order[order.len() - 1], order[0], order[1], order[2]];
+    let rows: Vec<&TokenizedSft> = pick.iter().map(|&i| &obj.train[i]).collect();
+    let flat = padding_free_rows(&rows).expect("fewer rows padding-free");
+    assert_eq!(flat.len(), 2);
     let pad = obj.tokenizer.pad_id();
-    let (loss, _) = sft_loss(&obj.model, &rows, pad).unwrap();
     let params = obj.model.params.trainable();
     let grads = |loss: &Tensor| {
         let g = loss.backward().unwrap();
@@ -127,7 +134,6 @@ fn sft_loss_is_the_masked_mean_over_every_positions_logits() {
             .map(|p| vals(g.get(p.var().as_tensor()).unwrap()))
             .collect::<Vec<_>>()
     };
-    let g = grads(&loss);
     // Composed: logits at every position, −log p(next token) where the next token is a loss
     // token, mean over those.
     let b = rlhf_data::batch::collate_sft(rows.iter().copied(), pad);
@@ -153,28 +159,30 @@ fn sft_loss_is_the_masked_mean_over_every_positions_logits() {
     let scored: f32 = lm.iter().sum();
     assert!(
         scored >= 4.0 && scored < lm.len() as f32 / 2.0,
-        "completion tokens are a minority: {scored}/{}",
+        "{scored}/{}",
         lm.len()
     );
     let lp = rlhf_model::ops::token_logprobs(&logits, &targets).unwrap();
     let m = Tensor::from_vec(lm.clone(), lp.shape(), &Device::Cpu).unwrap();
     let want = ((lp * m).unwrap().sum_all().unwrap().neg().unwrap() / scored as f64).unwrap();
-    let (got, exp) = (
-        loss.to_scalar::<f32>().unwrap(),
-        want.to_scalar::<f32>().unwrap(),
-    );
-    assert!(
-        (got - exp).abs() < 1e-5 * exp.abs(),
-        "loss {got} vs composed {exp}"
-    );
+    let exp = want.to_scalar::<f32>().unwrap();
     let gw = grads(&want);
-    for (i, (x, y)) in g.iter().zip(&gw).enumerate() {
-        let top = y.iter().fold(0f32, |s, v| s.max(v.abs()));
-        let e = x.iter().zip(y).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+    for padding_free in [false, true] {
+        let (loss, real) = sft_loss(&obj.model, &rows, pad, padding_free).unwrap();
+        assert_eq!(real, rows.iter().map(|r| r.len()).sum::<usize>());
+        let got = loss.to_scalar::<f32>().unwrap();
         assert!(
-            e <= 1e-4 * top + 1e-7,
-            "parameter {i}: gradient differs by {e} of {top}"
+            (got - exp).abs() < 1e-5 * exp.abs(),
+            "{padding_free}: loss {got} vs {exp}"
         );
+        for (i, (x, y)) in grads(&loss).iter().zip(&gw).enumerate() {
+            let top = y.iter().fold(0f32, |s, v| s.max(v.abs()));
+            let e = x.iter().zip(y).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+            assert!(
+                e <= 1e-4 * top + 1e-7,
+                "{padding_free}: parameter {i}: {e} of {top}"
+            );
+        }
     }
     // The slots that go through the head are the mask's, and each one's target is the next id.
     let (slots, tg) = loss_slots(&b.input_ids, &b.loss_mask, t);

@@ -41,6 +41,7 @@ pub fn sft(ctx: &Ctx) -> Result<Vec<(f64, f64)>> {
         eval: vec![],
         eval_batch: 32,
         token_norm: None,
+        padding_free: true,
     };
     let tcfg = TrainConfig {
         max_steps: ctx.plan.sft_steps,
