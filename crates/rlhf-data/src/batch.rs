@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use rlhf_model::ops::PrefixRow;
 use serde::{Deserialize, Serialize};
 
-use crate::tokenize::{PackedSft, TokenizedPair, TokenizedSft};
+use crate::tokenize::{pack_bins, PackedSft, TokenizedPair, TokenizedSft};
 
 /// A right-padded batch, row-major `[batch, seq_len]`. Padding has attention 0 and loss 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,7 +224,9 @@ pub fn collate_pairs<'a>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseSlot {
     pub row: usize,
-    /// Length of the prompt it answers (the row's prompt).
+    /// Slot of its prompt group's first token (the prompt's) in the row.
+    pub offset: usize,
+    /// Length of the prompt it answers (its group's prompt).
     pub prompt_len: usize,
     /// Slot of its first token in the row.
     pub start: usize,
@@ -238,7 +240,7 @@ impl ResponseSlot {
         if self.len > 0 {
             self.start + self.len - 1
         } else {
-            self.prompt_len.saturating_sub(1)
+            self.offset + self.prompt_len.saturating_sub(1)
         }
     }
 
@@ -246,7 +248,7 @@ impl ResponseSlot {
     /// first), `None` for the first token after an empty prompt (nothing predicts it).
     pub fn predictor(&self, j: usize) -> Option<usize> {
         match j {
-            0 => self.prompt_len.checked_sub(1),
+            0 => self.prompt_len.checked_sub(1).map(|p| self.offset + p),
             _ => Some(self.start + j - 1),
         }
     }
@@ -261,7 +263,8 @@ pub struct SharedBatch {
     /// Row-major `[rows, seq_len]`, right-padded.
     pub input_ids: Vec<u32>,
     pub seq_len: usize,
-    pub rows: Vec<PrefixRow>,
+    /// Each row's prompt groups, back to back.
+    pub rows: Vec<Vec<PrefixRow>>,
     /// Every distinct (prompt, response) once.
     pub responses: Vec<ResponseSlot>,
     /// Per item: its index into `responses`.
@@ -271,7 +274,12 @@ pub struct SharedBatch {
 impl SharedBatch {
     /// Real (non-padding) tokens.
     pub fn real_tokens(&self) -> usize {
-        self.rows.iter().map(PrefixRow::len).sum()
+        self.rows.iter().flatten().map(PrefixRow::len).sum()
+    }
+
+    /// Prompt groups (a prompt and the responses that follow it), over all rows.
+    pub fn groups(&self) -> usize {
+        self.rows.iter().map(Vec::len).sum()
     }
 
     /// Slots the model computes: rows × width.
@@ -292,7 +300,9 @@ pub fn key_ratio(hidden_size: usize) -> usize {
 /// queries also compute (masked) scores over the row's earlier responses, `len × earlier`
 /// keys, which must cost less than the prompt it saves, `key_ratio` ([`key_ratio`]) keys per
 /// prompt token; otherwise it starts another row of the same prompt. (Long responses to a short
-/// prompt, K of them, would otherwise spend ~K²/2 response lengths of attention.)
+/// prompt, K of them, would otherwise spend ~K²/2 response lengths of attention.) The prompt
+/// groups then go back to back into rows as wide as the longest group ([`pack_bins`]), each
+/// attending to itself only: the same numbers in fewer slots.
 pub fn collate_shared<'a>(
     items: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
     pad_id: u32,
@@ -323,6 +333,7 @@ pub fn collate_shared<'a>(
             row_of.insert(prompt, r);
             responses.push(ResponseSlot {
                 row: r,
+                offset: 0,
                 prompt_len: rows[r].prompt,
                 start: row_ids[r].len(),
                 len: resp.len(),
@@ -333,16 +344,31 @@ pub fn collate_shared<'a>(
         });
         item_response.push(k);
     }
+    // Groups (the rows built above) into rows, each group's slots moved to where it lands.
     let seq_len = row_ids.iter().map(Vec::len).max().unwrap_or(0);
-    let mut input_ids = Vec::with_capacity(row_ids.len() * seq_len);
-    for ids in &row_ids {
-        input_ids.extend_from_slice(ids);
-        input_ids.extend(std::iter::repeat_n(pad_id, seq_len - ids.len()));
+    let lens: Vec<usize> = row_ids.iter().map(Vec::len).collect();
+    let bins = pack_bins(&lens, seq_len.max(1));
+    let mut place = vec![(0, 0); rows.len()];
+    let mut input_ids = Vec::with_capacity(bins.len() * seq_len);
+    let mut packed = Vec::with_capacity(bins.len());
+    for (b, groups) in bins.iter().enumerate() {
+        let start = input_ids.len();
+        for &g in groups {
+            place[g] = (b, input_ids.len() - start);
+            input_ids.extend_from_slice(&row_ids[g]);
+        }
+        input_ids.resize(start + seq_len, pad_id);
+        packed.push(groups.iter().map(|&g| rows[g].clone()).collect());
+    }
+    // Empty groups (an empty prompt with empty responses) hold no slot: place them anywhere.
+    for r in &mut responses {
+        let (b, o) = place[r.row];
+        (r.row, r.offset, r.start) = (b, o, r.start + o);
     }
     SharedBatch {
         input_ids,
         seq_len,
-        rows,
+        rows: packed,
         responses,
         item_response,
     }
@@ -759,14 +785,14 @@ mod tests {
         assert_eq!(
             sb.rows,
             vec![
-                PrefixRow {
+                vec![PrefixRow {
                     prompt: 2,
                     responses: vec![2, 1, 3]
-                },
-                PrefixRow {
+                }],
+                vec![PrefixRow {
                     prompt: 1,
                     responses: vec![1, 0]
-                }
+                }]
             ]
         );
         // Responses in order of first appearance: a, b, [8], [], c.
@@ -794,6 +820,38 @@ mod tests {
         assert_eq!(pb.batch.real_tokens(), 27);
     }
 
+    /// Prompt groups shorter than the longest share a row back to back: each response's slots,
+    /// its group's offset, its score slot and its predictors move with its group.
+    #[test]
+    fn prompt_groups_share_rows_back_to_back() {
+        let (p1, p2, p3) = ([1u32; 4], [2u32; 2], [3u32]);
+        let items = [
+            (&p1[..], &[7u32; 6][..]),
+            (&p2[..], &[8u32, 9][..]),
+            (&p3[..], &[10u32, 11][..]),
+            (&p2[..], &[12u32][..]),
+            (&p3[..], &[][..]),
+        ];
+        let sb = collate_shared(items, 0, 1 << 16);
+        // Groups of 10, 5 and 3 tokens: the last two share the second row.
+        assert_eq!((sb.seq_len, sb.rows.len(), sb.groups()), (10, 2, 3));
+        assert_eq!(
+            &sb.input_ids[10..],
+            &[2, 2, 8, 9, 12, 3, 10, 11, 0, 0],
+            "row 2: p2's group, then p3's"
+        );
+        let r = &sb.responses;
+        assert_eq!((r[1].row, r[1].offset, r[1].start), (1, 0, 2));
+        assert_eq!((r[2].row, r[2].offset, r[2].start), (1, 5, 6));
+        assert_eq!(r[2].predictor(0), Some(5));
+        assert_eq!(r[2].predictor(1), Some(6));
+        assert_eq!(r[2].last(), 7);
+        // p3's empty response scores at its prompt's last slot, not at the row's first.
+        assert_eq!((r[4].row, r[4].last()), (1, 5));
+        assert_eq!(sb.real_tokens(), 18);
+        assert_eq!(sb.slots(), 20);
+    }
+
     /// A response joins its prompt's row while the keys its queries compute over the row's
     /// earlier responses (len × earlier) cost less than the prompt it saves (key_ratio × prompt
     /// tokens); otherwise the prompt gets another row. A repeated response keeps its slot.
@@ -809,7 +867,12 @@ mod tests {
         ];
         let layout = |key_ratio| {
             let sb = collate_shared(items, 0, key_ratio);
-            let rows: Vec<Vec<usize>> = sb.rows.iter().map(|r| r.responses.clone()).collect();
+            let rows: Vec<Vec<usize>> = sb
+                .rows
+                .iter()
+                .flatten()
+                .map(|r| r.responses.clone())
+                .collect();
             (rows, sb.item_response, sb.seq_len)
         };
         // Always worth it: one row of the prompt and three responses.

@@ -146,7 +146,7 @@ impl CausalLM {
     /// `rows[r]` (a prompt, then responses that each see only the prompt and themselves; see
     /// [`ops::PrefixRow`]). Every response's hidden states are those of its prompt + response
     /// alone, and each prompt is computed once.
-    pub fn hidden_prefix_rows(&self, ids: &Tensor, rows: &[ops::PrefixRow]) -> Result<Tensor> {
+    pub fn hidden_prefix_rows(&self, ids: &Tensor, rows: &[Vec<ops::PrefixRow>]) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if b != rows.len() {
             bail!("{b} rows of ids for {} prefix rows", rows.len())

@@ -165,10 +165,12 @@ pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One row of a shared-prompt batch: `prompt` tokens, then each response's tokens in turn (the
-/// rest of the row is padding). Each response attends to the prompt and to itself, never to
-/// another response, and its positions continue the prompt's, so its hidden states equal those
-/// of the row prompt + response alone, while the prompt is computed once for all of them.
+/// One prompt group of a shared-prompt batch: `prompt` tokens, then each response's tokens in
+/// turn. Each response attends to the prompt and to itself, never to another response, and its
+/// positions continue the prompt's, so its hidden states equal those of the row prompt +
+/// response alone, while the prompt is computed once for all of them. A batch row holds one or
+/// more groups back to back (the rest is padding); a group attends to itself only, with
+/// positions from its own start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixRow {
     pub prompt: usize,
@@ -177,7 +179,7 @@ pub struct PrefixRow {
 }
 
 impl PrefixRow {
-    /// Real tokens in the row.
+    /// Real tokens in the group.
     pub fn len(&self) -> usize {
         self.prompt + self.responses.iter().sum::<usize>()
     }
@@ -186,28 +188,26 @@ impl PrefixRow {
         self.len() == 0
     }
 
-    /// Slot of response `k`'s first token.
+    /// Slot of response `k`'s first token, from the group's start.
     pub fn response_start(&self, k: usize) -> usize {
         self.prompt + self.responses[..k].iter().sum::<usize>()
     }
 
-    /// Per slot of a row of width `t`: `Some((position, first visible response slot))` for real
-    /// tokens (prompt tokens see from slot 0 only, so their second value is the row's end), `None`
-    /// for padding.
-    fn slots(&self, t: usize) -> Vec<Option<(u32, usize)>> {
-        let mut out = vec![None; t];
-        for (s, o) in out.iter_mut().enumerate().take(self.prompt.min(t)) {
-            *o = Some((s as u32, t));
+    /// Per slot of the group placed at `out` (its start): `Some((position, first visible
+    /// response slot))`, slots counted from the group's start (prompt tokens see from the start
+    /// only, so their second value is past the group's end).
+    fn fill(&self, out: &mut [Option<(u32, usize)>]) {
+        let end = self.len();
+        for (s, o) in out.iter_mut().enumerate().take(self.prompt) {
+            *o = Some((s as u32, end));
         }
         let mut a = self.prompt;
         for &len in &self.responses {
-            let end = (a + len).min(t);
-            for (j, o) in out[a.min(end)..end].iter_mut().enumerate() {
+            for (j, o) in out[a..a + len].iter_mut().enumerate() {
                 *o = Some(((self.prompt + j) as u32, a));
             }
             a += len;
         }
-        out
     }
 }
 
@@ -220,23 +220,34 @@ pub struct PrefixInputs {
     pub bias: Tensor,
 }
 
-/// The [`PrefixInputs`] of a batch of [`PrefixRow`]s padded to width `t`.
-pub fn prefix_rows_inputs(rows: &[PrefixRow], t: usize, device: &Device) -> Result<PrefixInputs> {
+/// The [`PrefixInputs`] of a batch of rows of [`PrefixRow`] groups (each row's groups back to
+/// back), padded to width `t`.
+pub fn prefix_rows_inputs(
+    rows: &[Vec<PrefixRow>],
+    t: usize,
+    device: &Device,
+) -> Result<PrefixInputs> {
     let mut mask = Vec::with_capacity(rows.len());
     let mut positions = Vec::with_capacity(rows.len());
     let mut bias = vec![MASKED; rows.len() * t * t];
-    for (r, row) in rows.iter().enumerate() {
-        if row.len() > t {
-            candle_core::bail!("prefix row of {} tokens in a batch of width {t}", row.len())
+    for (r, groups) in rows.iter().enumerate() {
+        let len: usize = groups.iter().map(PrefixRow::len).sum();
+        if len > t {
+            candle_core::bail!("prefix row of {len} tokens in a batch of width {t}")
         }
-        let slots = row.slots(t);
-        for (i, slot) in slots.iter().enumerate() {
-            let Some((_, from)) = *slot else { continue };
-            let b = &mut bias[(r * t + i) * t..(r * t + i + 1) * t];
-            b[..row.prompt.min(i + 1)].fill(0.0);
-            if from <= i {
-                b[from..=i].fill(0.0);
+        let mut slots = vec![None; t];
+        let mut o = 0;
+        for g in groups {
+            g.fill(&mut slots[o..o + g.len()]);
+            for (i, slot) in slots[o..o + g.len()].iter().enumerate() {
+                let Some((_, from)) = *slot else { continue };
+                let b = &mut bias[(r * t + o + i) * t..(r * t + o + i + 1) * t];
+                b[o..o + g.prompt.min(i + 1)].fill(0.0);
+                if from <= i {
+                    b[o + from..=o + i].fill(0.0);
+                }
             }
+            o += g.len();
         }
         mask.push(slots.iter().map(|s| s.is_some() as u8).collect());
         positions.push(slots.iter().map(|s| s.map_or(0, |(p, _)| p)).collect());

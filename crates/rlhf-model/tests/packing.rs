@@ -67,7 +67,8 @@ fn packed_examples_match_separate_runs() {
 /// responses that each see only the prompt and themselves. Every response token's hidden state
 /// equals the one of its prompt + response alone, and the gradient of a loss over the responses
 /// equals the sum of the separate rows' gradients, on every architecture, with rows long enough
-/// for several 32-query attention blocks and with padding rows.
+/// for several 32-query attention blocks, with padding, and with two prompt groups back to back
+/// in one row.
 #[test]
 fn prefix_rows_match_separate_rows_in_values_and_gradients() {
     use rlhf_model::ops::PrefixRow;
@@ -79,11 +80,14 @@ fn prefix_rows_match_separate_rows_in_values_and_gradients() {
     };
     // Row 0: a 20-token prompt and responses of 30, 5 and 36 tokens (91 slots, three attention
     // blocks; positions stay below the fixtures' 64); row 1: a 3-token prompt and responses of
-    // 1 and 9 tokens, padded.
+    // 1 and 9 tokens, then a 4-token prompt and responses of 6 and 2 tokens, padded. `place`:
+    // each group's row and first slot.
     let rows = [
         (toks(20, 1), vec![toks(30, 2), toks(5, 3), toks(36, 4)]),
         (toks(3, 5), vec![toks(1, 6), toks(9, 7)]),
+        (toks(4, 8), vec![toks(6, 9), toks(2, 10)]),
     ];
+    let place = [(0, 0), (1, 0), (1, 13)];
     let t = 20 + 30 + 5 + 36;
     for arch in ["gpt2", "llama", "qwen2"] {
         let m = load(arch);
@@ -100,20 +104,29 @@ fn prefix_rows_match_separate_rows_in_values_and_gradients() {
                 })
                 .collect()
         };
-        // Shared: one row per prompt.
-        let mut ids = vec![];
-        let mut layout = vec![];
-        for (p, rs) in &rows {
-            let mut row = p.clone();
-            rs.iter().for_each(|r| row.extend_from_slice(r));
-            row.resize(t, 0);
-            ids.extend(row);
-            layout.push(PrefixRow {
+        // Shared: each prompt once, its groups placed as `place` says.
+        let mut ids = vec![vec![]; 2];
+        let mut layout: Vec<Vec<PrefixRow>> = vec![vec![]; 2];
+        let mut groups = vec![];
+        for ((p, rs), &(r, o)) in rows.iter().zip(&place) {
+            assert_eq!(ids[r].len(), o);
+            ids[r].extend_from_slice(p);
+            rs.iter().for_each(|x| ids[r].extend_from_slice(x));
+            let g = PrefixRow {
                 prompt: p.len(),
                 responses: rs.iter().map(|r| r.len()).collect(),
-            });
+            };
+            layout[r].push(g.clone());
+            groups.push(g);
         }
-        let x = Tensor::from_vec(ids, (rows.len(), t), &dev).unwrap();
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .flat_map(|mut r| {
+                r.resize(t, 0);
+                r
+            })
+            .collect();
+        let x = Tensor::from_vec(ids, (2, t), &dev).unwrap();
         let shared = m.hidden_prefix_rows(&x, &layout).unwrap();
         let proj: Vec<Vec<f32>> = shared
             .broadcast_matmul(&w)
@@ -123,11 +136,11 @@ fn prefix_rows_match_separate_rows_in_values_and_gradients() {
             .to_vec2()
             .unwrap();
         // The loss reads every response token's projection.
-        let mut sel = vec![0f32; rows.len() * t];
-        for (r, l) in layout.iter().enumerate() {
-            sel[r * t + l.prompt..r * t + l.len()].fill(1.0);
+        let mut sel = vec![0f32; 2 * t];
+        for (l, &(r, o)) in groups.iter().zip(&place) {
+            sel[r * t + o + l.prompt..r * t + o + l.len()].fill(1.0);
         }
-        let sel = Tensor::from_vec(sel, (rows.len(), t, 1), &dev).unwrap();
+        let sel = Tensor::from_vec(sel, (2, t, 1), &dev).unwrap();
         let g_shared = grads_of(
             (shared.broadcast_matmul(&w).unwrap() * &sel)
                 .unwrap()
@@ -136,7 +149,7 @@ fn prefix_rows_match_separate_rows_in_values_and_gradients() {
         );
         // Separate: prompt + response alone, one at a time.
         let mut g_sep: Option<Vec<Vec<f32>>> = None;
-        for ((p, rs), l) in rows.iter().zip(&layout) {
+        for (((p, rs), l), &(r0, o)) in rows.iter().zip(&groups).zip(&place) {
             for (k, r) in rs.iter().enumerate() {
                 let seq = [p.as_slice(), r].concat();
                 let n = seq.len();
@@ -149,9 +162,8 @@ fn prefix_rows_match_separate_rows_in_values_and_gradients() {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let r0 = rows.iter().position(|(q, _)| q == p).unwrap();
                 for (j, &want) in alone.iter().enumerate() {
-                    let slot = if j < p.len() {
+                    let slot = o + if j < p.len() {
                         j
                     } else {
                         l.response_start(k) + j - p.len()

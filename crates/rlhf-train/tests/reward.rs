@@ -434,6 +434,9 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
     use rlhf_train::Objective;
     let tok = tokenizer();
     let pairs = shared_prompts::ranking_and_single_pairs(&tok, &vocab(), |g| Some(0.25 * g as f32));
+    // Six prompt groups of different lengths: shorter ones share rows back to back.
+    let sb = rlhf_data::batch::collate_shared_pairs(&pairs, tok.pad_id(), 1 << 16).batch;
+    assert!(sb.groups() == 6 && sb.rows.len() < 6, "{} rows", sb.rows.len());
     for arch in ["gpt2", "llama"] {
         let cfg = match arch {
             "gpt2" => serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(),
@@ -486,14 +489,14 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
             })
             .collect();
         let scored = obj.rm.raw_response_scores(&items, tok.pad_id(), 5).unwrap();
-        // Rows split (a key ratio of 1 gives almost every response its own row of its prompt):
+        // Rows split (a key ratio of 1 gives almost every response its own group of its prompt):
         // the same scores, each read where its response lies.
         let split = rlhf_data::batch::collate_shared(
             items.iter().map(|(p, r)| (&p[..], &r[..])),
             tok.pad_id(),
             1,
         );
-        assert!(split.rows.len() > 8 && split.responses.len() < items.len());
+        assert!(split.groups() > 8 && split.responses.len() < items.len());
         let split_scores: Vec<f32> = obj.rm.response_scores(&split).unwrap().to_vec1().unwrap();
         for (k, (p, r)) in items.iter().enumerate() {
             let s = split_scores[split.item_response[k]];
