@@ -269,6 +269,12 @@ impl Trainer {
                     100.0 * now,
                     100.0 * share(&plan_with(0, true))
                 );
+            } else {
+                eprintln!(
+                    "[{}] padding: {:.0}% of the batches' tokens are real",
+                    obj.name(),
+                    100.0 * now
+                );
             }
         }
         let mut plan = plan_for(state.epoch);
