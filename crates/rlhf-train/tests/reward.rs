@@ -436,7 +436,11 @@ fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response()
     let pairs = shared_prompts::ranking_and_single_pairs(&tok, &vocab(), |g| Some(0.25 * g as f32));
     // Six prompt groups of different lengths: shorter ones share rows back to back.
     let sb = rlhf_data::batch::collate_shared_pairs(&pairs, tok.pad_id(), 1 << 16).batch;
-    assert!(sb.groups() == 6 && sb.rows.len() < 6, "{} rows", sb.rows.len());
+    assert!(
+        sb.groups() == 6 && sb.rows.len() < 6,
+        "{} rows",
+        sb.rows.len()
+    );
     for arch in ["gpt2", "llama"] {
         let cfg = match arch {
             "gpt2" => serde_json::json!({"model_type": "gpt2", "vocab_size": tok.vocab_size(),
