@@ -123,9 +123,12 @@ impl KvCache {
     /// Keep only batch rows `rows` (in that order) of every layer, e.g. to stop computing
     /// sequences that finished. Copies the kept rows once; their slots and capacity stay.
     pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(first) = self.layers.iter().flatten().next() else {
+            return Ok(());
+        };
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), first.k.device())?;
         for l in self.layers.iter_mut().flatten() {
-            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-            let idx = Tensor::from_vec(idx, rows.len(), l.k.device())?;
             l.k = l.k.index_select(&idx, 0)?;
             l.v = l.v.index_select(&idx, 0)?;
         }

@@ -78,79 +78,10 @@ impl HeadLogprobs {
         1 + self.entropy as usize
     }
 
-    /// Logits of rows `r0..r0+rows` into `dst` (scaled), then log p(target) into `o`. With
-    /// `inv` (one slot per row), `dst` is left holding e^(logit − row max) and `inv` each row's
-    /// 1 / Σ.
-    fn block(
-        &self,
-        x: Operands,
-        r0: usize,
-        rows: usize,
-        dst: &mut [f32],
-        o: &mut [f32],
-        inv: Option<&mut [f32]>,
-    ) {
-        x.logits_into(r0, rows, dst);
-        let (scale, targets) = (self.scale, &self.targets);
-        let row_lp = |i: usize, row: &mut [f32], o: &mut f32, inv: Option<&mut f32>| {
-            if scale != 1.0 {
-                row.iter_mut().for_each(|x| *x *= scale);
-            }
-            let m = math::max(row);
-            let target = row[targets[r0 + i] as usize];
-            let sum = match inv {
-                Some(inv) => {
-                    let sum = math::exp_sub_in_place(row, m);
-                    *inv = 1.0 / sum;
-                    sum
-                }
-                None => math::sum_exp_sub(row, m),
-            };
-            *o = target - (m + sum.ln());
-        };
-        let rows_o = dst[..rows * x.v].par_chunks_mut(x.v).zip(o.par_iter_mut());
-        match inv {
-            Some(inv) => rows_o
-                .zip(inv.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, ((row, o), inv))| row_lp(i, row, o, Some(inv))),
-            None => rows_o
-                .enumerate()
-                .for_each(|(i, (row, o))| row_lp(i, row, o, None)),
-        }
-    }
-
-    /// The entropy form of [`HeadLogprobs::block`]: `dst` is left holding
-    /// `s = scale·logit − row max`, `o` gets (log p(target), H) per row and `lnsum` each row's
-    /// `ln Σ e^s`.
-    fn block_entropy(
-        &self,
-        x: Operands,
-        r0: usize,
-        rows: usize,
-        dst: &mut [f32],
-        o: &mut [f32],
-        lnsum: &mut [f32],
-    ) {
-        x.logits_into(r0, rows, dst);
-        let (scale, targets) = (self.scale, &self.targets);
-        dst[..rows * x.v]
-            .par_chunks_mut(x.v)
-            .zip(o.par_chunks_mut(2))
-            .zip(lnsum.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((row, o), ls))| {
-                // scale > 0, so the scaled row's max is scale × the row's max.
-                let m = scale * math::max(row);
-                let (sum, dot) = math::shift_sum_exp_dot(row, scale, m);
-                *ls = sum.ln();
-                o[0] = row[targets[r0 + i] as usize] - *ls;
-                o[1] = *ls - dot / sum;
-            });
-    }
-
-    /// Rows `r0..r0+rows` into `dst` (rows × v), `o` and `per_row` (1 / Σ, or ln Σ with the
-    /// entropy); without `per_row` (and without the entropy) only `o`.
+    /// Logits of rows `r0..r0+rows` into `dst` (rows × v, scaled), then per row into `o`:
+    /// log p(target), and with the entropy also H. With `per_row` (one slot per row, kept for
+    /// the backward) `dst` is left holding e^(logit − row max) and `per_row` each row's 1 / Σ;
+    /// with the entropy `dst` always holds `s = scale·logit − row max` and `per_row` ln Σ e^s.
     fn rows(
         &self,
         x: Operands,
@@ -160,19 +91,47 @@ impl HeadLogprobs {
         o: &mut [f32],
         per_row: Option<&mut [f32]>,
     ) {
-        if self.entropy {
-            let mut scratch;
-            let ls = match per_row {
-                Some(p) => p,
-                None => {
-                    scratch = uninit(rows);
-                    &mut scratch[..]
+        x.logits_into(r0, rows, dst);
+        let keep = per_row.is_some();
+        let mut scratch;
+        let per_row = match per_row {
+            Some(p) => p,
+            None => {
+                scratch = uninit(rows);
+                &mut scratch[..]
+            }
+        };
+        let (scale, entropy) = (self.scale, self.entropy);
+        dst[..rows * x.v]
+            .par_chunks_mut(x.v)
+            .zip(o.par_chunks_mut(self.width()))
+            .zip(per_row.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((row, o), pr))| {
+                let t = self.targets[r0 + i] as usize;
+                if entropy {
+                    // scale > 0, so the scaled row's max is scale × the row's max.
+                    let m = scale * math::max(row);
+                    let (sum, dot) = math::shift_sum_exp_dot(row, scale, m);
+                    *pr = sum.ln();
+                    o[0] = row[t] - *pr;
+                    o[1] = *pr - dot / sum;
+                    return;
                 }
-            };
-            self.block_entropy(x, r0, rows, dst, o, ls);
-        } else {
-            self.block(x, r0, rows, dst, o, per_row);
-        }
+                if scale != 1.0 {
+                    row.iter_mut().for_each(|x| *x *= scale);
+                }
+                let m = math::max(row);
+                let target = row[t];
+                let sum = if keep {
+                    let sum = math::exp_sub_in_place(row, m);
+                    *pr = 1.0 / sum;
+                    sum
+                } else {
+                    math::sum_exp_sub(row, m)
+                };
+                o[0] = target - (m + sum.ln());
+            });
     }
 
     fn forward(&self, x: Operands, n: usize) -> (Vec<f32>, Option<Kept>) {
