@@ -342,6 +342,17 @@ impl TokenizedPair {
         self.prompt_ids.len() + self.chosen_ids.len() + self.rejected_ids.len()
     }
 
+    /// How many tokens of `(chosen, rejected)` a batch scores: all of them, except the first
+    /// token of a response to an empty prompt, which nothing predicts (the counts the log-prob
+    /// passes return; [`crate::batch::ResponseSlot::predictor`]).
+    pub fn predicted_tokens(&self) -> [usize; 2] {
+        let first_unpredicted = |r: &[u32]| (self.prompt_ids.is_empty() && !r.is_empty()) as usize;
+        [
+            self.chosen_ids.len() - first_unpredicted(&self.chosen_ids),
+            self.rejected_ids.len() - first_unpredicted(&self.rejected_ids),
+        ]
+    }
+
     /// The width the pair takes in a batch: its shared row ([`TokenizedPair::shared_len`]) when
     /// prompts are shared, else its longer row ([`TokenizedPair::len`]).
     pub fn width(&self, share_prompts: bool) -> usize {

@@ -492,8 +492,39 @@ impl DpoObjective {
         pairs.iter().map(|p| p.width(self.share_prompts)).collect()
     }
 
+    /// The loss and per-pair values of a policy equal to the reference, from the reference
+    /// log-probs alone (no forward): what [`Self::batch_loss`] gives before any update.
+    fn reference_batch_loss(
+        &self,
+        rows: &[&TokenizedPair],
+        refs: &[[f32; 2]],
+    ) -> Result<(Tensor, PairStats)> {
+        let b = refs.len();
+        let rc = Tensor::from_vec(refs.iter().map(|r| r[0]).collect(), (b,), &Device::Cpu)?;
+        let rr = Tensor::from_vec(refs.iter().map(|r| r[1]).collect(), (b,), &Device::Cpu)?;
+        let chosen_tokens: Vec<usize> = rows.iter().map(|p| p.predicted_tokens()[0]).collect();
+        let loss = dpo_loss(&self.params, &rc, &rr, &rc, &rr, &chosen_tokens)?;
+        let stats = PairStats {
+            pol: refs.to_vec(),
+            refs: refs.to_vec(),
+            chosen_tokens,
+        };
+        Ok((loss, stats))
+    }
+
     /// Held-out implicit rewards `(chosen, rejected)` of every eval pair, and the eval metrics.
     pub fn eval_rewards(&self) -> Result<(Vec<f32>, Vec<f32>, Scalars)> {
+        self.eval_pass(false)
+    }
+
+    /// The held-out metrics of [`Self::eval_rewards`] for a policy that *is* the reference (DPO
+    /// before its first update, when [`policy_is_reference`]), from the reference log-probs
+    /// already computed: rewards 0, the loss at margin 0, the reference's log-probs and NLL.
+    pub fn eval_at_reference(&self) -> Result<Scalars> {
+        Ok(self.eval_pass(true)?.2)
+    }
+
+    fn eval_pass(&self, at_reference: bool) -> Result<(Vec<f32>, Vec<f32>, Scalars)> {
         let _no_grad = rlhf_model::params::no_grad();
         // Chunks of similar lengths; every pair's numbers land at its own index.
         let n = self.eval.len();
@@ -507,7 +538,13 @@ impl DpoObjective {
         for chunk in length_chunks(&lens, self.eval_batch) {
             let rows: Vec<&TokenizedPair> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let refs: Vec<[f32; 2]> = chunk.iter().map(|&i| self.ref_eval[i]).collect();
-            let (l, st, _) = self.batch_loss(&rows, &refs)?;
+            let (l, st) = match at_reference {
+                true => self.reference_batch_loss(&rows, &refs)?,
+                false => {
+                    let (l, st, _) = self.batch_loss(&rows, &refs)?;
+                    (l, st)
+                }
+            };
             loss_sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             for (k, &i) in chunk.iter().enumerate() {
                 all.pol[i] = st.pol[k];
@@ -532,6 +569,18 @@ impl DpoObjective {
             .collect();
         Ok((rc, rr, s))
     }
+}
+
+/// Whether `model` computes what its reference computes (the reference being the model itself,
+/// with LoRA its adapters disabled): no adapters, or every adapter's `B` still zero, as
+/// [`rlhf_model::LoraConfig`] initialises it.
+pub fn policy_is_reference(model: &CausalLM) -> Result<bool> {
+    for p in model.params.iter().filter(|p| p.name().contains("lora_B")) {
+        if p.var().abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn dpo_metrics(st: &PairStats, beta: f64) -> Scalars {
@@ -759,10 +808,14 @@ pub fn train_dpo_on(
         share_prompts: cfg.share_prompts,
     };
     crate::trainer::write_run_config(&cfg.out, cfg)?;
-    let eval_before = if !obj.eval.is_empty() && !resume {
-        Some(obj.eval_rewards()?.2)
-    } else {
-        None
+    // Before the first update the policy is usually the reference itself: its held-out
+    // numbers are then the reference log-probs just computed, and need no forward.
+    let eval_before = match obj.eval.is_empty() || resume {
+        true => None,
+        false if ref_spec == cfg.model && policy_is_reference(&obj.model)? => {
+            Some(obj.eval_at_reference()?)
+        }
+        false => Some(obj.eval_rewards()?.2),
     };
     let summary = Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)?;
     let (eval_after, eval_accuracy) = if obj.eval.is_empty() {

@@ -516,6 +516,74 @@ fn reference_and_eval_passes_keep_every_pairs_values_in_place() {
 }
 
 #[test]
+fn held_out_numbers_before_training_come_from_the_reference_logprobs() {
+    // `rlhf dpo` reports held-out numbers before training without a forward when the policy is
+    // the reference: they must be what the forward gives, for every loss (RPO's NLL term is
+    // per eval chunk), with a pair whose prompt is empty (its responses' first tokens are not
+    // scored) and pairs of many lengths (chunks of 3).
+    let tok = tokenizer();
+    let mut rng = Rng(41);
+    let pairs: Vec<rlhf_data::formats::PreferencePair> = (0..10)
+        .map(|i| rlhf_data::formats::PreferencePair {
+            prompt: rlhf_data::formats::Prompt::Text(prompt(&mut rng)),
+            chosen: response(&mut rng, 2 + (i * 7) % 15),
+            rejected: response(&mut rng, 2 + (i * 5) % 15),
+            margin: None,
+            group: i,
+            source_line: i + 1,
+        })
+        .collect();
+    let (mut t, _) = tokenize_pairs(&tok, &pairs, &PairTokenizeConfig::default()).unwrap();
+    t[0].prompt_ids.clear();
+    let lora = rlhf_model::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["c_attn".into()],
+    };
+    for with_lora in [false, true] {
+        for loss in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Hinge, DpoLoss::Rpo] {
+            let mut model = tiny_gpt2(&tok, 31);
+            if with_lora {
+                model.add_lora(&lora, 2).unwrap();
+            }
+            assert!(rlhf_train::dpo::policy_is_reference(&model).unwrap());
+            let params = DpoLossParams {
+                loss,
+                rpo_alpha: 0.7,
+                label_smoothing: if loss == DpoLoss::Sigmoid { 0.1 } else { 0.0 },
+                ..DpoLossParams::default()
+            };
+            let mut obj =
+                DpoObjective::new(model, tok.clone(), t.clone(), t.clone(), params).unwrap();
+            obj.eval_batch = 3;
+            let fast = obj.eval_at_reference().unwrap();
+            let (rc, rr, slow) = obj.eval_rewards().unwrap();
+            assert!(rc.iter().chain(&rr).all(|r| r.abs() < 1e-5));
+            assert_eq!(fast.len(), slow.len());
+            for (k, v) in &slow {
+                assert!(
+                    (v - fast[k]).abs() < 1e-5 * v.abs().max(1.0),
+                    "lora {with_lora}, {loss:?}, {k}: forward {v}, from the reference {}",
+                    fast[k]
+                );
+            }
+            if with_lora {
+                // Adapters that moved: the policy is no longer the reference.
+                let b = obj
+                    .model
+                    .params
+                    .iter()
+                    .find(|p| p.name().contains("lora_B"));
+                let b = b.unwrap().var();
+                b.set(&(b.ones_like().unwrap() * 0.01).unwrap()).unwrap();
+                assert!(!rlhf_train::dpo::policy_is_reference(&obj.model).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
 fn shared_prompt_batches_give_the_losses_and_gradients_of_one_row_per_response() {
     let tok = tokenizer();
     let words = [GOOD, BAD, NEUTRAL].concat();
