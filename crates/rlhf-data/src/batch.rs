@@ -126,6 +126,52 @@ pub fn length_chunks(lens: &[usize], per_chunk: usize) -> Vec<Vec<usize>> {
     idx.chunks(per_chunk.max(1)).map(|c| c.to_vec()).collect()
 }
 
+/// The indices of items with identical prompts, a group per distinct prompt, in order of
+/// first appearance (and each group in item order).
+pub fn prompt_groups<'a>(prompts: impl IntoIterator<Item = &'a [u32]>) -> Vec<Vec<usize>> {
+    let mut group_of: std::collections::HashMap<&[u32], usize> = Default::default();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, p) in prompts.into_iter().enumerate() {
+        let g = *group_of.entry(p).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
+}
+
+/// [`length_chunks`] for `(prompt, response)` items scored together ([`collate_shared`]):
+/// items with the same prompt go into one chunk, so their prompt is computed once. Prompt
+/// groups (the prompt and each of its responses) are taken longest first, and a chunk closes
+/// once it holds `per_chunk` items; a group of more than `per_chunk` items is cut into chunks
+/// of its own. Every item appears once.
+pub fn prompt_chunks(items: &[(&[u32], &[u32])], per_chunk: usize) -> Vec<Vec<usize>> {
+    let per_chunk = per_chunk.max(1);
+    let mut groups: Vec<(usize, Vec<usize>)> = prompt_groups(items.iter().map(|(p, _)| *p))
+        .into_iter()
+        .map(|g| {
+            let len = items[g[0]].0.len() + g.iter().map(|&i| items[i].1.len()).sum::<usize>();
+            (len, g)
+        })
+        .collect();
+    groups.sort_by_key(|g| std::cmp::Reverse(g.0));
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut cur = Vec::new();
+    for (_, members) in groups {
+        for piece in members.chunks(per_chunk) {
+            if !cur.is_empty() && cur.len() + piece.len() > per_chunk {
+                chunks.push(std::mem::take(&mut cur));
+            }
+            cur.extend_from_slice(piece);
+        }
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    chunks
+}
+
 /// The share of a batching's padded tokens that are real: each batch (of item indices) pads
 /// to its longest item, `lens[i]` being item `i`'s length.
 pub fn real_token_share(batches: &[Vec<usize>], lens: &[usize]) -> f64 {
@@ -693,6 +739,46 @@ mod tests {
         assert_eq!(real_token_share(&in_order, &lens), 35.0 / 56.0);
         assert!(length_chunks(&[], 4).is_empty());
         assert_eq!(length_chunks(&[5, 5], 0), vec![vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn prompt_chunks_keep_a_prompts_items_together_longest_first() {
+        let (a, b, c, d) = (
+            &[1u32, 2, 3][..],
+            &[4u32][..],
+            &[5u32, 6][..],
+            &[7u32; 9][..],
+        );
+        let r = |n: usize| vec![9u32; n];
+        let (r1, r2, r3, r5, r8) = (r(1), r(2), r(3), r(5), r(8));
+        // Prompt a: items 0, 3, 5 (3 + 1 + 2 + 5 = 11 tokens); b: 1, 6 (1 + 8 + 3 = 12);
+        // c: 2 (2 + 1 = 3); d: 4, 7, 8, 9 (9 + 4·1 = 13, four items).
+        let items: Vec<(&[u32], &[u32])> = vec![
+            (a, &r1),
+            (b, &r8),
+            (c, &r1),
+            (a, &r2),
+            (d, &r1),
+            (a, &r5),
+            (b, &r3),
+            (d, &r1),
+            (d, &r1),
+            (d, &r1),
+        ];
+        let chunks = prompt_chunks(&items, 3);
+        // d (13 tokens, four items) is cut into 3 + 1; b's two items (12) join d's last one.
+        assert_eq!(
+            chunks,
+            vec![vec![4, 7, 8], vec![9, 1, 6], vec![0, 3, 5], vec![2]]
+        );
+        let mut all = chunks.concat();
+        all.sort();
+        assert_eq!(all, (0..items.len()).collect::<Vec<_>>());
+        for ch in &chunks {
+            assert!(ch.len() <= 3);
+        }
+        assert!(prompt_chunks(&[], 4).is_empty());
+        assert_eq!(prompt_chunks(&items[..2], 0), vec![vec![1], vec![0]]);
     }
 
     #[test]

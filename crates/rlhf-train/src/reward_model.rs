@@ -117,8 +117,9 @@ impl RewardModel {
         Ok((rc, rr))
     }
 
-    /// Raw scores of `(prompt, response)` items, no gradients: chunks of `chunk` items of similar
-    /// lengths, each prompt computed once per chunk; results in the order of `items`. The scores
+    /// Raw scores of `(prompt, response)` items, no gradients: chunks of about `chunk` items of
+    /// similar lengths, a prompt's items in one chunk and the prompt computed once
+    /// ([`rlhf_data::batch::prompt_chunks`]); results in the order of `items`. The scores
     /// of [`RewardModel::raw_scores`] on the items' prompt + response.
     pub fn raw_response_scores(
         &self,
@@ -127,9 +128,9 @@ impl RewardModel {
         chunk: usize,
     ) -> Result<Vec<f32>> {
         let _no_grad = rlhf_model::params::no_grad();
-        let lens: Vec<usize> = items.iter().map(|(p, r)| p.len() + r.len()).collect();
+        let views: Vec<(&[u32], &[u32])> = items.iter().map(|(p, r)| (&p[..], &r[..])).collect();
         let mut out = vec![0f32; items.len()];
-        for c in rlhf_data::batch::length_chunks(&lens, chunk) {
+        for c in rlhf_data::batch::prompt_chunks(&views, chunk) {
             let it = c.iter().map(|&i| (&items[i].0[..], &items[i].1[..]));
             let sb = collate_shared(it, pad, key_ratio(self.model.hidden_size()));
             let s: Vec<f32> = self.response_scores(&sb)?.detach().to_vec1()?;
