@@ -245,10 +245,30 @@ fn batched_and_few_row_paths_give_the_same_gradients() {
 /// The LoRA models have adapters on every product (GPT-2's four, Llama's seven) with dropout
 /// drawing masks (training mode), so their layers run as one node each with adapters and masks
 /// inside, the first layer too (its input, the frozen embedding's output, tracks no gradient).
+/// Fixture model `name`, with LoRA (dropout 0.25) on `targets` when given, its B matrices set
+/// to non-zero values so that every adapter's gradients matter.
+fn model_with_adapters(name: &str, targets: Option<&[&str]>) -> rlhf_model::CausalLM {
+    let mut m = load(name);
+    if let Some(targets) = targets {
+        let cfg = rlhf_model::LoraConfig {
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.25,
+            ..rlhf_model::LoraConfig::default()
+        };
+        m.add_lora(&cfg, 3).unwrap();
+        for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
+            let n = p.var().elem_count();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
+            let t = Tensor::from_vec(v, p.var().shape(), &Device::Cpu).unwrap();
+            p.var().set(&t).unwrap();
+        }
+    }
+    m
+}
+
 #[test]
 fn gradient_sink_matches_candles_gradients_and_accumulates() {
     use rlhf_model::kernels::sink::GradSink;
-    use rlhf_model::LoraConfig;
     for (name, lora) in [
         ("gpt2", false),
         ("llama", false),
@@ -256,25 +276,12 @@ fn gradient_sink_matches_candles_gradients_and_accumulates() {
         ("gpt2", true),
         ("llama", true),
     ] {
-        let mut m = load(name);
+        let targets: &[&str] = match name {
+            "gpt2" => &["c_attn", "c_proj", "c_fc"],
+            _ => &rlhf_model::kernels::block::LLAMA_PROJECTIONS,
+        };
+        let m = model_with_adapters(name, lora.then_some(targets));
         if lora {
-            let targets: &[&str] = match name {
-                "gpt2" => &["c_attn", "c_proj", "c_fc"],
-                _ => &rlhf_model::kernels::block::LLAMA_PROJECTIONS,
-            };
-            let cfg = LoraConfig {
-                target_modules: targets.iter().map(|t| t.to_string()).collect(),
-                dropout: 0.25,
-                ..LoraConfig::default()
-            };
-            m.add_lora(&cfg, 3).unwrap();
-            // B is zero at init: give it values, so that every adapter's gradients matter.
-            for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
-                let n = p.var().elem_count();
-                let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
-                let t = Tensor::from_vec(v, p.var().shape(), &Device::Cpu).unwrap();
-                p.var().set(&t).unwrap();
-            }
             m.set_train_noise(Some(7));
         }
         let params: Vec<_> = m.params.iter().filter(|p| p.is_trainable()).collect();
@@ -356,5 +363,72 @@ fn gradient_sink_matches_candles_gradients_and_accumulates() {
                 p.name()
             );
         }
+    }
+}
+
+#[test]
+fn recomputed_activations_give_the_same_gradients_bit_for_bit() {
+    // Gradient checkpointing: blocks keep only their inputs and run their forward again in the
+    // backward. The rebuilt tape must be the original one (adapter dropout masks included), so
+    // every gradient, the sink's and candle's, must be equal to the bit.
+    use rlhf_model::kernels::block::{blocks_recomputed, recompute_activations};
+    use rlhf_model::kernels::sink::GradSink;
+    for (name, lora) in [
+        ("gpt2", false),
+        ("llama", false),
+        ("qwen2", false),
+        ("gpt2", true),
+        ("llama", true),
+    ] {
+        let targets: &[&str] = match name {
+            "gpt2" => &["c_attn", "c_proj", "c_fc"],
+            _ => &["q_proj", "v_proj", "down_proj"],
+        };
+        let m = model_with_adapters(name, lora.then_some(targets));
+        let params: Vec<_> = m.params.iter().filter(|p| p.is_trainable()).collect();
+        let ids: Vec<u32> = (0..36u32).map(|i| (i * 5 + 11 + i / 7) % 90).collect();
+        let ids = Tensor::from_vec(ids, (3, 12), &Device::Cpu).unwrap();
+        let mut mask = vec![vec![1u8; 12]; 3];
+        mask[1][..4].fill(0);
+        let tensors: Vec<Tensor> = params.iter().map(|p| p.var().as_tensor().clone()).collect();
+        let grads = |recompute: bool| -> (f32, Vec<Vec<f32>>, usize) {
+            let _r = recompute_activations(recompute);
+            if lora {
+                m.set_train_noise(Some(7));
+            }
+            let sink = GradSink::install(&tensors.iter().collect::<Vec<_>>()).unwrap();
+            let before = blocks_recomputed();
+            let lp = m.next_token_logprobs(&ids, &mask, 1.0).unwrap();
+            let loss = lp.mean_all().unwrap().neg().unwrap();
+            let g = loss.backward().unwrap();
+            let rebuilt = blocks_recomputed() - before;
+            let held = sink.take().unwrap();
+            let all = params
+                .iter()
+                .zip(held)
+                .map(|(p, h)| {
+                    let t = h
+                        .or_else(|| g.get(p.var().as_tensor()).cloned())
+                        .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name()));
+                    t.flatten_all().unwrap().to_vec1().unwrap()
+                })
+                .collect();
+            (loss.to_scalar().unwrap(), all, rebuilt)
+        };
+        let (l0, g0, r0) = grads(false);
+        let (l1, g1, r1) = grads(true);
+        assert_eq!(r0, 0, "{name}: rebuilt blocks without recomputation");
+        assert_eq!(
+            r1,
+            m.num_layers(),
+            "{name} (lora {lora}): every block rebuilt once"
+        );
+        assert_eq!(l0.to_bits(), l1.to_bits(), "{name}: loss");
+        for ((a, b), p) in g0.iter().zip(&g1).zip(&params) {
+            let same =
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} (lora {lora}) {}: gradients differ", p.name());
+        }
+        assert!(!rlhf_model::kernels::block::recomputing());
     }
 }

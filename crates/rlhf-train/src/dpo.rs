@@ -794,7 +794,12 @@ pub fn train_dpo_on(
     } else {
         t0.elapsed().as_secs_f64()
     };
-    warn_memory(&model, bs * 2, cfg.max_len);
+    warn_memory(
+        &model,
+        bs * 2,
+        cfg.max_len,
+        cfg.train.gradient_checkpointing,
+    );
     let mut obj = DpoObjective {
         model,
         tokenizer: tok,

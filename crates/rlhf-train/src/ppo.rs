@@ -113,6 +113,11 @@ pub struct PpoConfig {
     /// the prompt left-padded and the response right-padded. The same log-probs, values and
     /// gradients, up to float rounding, with little padding left to compute.
     pub pack_sequences: bool,
+    /// Gradient checkpointing in the update (`train.gradient_checkpointing` of the other
+    /// trainers): the policy's and the critic's blocks keep only their inputs and recompute
+    /// their activations in the backward. The same gradients, far less memory per minibatch,
+    /// one more forward of the blocks per minibatch.
+    pub gradient_checkpointing: bool,
 
     pub max_new_tokens: usize,
     /// Sampling temperature (> 0); log-probs are always computed with logits / T.
@@ -201,6 +206,7 @@ impl Default for PpoConfig {
             ppo_epochs: 4,
             group_by_length: false,
             pack_sequences: true,
+            gradient_checkpointing: false,
             max_new_tokens: 48,
             temperature: 0.7,
             top_k: 0,
@@ -1246,6 +1252,8 @@ impl PpoTrainer {
         let resp_tokens: usize = ro.responses.iter().map(|r| r.len()).sum();
         let n_minibatches = ro.responses.len().div_ceil(cfg.minibatch_size.max(1));
         let avg_mb_tokens = resp_tokens as f64 / n_minibatches.max(1) as f64;
+        let _recompute =
+            rlhf_model::kernels::block::recompute_activations(cfg.gradient_checkpointing);
         for epoch in 0..cfg.ppo_epochs {
             epochs_run += 1;
             let mut epoch_kl = 0f64;

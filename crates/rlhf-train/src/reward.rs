@@ -659,7 +659,12 @@ pub fn train_reward_on(
             .collect()
     };
     let norm_seqs = subsample_by_prompt(norm_seqs, cfg.normalize_max, cfg.train.seed);
-    warn_memory(&rm.model, cfg.train.batch_size * 2, cfg.max_len);
+    warn_memory(
+        &rm.model,
+        cfg.train.batch_size * 2,
+        cfg.max_len,
+        cfg.train.gradient_checkpointing,
+    );
     let mut obj = RewardObjective::new(rm, tok, train_t, eval_t);
     obj.share_prompts = cfg.share_prompts;
     obj.eval_batch = cfg.train.batch_size.max(1);

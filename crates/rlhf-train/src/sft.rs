@@ -324,7 +324,12 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
             .map(TokenizedSft::from)
             .collect();
     }
-    warn_memory(&model, cfg.train.batch_size, cfg.max_len);
+    warn_memory(
+        &model,
+        cfg.train.batch_size,
+        cfg.max_len,
+        cfg.train.gradient_checkpointing,
+    );
     let mut obj = SftObjective {
         model,
         tokenizer: tok,
@@ -340,23 +345,36 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
 }
 
 /// Estimate peak activation memory and say so before starting when it is large.
-pub fn warn_memory(model: &CausalLM, batch: usize, max_len: usize) {
+pub fn warn_memory(model: &CausalLM, batch: usize, max_len: usize, recompute: bool) {
+    let gib = step_memory_gib(model, batch, max_len, recompute);
     let v = model.config.vocab_size();
-    let d = model.hidden_size();
-    let l = model.num_layers();
-    let tokens = (batch * max_len) as f64;
-    // logits + log-softmax + grads over the vocabulary, plus ~16 activations of width d per layer.
-    let bytes = tokens * (v as f64 * 4.0 * 3.0 + (l * d * 16) as f64 * 4.0)
-        + model.params.num_elements(false) as f64 * 4.0 * 2.0;
-    let gib = bytes / (1u64 << 30) as f64;
-    let avail = available_memory_gib();
-    if let Some(a) = avail {
+    if let Some(a) = available_memory_gib() {
         if gib > 0.8 * a {
+            let advice = match recompute {
+                true => "lower batch_size or max_len, or use grad_accum",
+                false => "set train.gradient_checkpointing = true, lower batch_size or max_len, or use grad_accum",
+            };
             eprintln!(
-                "WARNING: this run may need ~{gib:.1} GiB (batch {batch} × {max_len} tokens, vocab {v}) but only {a:.1} GiB is available: lower batch_size or max_len, or use grad_accum"
+                "WARNING: this run may need ~{gib:.1} GiB (batch {batch} × {max_len} tokens, vocab {v}) but only {a:.1} GiB is available: {advice}"
             );
         }
     }
+}
+
+/// A rough upper bound on a training step's memory, GiB: the weights twice (values and
+/// gradients), a [tokens × vocab] buffer or three for the LM head, and ~16 activations of width
+/// d per layer and token — or, with recomputed activations, one per layer plus one layer's 16.
+pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, recompute: bool) -> f64 {
+    let v = model.config.vocab_size() as f64;
+    let d = model.hidden_size() as f64;
+    let l = model.num_layers() as f64;
+    let tokens = (batch * max_len) as f64;
+    let (head, per_token) = match recompute {
+        true => (v * 4.0, (l + 16.0) * d * 4.0),
+        false => (v * 4.0 * 3.0, l * d * 16.0 * 4.0),
+    };
+    let bytes = tokens * (head + per_token) + model.params.num_elements(false) as f64 * 4.0 * 2.0;
+    bytes / (1u64 << 30) as f64
 }
 
 fn available_memory_gib() -> Option<f64> {

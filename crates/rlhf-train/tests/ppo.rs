@@ -704,6 +704,37 @@ fn resume_reproduces_the_uninterrupted_run_exactly() {
     }
 }
 
+/// `gradient_checkpointing`: PPO's update recomputes the policy's and the critic's block
+/// activations, and every iteration's numbers stay the same to the bit.
+#[test]
+fn gradient_checkpointing_leaves_every_iteration_unchanged() {
+    use rlhf_model::kernels::block::blocks_recomputed;
+    for (lora, critic) in [(false, "shared"), (true, "separate")] {
+        let run = |recompute: bool| {
+            let out = tmp(&format!("recompute-{lora}-{recompute}"));
+            let cfg = PpoConfig {
+                iterations: 2,
+                gradient_checkpointing: recompute,
+                ..base_cfg(&out)
+            };
+            let mut t = trainer(cfg, 13, lora);
+            if critic == "separate" {
+                t.critic = ValueFunction::separate(tiny_gpt2(&tok(), 77)).unwrap();
+            }
+            let before = blocks_recomputed();
+            let s = t.run(&word_reward(&tok(), "great", 6), false).unwrap();
+            std::fs::remove_dir_all(&out).ok();
+            let its: Vec<_> = s.iterations.iter().map(deterministic).collect();
+            (its, blocks_recomputed() - before)
+        };
+        let (a, ra) = run(false);
+        let (b, rb) = run(true);
+        assert_eq!(ra, 0);
+        assert!(rb > 0, "lora={lora}: no block was rebuilt");
+        assert_eq!(a, b, "lora={lora} critic={critic}");
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // From a config file, with a reward model as reward and critic initialisation
 // ----------------------------------------------------------------------------------------------

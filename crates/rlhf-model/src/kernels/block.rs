@@ -32,6 +32,10 @@
 //! The backward consumes the tape, freeing each block's activations as soon as its gradients
 //! are out (part of why a step's peak memory fell by a tenth): one backward per forward, as
 //! every trainer here runs. A second backward over the same graph is an error that says so.
+//!
+//! Under gradient checkpointing ([`recompute_activations`], `train.gradient_checkpointing`) a
+//! block keeps its input and tensors instead of its tape, and its backward first runs the same
+//! forward again ([`gpt2_run`], [`llama_run`]) to rebuild the tape it would have kept.
 
 use std::sync::Mutex;
 
@@ -151,10 +155,118 @@ struct Gpt2Tape {
     fc: LinearGelu,
 }
 
-/// A block's tape: GPT-2's or a Llama's.
+/// A block's tape: GPT-2's or a Llama's, or, when activations are recomputed
+/// ([`recompute_activations`]), what it takes to rebuild one.
 enum Tape {
     Gpt2(Box<Gpt2Tape>),
     Llama(Box<LlamaTape>),
+    Gpt2Recipe(Box<Gpt2Recipe>),
+    LlamaRecipe(Box<LlamaRecipe>),
+}
+
+thread_local! {
+    static RECOMPUTE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static REBUILT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many blocks this thread's backwards have rebuilt from their recipes so far.
+pub fn blocks_recomputed() -> usize {
+    REBUILT.with(|r| r.get())
+}
+
+/// A recipe's forward, counted ([`blocks_recomputed`]).
+fn rebuilt<T>(run: Result<(Vec<f32>, T)>) -> Result<T> {
+    REBUILT.with(|r| r.set(r.get() + 1));
+    Ok(run?.1)
+}
+
+/// Gradient checkpointing for the block nodes built on this thread while the guard lives
+/// (`on`; the previous setting comes back when it drops): a block keeps only its input and
+/// its tensors for the backward, not its activations, and its backward first runs its forward
+/// again to rebuild them. The same tape, so the same gradients bit for bit, for one more
+/// forward of every block per step; a step then holds one `[tokens × d]` input per layer
+/// instead of the dozen activations of each (a Llama layer keeps about `6·d + 3·ffn` floats
+/// per token, GPT-2's `9·d + 8·d`).
+pub fn recompute_activations(on: bool) -> RecomputeGuard {
+    RecomputeGuard(RECOMPUTE.with(|r| r.replace(on)))
+}
+
+/// Whether block nodes built on this thread now recompute their activations in the backward.
+pub fn recomputing() -> bool {
+    RECOMPUTE.with(|r| r.get())
+}
+
+/// Restores the previous [`recompute_activations`] setting when dropped.
+pub struct RecomputeGuard(bool);
+
+impl Drop for RecomputeGuard {
+    fn drop(&mut self) {
+        RECOMPUTE.with(|r| r.set(self.0));
+    }
+}
+
+/// What GPT-2's block forward reads: its input (contiguous, detached), its twelve tensors and
+/// adapters, the head count, LayerNorm's `eps` and the attention bias.
+struct Gpt2Recipe {
+    x: Tensor,
+    w: [Tensor; 12],
+    lora: [Option<LoraWeights>; 4],
+    n_head: usize,
+    eps: f32,
+    bias: Tensor,
+}
+
+/// What a Llama block's forward reads: its input (contiguous, detached), its tensors (the
+/// adapters' dropout masks included), the head counts, RMSNorm's `eps`, RoPE's tables and
+/// the attention bias.
+struct LlamaRecipe {
+    x: Tensor,
+    w: LlamaBlockWeights,
+    heads: (usize, usize),
+    eps: f32,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+impl Gpt2Tape {
+    /// The tape without its activations.
+    fn into_recipe(self) -> Gpt2Recipe {
+        Gpt2Recipe {
+            n_head: self.attn.h,
+            eps: self.ln_1.0,
+            bias: self.attn.bias,
+            x: self.x,
+            w: self.w,
+            lora: self.lora,
+        }
+    }
+}
+
+impl LlamaTape {
+    /// The tape without its activations.
+    fn into_recipe(self) -> LlamaRecipe {
+        LlamaRecipe {
+            heads: (self.attn.h, self.attn.hk),
+            eps: self.rms_1.0,
+            bias: self.attn.bias,
+            x: self.x,
+            w: self.w,
+            cos: self.cos,
+            sin: self.sin,
+        }
+    }
+}
+
+impl Tape {
+    /// The tape to keep: itself, or its recipe when activations are recomputed.
+    fn kept(self) -> Self {
+        match (recomputing(), self) {
+            (true, Tape::Gpt2(t)) => Tape::Gpt2Recipe(Box::new(t.into_recipe())),
+            (true, Tape::Llama(t)) => Tape::LlamaRecipe(Box::new(t.into_recipe())),
+            (_, t) => t,
+        }
+    }
 }
 
 /// The graph node: its forward hands candle the output computed by [`gpt2_block`] or
@@ -214,6 +326,8 @@ impl Block {
         Ok(match t {
             Tape::Gpt2(t) => gpt2_bwd(*t, &g, want_dx)?,
             Tape::Llama(t) => llama_bwd(*t, &g, want_dx)?,
+            Tape::Gpt2Recipe(r) => gpt2_bwd(rebuilt(gpt2_run(*r))?, &g, want_dx)?,
+            Tape::LlamaRecipe(r) => llama_bwd(rebuilt(llama_run(*r))?, &g, want_dx)?,
         })
     }
 }
@@ -348,10 +462,40 @@ pub fn gpt2_block(
         return Ok(None);
     }
     let (w, lora) = w.into_all();
-    let (b, t, d) = x.dims3()?;
-    let x = x.contiguous()?;
+    let all: Vec<Tensor> = w
+        .iter()
+        .chain(lora.iter().flatten().flat_map(LoraWeights::tensors))
+        .cloned()
+        .collect();
+    let recipe = Gpt2Recipe {
+        x: x.contiguous()?.detach(),
+        w,
+        lora,
+        n_head,
+        eps: eps as f32,
+        bias: mask_bias.contiguous()?.detach(),
+    };
+    let (o, tape) = gpt2_run(recipe)?;
+    let block = Block {
+        name: "gpt2-block",
+        out: Mutex::new(Some(o)),
+        tape: Mutex::new(Some(Tape::Gpt2(Box::new(tape)).kept())),
+    };
+    Ok(Some(apply_node(x, all.iter().collect(), block)?))
+}
+
+/// GPT-2's block forward on its recipe: the output and the tape.
+fn gpt2_run(r: Gpt2Recipe) -> Result<(Vec<f32>, Gpt2Tape)> {
+    let Gpt2Recipe {
+        x: xd,
+        w,
+        lora,
+        n_head,
+        eps,
+        bias,
+    } = r;
+    let (b, t, d) = xd.dims3()?;
     // The same ops as the composed path, run without recording (candle sees only the block).
-    let xd = x.detach();
     let mut lora_h: [Option<Vec<f32>>; 4] = Default::default();
     // Product `j` (Conv1D weight `w[i]`, bias `w[i + 1]`) of input `x`, plus its adapter.
     let mut conv = |x: &Tensor, i: usize, j: usize| -> Result<Vec<f32>> {
@@ -362,11 +506,11 @@ pub fn gpt2_block(
         }
         Ok(y)
     };
-    let ln_1 = LayerNorm(eps as f32, Saved::default());
+    let ln_1 = LayerNorm(eps, Saved::default());
     let h1 = xd.apply_op3_no_bwd(&w[0], &w[1], &ln_1)?;
-    let qkv = Tensor::from_vec(conv(&h1, 2, 0)?, (b, t, w[2].dim(1)?), x.device())?;
+    let qkv = Tensor::from_vec(conv(&h1, 2, 0)?, (b, t, w[2].dim(1)?), xd.device())?;
     let attn = Packed {
-        bias: mask_bias.contiguous()?.detach(),
+        bias,
         h: n_head,
         hk: n_head,
         lse: Mutex::new(vec![]),
@@ -374,12 +518,12 @@ pub fn gpt2_block(
     let y = qkv.apply_op1_no_bwd(&attn)?;
     let p = conv(&y, 4, 1)?;
     let x1 = with_f32(&[&xd], |s| math::added(s[0], &p))?;
-    let x1 = Tensor::from_vec(x1, (b, t, d), x.device())?;
-    let ln_2 = LayerNorm(eps as f32, Saved::default());
+    let x1 = Tensor::from_vec(x1, (b, t, d), xd.device())?;
+    let ln_2 = LayerNorm(eps, Saved::default());
     let h2 = x1.apply_op3_no_bwd(&w[6], &w[7], &ln_2)?;
     // c_fc and GELU as their fused op runs them; the pre-activation stays for the backward.
     let u = conv(&h2, 8, 2)?;
-    let a = Tensor::from_vec(unary(&u, gelu_fwd), (b, t, w[8].dim(1)?), x.device())?;
+    let a = Tensor::from_vec(unary(&u, gelu_fwd), (b, t, w[8].dim(1)?), xd.device())?;
     let fc = LinearGelu {
         transposed: true,
         save: true,
@@ -387,32 +531,23 @@ pub fn gpt2_block(
     };
     let m = conv(&a, 10, 3)?;
     let o = with_f32(&[&x1], |s| math::added(s[0], &m))?;
-    let all: Vec<Tensor> = w
-        .iter()
-        .chain(lora.iter().flatten().flat_map(LoraWeights::tensors))
-        .cloned()
-        .collect();
-    let block = Block {
-        name: "gpt2-block",
-        out: Mutex::new(Some(o)),
-        tape: Mutex::new(Some(Tape::Gpt2(Box::new(Gpt2Tape {
-            w,
-            lora,
-            lora_h,
-            x: xd,
-            h1,
-            qkv,
-            y,
-            x1,
-            h2,
-            a,
-            ln_1,
-            attn,
-            ln_2,
-            fc,
-        })))),
+    let tape = Gpt2Tape {
+        w,
+        lora,
+        lora_h,
+        x: xd,
+        h1,
+        qkv,
+        y,
+        x1,
+        h2,
+        a,
+        ln_1,
+        attn,
+        ln_2,
+        fc,
     };
-    Ok(Some(apply_node(&x, all.iter().collect(), block)?))
+    Ok((o, tape))
 }
 
 /// A LoRA adapter on a projection: `y += scale · (x' · Aᵀ) · Bᵀ`, A `[r, in]`, B `[out, r]`,
@@ -838,9 +973,41 @@ pub fn llama_block(
             cos.dims()
         )
     }
+    let all: Vec<Tensor> = w.all().into_iter().cloned().collect();
+    let recipe = LlamaRecipe {
+        x: x.contiguous()?.detach(),
+        w,
+        heads,
+        eps: eps as f32,
+        cos: cos.contiguous()?.detach(),
+        sin: sin.contiguous()?.detach(),
+        bias: mask_bias.contiguous()?.detach(),
+    };
+    let (o, tape) = llama_run(recipe)?;
+    let block = Block {
+        name: "llama-block",
+        out: Mutex::new(Some(o)),
+        tape: Mutex::new(Some(Tape::Llama(Box::new(tape)).kept())),
+    };
+    Ok(Some(apply_node(x, all.iter().collect(), block)?))
+}
+
+/// A Llama block's forward on its recipe: the output and the tape.
+fn llama_run(r: LlamaRecipe) -> Result<(Vec<f32>, LlamaTape)> {
+    let LlamaRecipe {
+        x: xd,
+        w,
+        heads: (h, hk),
+        eps,
+        cos,
+        sin,
+        bias,
+    } = r;
+    let (b, t, d) = xd.dims3()?;
+    let hd = w.q.w.dim(0)? / h.max(1);
+    let inner = w.gate.w.dim(0)?;
     // The same ops as the composed path, run without recording (candle sees only the block).
-    let xd = x.contiguous()?.detach();
-    let rms_1 = RmsNorm(eps as f32, Saved::default());
+    let rms_1 = RmsNorm(eps, Saved::default());
     let h1 = xd.apply_op2_no_bwd(&w.input_norm, &rms_1)?;
     let wqkv = Tensor::cat(&[w.q.w.detach(), w.k.w.detach(), w.v.w.detach()], 0)?;
     let bqkv = match (&w.q.bias, &w.k.bias, &w.v.bias) {
@@ -860,13 +1027,12 @@ pub fn llama_block(
         }
         c0 += p.w.dim(0)?;
     }
-    let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
     with_f32(&[&cos, &sin], |cs| {
         rope_packed_in_place(&mut qkv, (b, t, n), h + hk, hd, (cs[0], cs[1]), false)
     })?;
-    let qkv = Tensor::from_vec(qkv, (b, t, n), x.device())?;
+    let qkv = Tensor::from_vec(qkv, (b, t, n), xd.device())?;
     let attn = Packed {
-        bias: mask_bias.contiguous()?.detach(),
+        bias,
         h,
         hk,
         lse: Mutex::new(vec![]),
@@ -876,8 +1042,8 @@ pub fn llama_block(
     if let Some(l) = &w.o.lora {
         lora_h[O] = Some(lora_fwd(&y, l, &mut x1, (d, 0))?);
     }
-    let x1 = Tensor::from_vec(x1, (b, t, d), x.device())?;
-    let rms_2 = RmsNorm(eps as f32, Saved::default());
+    let x1 = Tensor::from_vec(x1, (b, t, d), xd.device())?;
+    let rms_2 = RmsNorm(eps, Saved::default());
     let h2 = x1.apply_op2_no_bwd(&w.post_norm, &rms_2)?;
     // SwiGLU as its fused op runs it (both products, then the activation), each product
     // plus its adapter if any; the pre-activations stay for the backward.
@@ -890,7 +1056,7 @@ pub fn llama_block(
     };
     let a = mlp_product(&w.gate, GATE)?;
     let u = mlp_product(&w.up, UP)?;
-    let s = Tensor::from_vec(binary(&a, &u, swiglu_fwd), (b, t, inner), x.device())?;
+    let s = Tensor::from_vec(binary(&a, &u, swiglu_fwd), (b, t, inner), xd.device())?;
     let mlp = SwiGluMlp {
         save: true,
         pre: Mutex::new(Some((a, u))),
@@ -899,28 +1065,23 @@ pub fn llama_block(
     if let Some(l) = &w.down.lora {
         lora_h[DOWN] = Some(lora_fwd(&s, l, &mut o, (d, 0))?);
     }
-    let all: Vec<Tensor> = w.all().into_iter().cloned().collect();
-    let block = Block {
-        name: "llama-block",
-        out: Mutex::new(Some(o)),
-        tape: Mutex::new(Some(Tape::Llama(Box::new(LlamaTape {
-            w,
-            wqkv,
-            x: xd,
-            h1,
-            qkv,
-            y,
-            x1,
-            h2,
-            s,
-            lora_h,
-            rms_1,
-            attn,
-            rms_2,
-            mlp,
-            cos,
-            sin,
-        })))),
+    let tape = LlamaTape {
+        w,
+        wqkv,
+        x: xd,
+        h1,
+        qkv,
+        y,
+        x1,
+        h2,
+        s,
+        lora_h,
+        rms_1,
+        attn,
+        rms_2,
+        mlp,
+        cos,
+        sin,
     };
-    Ok(Some(apply_node(x, all.iter().collect(), block)?))
+    Ok((o, tape))
 }

@@ -6,7 +6,8 @@
 //! it *in place* into d logits with one multiply per entry, then runs the two GEMMs; so a
 //! training step holds a single [n × V] buffer, takes one exponential per logit, and candle
 //! never zero-fills and accumulates a logits gradient. Without gradients the logits are computed
-//! a block of rows at a time and never materialised.
+//! a block of rows at a time and never materialised; so they are under gradient checkpointing
+//! ([`super::block::recompute_activations`]), and the backward computes the buffer itself.
 //!
 //! With `entropy` the op also returns each row's entropy `H = −Σ p log p` (output [n, 2]:
 //! log p(target), H), which PPO logs and may add to its loss. The forward then keeps the
@@ -320,7 +321,8 @@ fn apply(
     entropy: bool,
 ) -> Result<Tensor> {
     let targets = targets.flatten_all()?.to_vec1::<u32>()?;
-    let keep = hidden.track_op() || weight.track_op();
+    // Under gradient checkpointing the backward computes the buffer again instead.
+    let keep = (hidden.track_op() || weight.track_op()) && !super::block::recomputing();
     let op = HeadLogprobs {
         targets,
         scale: scale as f32,
