@@ -724,6 +724,79 @@ fn head_logprobs_entropy_matches_composed_and_fd() {
     assert!(fused::head_logprobs_entropy(&h, &w, &t, 0.0).is_err());
 }
 
+/// Under gradient checkpointing the head keeps no [n × V] buffer: its backward computes the
+/// logits again, a chunk of rows at a time (64 rows at this vocabulary). Both forms' gradients
+/// and outputs must be those of the kept buffer.
+#[test]
+fn head_backward_in_chunks_matches_the_kept_buffer() {
+    use rlhf_model::kernels::block::recompute_activations;
+    let (n, v, d) = (150, 1 << 18, 8);
+    let h = Var::from_vec(data(n * d, 81), (n, d), &DEV).unwrap();
+    let w = Var::from_vec(data(v * d, 82), (v, d), &DEV).unwrap();
+    let t: Vec<u32> = (0..n as u32).map(|i| i * 7919 % v as u32).collect();
+    let t = Tensor::from_vec(t, n, &DEV).unwrap();
+    for entropy in [false, true] {
+        let run = |recompute: bool| {
+            let _r = recompute_activations(recompute);
+            let out = match entropy {
+                true => fused::head_logprobs_entropy(h.as_tensor(), w.as_tensor(), &t, 1.3),
+                false => fused::head_logprobs(h.as_tensor(), w.as_tensor(), &t, 1.3),
+            };
+            let out = out.unwrap().unwrap();
+            let g = (&out * probe_for(&out))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let [dh, dw] = [&h, &w].map(|x| vals(g.get(x).unwrap()));
+            (vals(&out), dh, dw)
+        };
+        let (o0, dh0, dw0) = run(false);
+        let (o1, dh1, dw1) = run(true);
+        assert!(max_err(&o0, &o1) < 1e-6, "entropy {entropy}: outputs");
+        let e = max_err(&dh0, &dh1);
+        assert!(e < 1e-5, "entropy {entropy}: dh differs by {e}");
+        let scale = dw0.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        let e = max_err(&dw0, &dw1);
+        assert!(
+            e < 1e-5 * scale.max(1.0),
+            "entropy {entropy}: dW differs by {e}"
+        );
+    }
+}
+
+/// Few rows (the decoding path streams `b` without packing it) over a long inner dimension:
+/// the sums must keep f32's accuracy, not lose it in one running sum over 200 000 terms.
+#[test]
+fn few_row_products_over_a_long_inner_dimension_stay_accurate() {
+    use rlhf_model::kernels::gemm::{sgemm, Mat};
+    let (m, n, k) = (8, 40, 200_000);
+    let a: Vec<f32> = data(m * k, 91).iter().map(|x| x.abs() + 0.5).collect();
+    let b: Vec<f32> = data(k * n, 92).iter().map(|x| x.abs() + 0.5).collect();
+    let mut c = vec![0f32; m * n];
+    let am = Mat {
+        data: &a,
+        rs: k,
+        cs: 1,
+    };
+    let bm = Mat {
+        data: &b,
+        rs: n,
+        cs: 1,
+    };
+    sgemm(m, n, k, am, bm, &mut c, false);
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k)
+                .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
+                .sum();
+            let e = (c[i * n + j] as f64 - want).abs() / want;
+            assert!(e < 1e-6, "({i}, {j}): relative error {e}");
+        }
+    }
+}
+
 #[test]
 fn matmul_nt_matches_matmul() {
     use rlhf_model::kernels::matmul::{linear, linear_bias, matmul_nt_op};

@@ -283,6 +283,11 @@ pub const SMALL_ROWS: usize = 64;
 /// stays in L2 while the task's rows of `b` stream through).
 const MAX_COLS_PER_TASK: usize = 4096;
 
+/// The longest stretch of the inner dimension that [`small_rows`] sums as one running sum
+/// (SmolLM2's decoding products, k = 576 or 1536, are one stretch); a longer one, such as the
+/// LM head's backward over the vocabulary, goes in stretches of this, each summed apart.
+const K_BLOCK: usize = 4096;
+
 /// `c = (acc ? c : 0) + a · b` for few rows of `a` with row-major `a` and `b`: every row of `b`
 /// is streamed once and multiplied into all rows of `c` with broadcast FMAs — no packing of `b`
 /// (which the GEMM would do once per call, i.e. once per generated token) and no reductions.
@@ -299,7 +304,20 @@ fn small_rows(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accum
         .map(|t| {
             let (j0, j1) = (t * per, ((t + 1) * per).min(n));
             let mut o = vec![0.0f32; m * (j1 - j0)];
-            rows_block(a.data, a.rs, b.data, b.rs, m, k, j0, j1, &mut o);
+            if k <= K_BLOCK {
+                rows_block(a.data, a.rs, b.data, b.rs, m, k, j0, j1, &mut o);
+                return o;
+            }
+            // A long inner dimension (the LM head's backward: k = vocabulary) in blocks, each
+            // summed apart and then added: one running sum over 10⁵ terms loses ~10⁻⁴.
+            let mut part = vec![0.0f32; o.len()];
+            for k0 in (0..k).step_by(K_BLOCK) {
+                let kn = (k - k0).min(K_BLOCK);
+                part.fill(0.0);
+                let (ak, bk) = (&a.data[k0..], &b.data[k0 * b.rs..]);
+                rows_block(ak, a.rs, bk, b.rs, m, kn, j0, j1, &mut part);
+                o.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+            }
             o
         })
         .collect();

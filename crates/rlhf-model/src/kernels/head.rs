@@ -7,7 +7,11 @@
 //! training step holds a single [n × V] buffer, takes one exponential per logit, and candle
 //! never zero-fills and accumulates a logits gradient. Without gradients the logits are computed
 //! a block of rows at a time and never materialised; so they are under gradient checkpointing
-//! ([`super::block::recompute_activations`]), and the backward computes the buffer itself.
+//! ([`super::block::recompute_activations`]), and the backward then computes them again a chunk
+//! of rows at a time (64 MiB of logits: 341 rows of SmolLM2's vocabulary), turning each chunk
+//! into its rows' d logits and running the two GEMMs on it, the weight's gradient accumulated
+//! over chunks. A step then never holds `[tokens × vocab]`, which with Qwen2's 151936-token
+//! vocabulary is 0.6 MB a token.
 //!
 //! With `entropy` the op also returns each row's entropy `H = −Σ p log p` (output [n, 2]:
 //! log p(target), H), which PPO logs and may add to its loss. The forward then keeps the
@@ -26,6 +30,11 @@ use super::{math, out, sink, slice, uninit, with_f32};
 
 /// Rows per block when the logits are not kept.
 const BLOCK: usize = 64;
+
+/// The most logits a backward without the kept buffer holds at once (it takes at least
+/// [`BLOCK`] rows a pass): 64 MiB, 341 rows of SmolLM2's 49152-token vocabulary, 110 of
+/// Qwen2's 151936.
+const BWD_CHUNK_BYTES: usize = 64 << 20;
 
 /// What the forward keeps for the backward: e^(logit − row max) for every logit, and each
 /// row's 1 / Σ of those; with `entropy`, the shifted logits and each row's ln Σ instead.
@@ -135,6 +144,52 @@ impl HeadLogprobs {
             });
     }
 
+    /// d logits of rows `r0..r0+rows` for upstream `g` (and each row's entropy `ent`, from the
+    /// output) as a `rows × v` buffer: the kept one (all rows) turned in place, or one computed
+    /// afresh for these rows.
+    fn dlogits(
+        &self,
+        x: Operands,
+        r0: usize,
+        rows: usize,
+        (g, ent): (&[f32], &[f32]),
+        kept: Option<Kept>,
+    ) -> Vec<f32> {
+        let v = x.v;
+        let (mut logits, per_row) = match kept {
+            Some(k) => k,
+            None => {
+                let (mut e, mut per_row) = (uninit(rows * v), uninit(rows));
+                let mut o = vec![0.0; rows * self.width()];
+                self.rows(x, r0, rows, &mut e, &mut o, Some(&mut per_row));
+                (e, per_row)
+            }
+        };
+        let scale = self.scale;
+        if self.entropy {
+            // Row holds s = z − max; log p = s − ln Σ, p = e^(log p):
+            // d logit = scale·(g_lp·(onehot − p) − g_H·p·(log p + H)).
+            logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                let r = r0 + i;
+                let (gl, ge, ls) = (g[2 * r], g[2 * r + 1], per_row[i]);
+                let c0 = gl + ge * (ent[r] - ls);
+                math::entropy_dlogits(row, ls, c0, ge, scale);
+                row[self.targets[r] as usize] += gl * scale;
+            });
+        } else {
+            // d logit = −g·scale·p (+ g·scale at the target), p = e^(logit − max) / Σ.
+            logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                let r = r0 + i;
+                let ti = self.targets[r] as usize;
+                let gs = g[r] * scale;
+                let c = -gs * per_row[i];
+                row.iter_mut().for_each(|x| *x *= c);
+                row[ti] += gs;
+            });
+        }
+        logits
+    }
+
     fn forward(&self, x: Operands, n: usize) -> (Vec<f32>, Option<Kept>) {
         let k = self.width();
         let mut o = uninit(n * k);
@@ -205,78 +260,65 @@ impl CustomOp2 for HeadLogprobs {
         } else {
             vec![]
         };
-        let mut guard = self.kept.lock().unwrap();
+        let kept = self.kept.lock().unwrap().take();
         let (want_h, want_w) = (h.track_op(), w.track_op());
+        // With the kept buffer, one pass over every row; without it (gradient checkpointing, or
+        // a second backward), passes over chunks of rows whose logits stay near
+        // `BWD_CHUNK_BYTES`, so the backward never holds all [n × V] either.
+        let chunk = match kept {
+            Some(_) => n.max(1),
+            None => (BWD_CHUNK_BYTES / (4 * v.max(1))).max(BLOCK),
+        };
+        let chunks: Vec<(usize, usize)> = (0..n)
+            .step_by(chunk)
+            .map(|r0| (r0, chunk.min(n - r0)))
+            .collect();
         let (dh, dw) = with_f32(&[h, w], |t| {
             let (hs, ws) = (t[0], t[1]);
-            // The kept buffer (or, after a first backward consumed it, a recomputed one).
-            let (mut logits, per_row) = match guard.take() {
-                Some(k) => k,
-                None => {
-                    let (mut e, mut per_row) = (uninit(n * v), uninit(n));
-                    let mut o = vec![0.0; n * self.width()];
-                    let x = Operands { h: hs, w: ws, d, v };
-                    self.rows(x, 0, n, &mut e, &mut o, Some(&mut per_row));
-                    (e, per_row)
+            let x = Operands { h: hs, w: ws, d, v };
+            let mut kept = kept;
+            let mut dh = want_h.then(|| uninit(n * d));
+            let mut run = |mut dw: Option<(&mut [f32], bool)>| {
+                if let (true, Some((dw, false))) = (chunks.is_empty(), dw.as_mut()) {
+                    dw.fill(0.0);
+                }
+                for &(r0, rows) in &chunks {
+                    let dl = self.dlogits(x, r0, rows, (&g, &ent), kept.take());
+                    if let Some(dh) = dh.as_mut() {
+                        let gm = Mat {
+                            data: &dl,
+                            rs: v,
+                            cs: 1,
+                        };
+                        let wm = Mat {
+                            data: ws,
+                            rs: d,
+                            cs: 1,
+                        };
+                        sgemm(rows, d, v, gm, wm, &mut dh[r0 * d..(r0 + rows) * d], false);
+                    }
+                    if let Some((dw, acc)) = dw.as_mut() {
+                        let gt = Mat {
+                            data: &dl,
+                            rs: 1,
+                            cs: v,
+                        };
+                        let hm = Mat {
+                            data: &hs[r0 * d..(r0 + rows) * d],
+                            rs: d,
+                            cs: 1,
+                        };
+                        sgemm(v, d, rows, gt, hm, dw, *acc || r0 > 0);
+                    }
                 }
             };
-            let scale = self.scale;
-            if self.entropy {
-                // Row holds s = z − max; log p = s − ln Σ, p = e^(log p):
-                // d logit = scale·(g_lp·(onehot − p) − g_H·p·(log p + H)).
-                logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                    let (gl, ge, ls) = (g[2 * i], g[2 * i + 1], per_row[i]);
-                    let c0 = gl + ge * (ent[i] - ls);
-                    math::entropy_dlogits(row, ls, c0, ge, scale);
-                    row[self.targets[i] as usize] += gl * scale;
-                });
-            } else {
-                // d logit = −g·scale·p (+ g·scale at the target), p = e^(logit − max) / Σ.
-                logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                    let ti = self.targets[i] as usize;
-                    let gs = g[i] * scale;
-                    let c = -gs * per_row[i];
-                    row.iter_mut().for_each(|x| *x *= c);
-                    row[ti] += gs;
-                });
-            }
-            let gm = Mat {
-                data: &logits,
-                rs: v,
-                cs: 1,
-            };
-            let dh = want_h.then(|| {
-                let mut dh = uninit(n * d);
-                sgemm(
-                    n,
-                    d,
-                    v,
-                    gm,
-                    Mat {
-                        data: ws,
-                        rs: d,
-                        cs: 1,
-                    },
-                    &mut dh,
-                    false,
-                );
-                dh
-            });
-            let dw = if want_w {
-                let gt = Mat {
-                    data: &logits,
-                    rs: 1,
-                    cs: v,
-                };
-                let hm = Mat {
-                    data: hs,
-                    rs: d,
-                    cs: 1,
-                };
+            let dw = match want_w {
                 // Into the weight's gradient-sink buffer when one holds it.
-                sink::weight_grad(w, v * d, |dw, acc| sgemm(v, d, n, gt, hm, dw, acc))
-            } else {
-                None
+                true => sink::weight_grad(w, v * d, |dw, acc| run(Some((dw, acc)))),
+                false => {
+                    run(None);
+                    None
+                }
             };
             (dh, dw)
         })?;
