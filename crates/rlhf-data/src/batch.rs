@@ -128,7 +128,7 @@ pub fn length_chunks(lens: &[usize], per_chunk: usize) -> Vec<Vec<usize>> {
 
 /// The indices of items with identical prompts, a group per distinct prompt, in order of
 /// first appearance (and each group in item order).
-pub fn prompt_groups<'a>(prompts: impl IntoIterator<Item = &'a [u32]>) -> Vec<Vec<usize>> {
+fn prompt_groups<'a>(prompts: impl IntoIterator<Item = &'a [u32]>) -> Vec<Vec<usize>> {
     let mut group_of: std::collections::HashMap<&[u32], usize> = Default::default();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, p) in prompts.into_iter().enumerate() {

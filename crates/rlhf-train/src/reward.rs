@@ -415,27 +415,6 @@ impl RewardObjective {
     }
 }
 
-/// At most `max` of `items` (0: all), drawn a prompt at a time (seeded): a prompt's responses
-/// stay together, so scoring computes each prompt once for all of them
-/// ([`RewardModel::raw_response_scores`]); the last prompt drawn may keep only some.
-pub fn subsample_by_prompt(
-    items: Vec<(Vec<u32>, Vec<u32>)>,
-    max: usize,
-    seed: u64,
-) -> Vec<(Vec<u32>, Vec<u32>)> {
-    if max == 0 || items.len() <= max {
-        return items;
-    }
-    let groups = rlhf_data::batch::prompt_groups(items.iter().map(|(p, _)| &p[..]));
-    let perm = rlhf_data::batch::epoch_permutation(seed, 7, groups.len());
-    let keep: Vec<usize> = perm
-        .into_iter()
-        .flat_map(|g| groups[g].iter().copied())
-        .take(max)
-        .collect();
-    keep.into_iter().map(|i| items[i].clone()).collect()
-}
-
 /// Raw `(r_chosen, r_rejected)` of tokenised pairs: chunks of `batch` pairs of similar lengths,
 /// each prompt computed once per chunk ([`RewardModel::raw_pair_scores`]).
 pub fn score_tokenized_pairs(
@@ -658,7 +637,18 @@ pub fn train_reward_on(
             })
             .collect()
     };
-    let norm_seqs = subsample_by_prompt(norm_seqs, cfg.normalize_max, cfg.train.seed);
+    // A uniform draw of sequences: the offset is their mean. (Drawing whole prompts would keep
+    // more prompts computed once, but ranked data holds dozens of pairs per prompt, and a draw of
+    // a few dozen prompts estimates the mean far worse.)
+    let mut norm_seqs = norm_seqs;
+    if cfg.normalize_max > 0 && norm_seqs.len() > cfg.normalize_max {
+        let perm = rlhf_data::batch::epoch_permutation(cfg.train.seed, 7, norm_seqs.len());
+        norm_seqs = perm
+            .into_iter()
+            .take(cfg.normalize_max)
+            .map(|i| norm_seqs[i].clone())
+            .collect();
+    }
     warn_memory(
         &rm.model,
         cfg.train.batch_size * 2,
@@ -809,44 +799,4 @@ pub fn prompt_response_rows(examples: &[SftExample]) -> Result<Vec<(Prompt, Stri
             _ => bail!("row {i}: expected a prompt/completion row"),
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::subsample_by_prompt;
-
-    #[test]
-    fn subsampling_the_normalisation_set_keeps_prompts_whole() {
-        // 30 prompts with 1 to 4 responses each (73 items).
-        let mut items = Vec::new();
-        for p in 0..30u32 {
-            for r in 0..(1 + p % 4) {
-                items.push((vec![p, p + 100], vec![r]));
-            }
-        }
-        assert_eq!(items.len(), 73);
-        assert_eq!(subsample_by_prompt(items.clone(), 0, 1), items);
-        assert_eq!(subsample_by_prompt(items.clone(), 80, 1), items);
-        let a = subsample_by_prompt(items.clone(), 40, 1);
-        assert_eq!(a.len(), 40);
-        assert_eq!(a, subsample_by_prompt(items.clone(), 40, 1), "seeded");
-        assert_ne!(a, subsample_by_prompt(items.clone(), 40, 2));
-        // Every prompt drawn brings all its responses, in order, except possibly the last.
-        let mut prompts: Vec<&Vec<u32>> = a.iter().map(|(p, _)| p).collect();
-        prompts.dedup();
-        for (k, p) in prompts.iter().enumerate() {
-            let got: Vec<u32> = a
-                .iter()
-                .filter(|(q, _)| q == *p)
-                .map(|(_, r)| r[0])
-                .collect();
-            let all = (1 + p[0] % 4) as usize;
-            if k + 1 < prompts.len() {
-                assert_eq!(got, (0..all as u32).collect::<Vec<_>>(), "prompt {}", p[0]);
-            } else {
-                assert!(!got.is_empty() && got.len() <= all);
-            }
-        }
-        assert!(prompts.len() < 40, "whole prompts, not single items");
-    }
 }
