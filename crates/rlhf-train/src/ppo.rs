@@ -115,8 +115,9 @@ pub struct PpoConfig {
     pub pack_sequences: bool,
     /// Gradient checkpointing in the update (`train.gradient_checkpointing` of the other
     /// trainers): the policy's and the critic's blocks keep only their inputs and recompute
-    /// their activations in the backward. The same gradients, far less memory per minibatch,
-    /// one more forward of the blocks per minibatch.
+    /// their activations in the backward (the LM head its logits, in chunks of rows). The same
+    /// gradients (the head's up to float rounding), far less memory per minibatch, one more
+    /// forward per minibatch.
     pub gradient_checkpointing: bool,
 
     pub max_new_tokens: usize,
