@@ -1689,6 +1689,15 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
     if cfg.max_prompts > 0 {
         prompts.truncate(cfg.max_prompts);
     }
+    // An update minibatch: the policy's (and a separate critic's) activations over prompt and
+    // response slots.
+    let models = if critic.is_shared() { 1 } else { 2 };
+    crate::sft::warn_memory(
+        &policy,
+        cfg.minibatch_size * models,
+        cfg.max_prompt_len + cfg.max_new_tokens,
+        cfg.gradient_checkpointing,
+    );
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
     let mut t = PpoTrainer::new(cfg.clone(), policy, reference, critic, tok, prompts)?;
