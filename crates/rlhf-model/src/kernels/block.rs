@@ -174,7 +174,8 @@ pub fn blocks_recomputed() -> usize {
     REBUILT.with(|r| r.get())
 }
 
-/// A recipe's forward, counted ([`blocks_recomputed`]).
+/// A recipe's forward (without the block's output, which the backward does not read),
+/// counted ([`blocks_recomputed`]).
 fn rebuilt<T>(run: Result<(Vec<f32>, T)>) -> Result<T> {
     REBUILT.with(|r| r.set(r.get() + 1));
     Ok(run?.1)
@@ -326,8 +327,8 @@ impl Block {
         Ok(match t {
             Tape::Gpt2(t) => gpt2_bwd(*t, &g, want_dx)?,
             Tape::Llama(t) => llama_bwd(*t, &g, want_dx)?,
-            Tape::Gpt2Recipe(r) => gpt2_bwd(rebuilt(gpt2_run(*r))?, &g, want_dx)?,
-            Tape::LlamaRecipe(r) => llama_bwd(rebuilt(llama_run(*r))?, &g, want_dx)?,
+            Tape::Gpt2Recipe(r) => gpt2_bwd(rebuilt(gpt2_run(*r, false))?, &g, want_dx)?,
+            Tape::LlamaRecipe(r) => llama_bwd(rebuilt(llama_run(*r, false))?, &g, want_dx)?,
         })
     }
 }
@@ -475,7 +476,7 @@ pub fn gpt2_block(
         eps: eps as f32,
         bias: mask_bias.contiguous()?.detach(),
     };
-    let (o, tape) = gpt2_run(recipe)?;
+    let (o, tape) = gpt2_run(recipe, true)?;
     let block = Block {
         name: "gpt2-block",
         out: Mutex::new(Some(o)),
@@ -484,8 +485,9 @@ pub fn gpt2_block(
     Ok(Some(apply_node(x, all.iter().collect(), block)?))
 }
 
-/// GPT-2's block forward on its recipe: the output and the tape.
-fn gpt2_run(r: Gpt2Recipe) -> Result<(Vec<f32>, Gpt2Tape)> {
+/// GPT-2's block forward on its recipe: the output (empty without `output`: the last product
+/// only makes it, and the backward reads the tape alone) and the tape.
+fn gpt2_run(r: Gpt2Recipe, output: bool) -> Result<(Vec<f32>, Gpt2Tape)> {
     let Gpt2Recipe {
         x: xd,
         w,
@@ -529,8 +531,18 @@ fn gpt2_run(r: Gpt2Recipe) -> Result<(Vec<f32>, Gpt2Tape)> {
         save: true,
         pre: Mutex::new(Some(u)),
     };
-    let m = conv(&a, 10, 3)?;
-    let o = with_f32(&[&x1], |s| math::added(s[0], &m))?;
+    let o = match output {
+        true => {
+            let m = conv(&a, 10, 3)?;
+            with_f32(&[&x1], |s| math::added(s[0], &m))?
+        }
+        false => {
+            if let Some(l) = &lora[3] {
+                lora_h[3] = Some(lora_ha(&a, l, (w[10].dim(1)?, 0))?);
+            }
+            Vec::new()
+        }
+    };
     let tape = Gpt2Tape {
         w,
         lora,
@@ -736,10 +748,24 @@ fn lora_fwd(
     y: &mut [f32],
     (n, c0): (usize, usize),
 ) -> Result<Vec<f32>> {
-    let (ts, [m, k, r, o]) = lora_operands(x, l, (n, c0))?;
+    let (ts, [m, _, r, o]) = lora_operands(x, l, (n, c0))?;
     if y.len() != m * n {
         candle_core::bail!("block: adapter output of {} for {m} × {n}", y.len())
     }
+    let ha = lora_ha(x, l, (n, c0))?;
+    with_f32(&ts, |s| {
+        let mut d = super::uninit(m * o);
+        sgemm(m, o, r, mat(&ha, r, 1), mat(s[2], 1, r), &mut d, false);
+        y.par_chunks_mut(n)
+            .zip(d.par_chunks(o))
+            .for_each(|(yr, dr)| math::add_assign(&mut yr[c0..c0 + o], dr));
+    })?;
+    Ok(ha)
+}
+
+/// The adapter's `scale · x' · Aᵀ` alone (what its backward keeps; [`lora_fwd`]).
+fn lora_ha(x: &Tensor, l: &LoraWeights, (n, c0): (usize, usize)) -> Result<Vec<f32>> {
+    let (ts, [m, k, r, _]) = lora_operands(x, l, (n, c0))?;
     with_f32(&ts, |s| {
         let xm = l.mask.as_ref().map(|mask| mask.apply(s[0]));
         let mut ha = super::uninit(m * r);
@@ -748,11 +774,6 @@ fn lora_fwd(
         let scale = l.scale as f32;
         ha.par_chunks_mut(1 << 14)
             .for_each(|c| c.iter_mut().for_each(|v| *v *= scale));
-        let mut d = super::uninit(m * o);
-        sgemm(m, o, r, mat(&ha, r, 1), mat(s[2], 1, r), &mut d, false);
-        y.par_chunks_mut(n)
-            .zip(d.par_chunks(o))
-            .for_each(|(yr, dr)| math::add_assign(&mut yr[c0..c0 + o], dr));
         ha
     })
 }
@@ -983,7 +1004,7 @@ pub fn llama_block(
         sin: sin.contiguous()?.detach(),
         bias: mask_bias.contiguous()?.detach(),
     };
-    let (o, tape) = llama_run(recipe)?;
+    let (o, tape) = llama_run(recipe, true)?;
     let block = Block {
         name: "llama-block",
         out: Mutex::new(Some(o)),
@@ -992,8 +1013,9 @@ pub fn llama_block(
     Ok(Some(apply_node(x, all.iter().collect(), block)?))
 }
 
-/// A Llama block's forward on its recipe: the output and the tape.
-fn llama_run(r: LlamaRecipe) -> Result<(Vec<f32>, LlamaTape)> {
+/// A Llama block's forward on its recipe: the output (empty without `output`: the down
+/// projection only makes it, and the backward reads the tape alone) and the tape.
+fn llama_run(r: LlamaRecipe, output: bool) -> Result<(Vec<f32>, LlamaTape)> {
     let LlamaRecipe {
         x: xd,
         w,
@@ -1061,10 +1083,21 @@ fn llama_run(r: LlamaRecipe) -> Result<(Vec<f32>, LlamaTape)> {
         save: true,
         pre: Mutex::new(Some((a, u))),
     };
-    let mut o = product_vec(&s, &w.down.w, (Some(&x1), true), false)?;
-    if let Some(l) = &w.down.lora {
-        lora_h[DOWN] = Some(lora_fwd(&s, l, &mut o, (d, 0))?);
-    }
+    let o = match output {
+        true => {
+            let mut o = product_vec(&s, &w.down.w, (Some(&x1), true), false)?;
+            if let Some(l) = &w.down.lora {
+                lora_h[DOWN] = Some(lora_fwd(&s, l, &mut o, (d, 0))?);
+            }
+            o
+        }
+        false => {
+            if let Some(l) = &w.down.lora {
+                lora_h[DOWN] = Some(lora_ha(&s, l, (d, 0))?);
+            }
+            Vec::new()
+        }
+    };
     let tape = LlamaTape {
         w,
         wqkv,
