@@ -62,7 +62,7 @@ pub struct TrainConfig {
     /// gradients are the same bit for bit, the head's up to float rounding; a step's
     /// activations shrink to one `[tokens × hidden]` tensor per layer (SmolLM2-135M: from about
     /// 34 KB per token and layer to 2.3 KB), for one more forward per step (SmolLM2 with LoRA:
-    /// +24–44% training time, peak memory 40–75% lower).
+    /// +24–42% training time, peak memory 40–75% lower).
     pub gradient_checkpointing: bool,
 }
 
