@@ -539,17 +539,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Save tensors as safetensors, atomically.
 pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    let data: Vec<(String, Tensor)> = tensors
+    let items = tensors
         .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.contiguous()?)))
-        .collect::<Result<_>>()?;
+        .map(|(k, v)| (k.clone(), TensorData::Tensor(v.clone())))
+        .collect();
+    save_tensor_data(items, path)
+}
+
+/// One tensor to save: a candle tensor, or f32 values held elsewhere (an optimizer's moments)
+/// with their shape, saved without first copying them into a tensor.
+pub enum TensorData<'a> {
+    Tensor(Tensor),
+    Slice { shape: Vec<usize>, data: &'a [f32] },
+}
+
+/// Save named tensors as f32 safetensors, atomically (a temporary file, synced, then renamed),
+/// streaming them to the file one at a time: the only copy held is one tensor's bytes, never
+/// the whole file's (a checkpoint of SmolLM2-135M's AdamW moments is 1.08 GB).
+pub fn save_tensor_data(items: Vec<(String, TensorData<'_>)>, path: &Path) -> Result<()> {
+    let views = items
+        .into_iter()
+        .map(|(k, d)| {
+            let d = match d {
+                TensorData::Tensor(t) => TensorData::Tensor(t.to_dtype(DType::F32)?.contiguous()?),
+                slice => slice,
+            };
+            Ok((k, StView(d)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::tensor::serialize(
-        data.iter().map(|(k, v)| (k.as_str(), StView(v))),
-        Some(meta),
-    )?;
-    write_atomic(path, &bytes)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
+        .with_context(|| format!("{}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Read every tensor of a safetensors file into memory.
@@ -559,24 +592,31 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(m.into_iter().collect())
 }
 
-struct StView<'a>(&'a Tensor);
+struct StView<'a>(TensorData<'a>);
 
 impl safetensors::View for StView<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         safetensors::Dtype::F32
     }
     fn shape(&self) -> &[usize] {
-        self.0.dims()
+        match &self.0 {
+            TensorData::Tensor(t) => t.dims(),
+            TensorData::Slice { shape, .. } => shape,
+        }
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let v: Vec<f32> = self
-            .0
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .unwrap_or_default();
-        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        std::borrow::Cow::Owned(match &self.0 {
+            TensorData::Tensor(t) => {
+                crate::kernels::with_f32(&[t], |s| bytes(s[0])).expect("an f32 tensor on the CPU")
+            }
+            TensorData::Slice { data, .. } => bytes(data),
+        })
     }
     fn data_len(&self) -> usize {
-        self.0.elem_count() * 4
+        match &self.0 {
+            TensorData::Tensor(t) => t.elem_count() * 4,
+            TensorData::Slice { data, .. } => data.len() * 4,
+        }
     }
 }

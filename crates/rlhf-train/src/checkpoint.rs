@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use rlhf_model::model::{load_safetensors, save_safetensors};
+use rlhf_model::model::{load_safetensors, save_safetensors, save_tensor_data, TensorData};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,7 +44,7 @@ pub fn save(
     out: &Path,
     state: &LoopState,
     weights: &BTreeMap<String, Tensor>,
-    optimizer: &BTreeMap<String, Tensor>,
+    optimizer: Vec<(String, TensorData<'_>)>,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
@@ -54,7 +54,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     save_safetensors(weights, &tmp.join("weights.safetensors"))?;
-    save_safetensors(optimizer, &tmp.join("optimizer.safetensors"))?;
+    save_tensor_data(optimizer, &tmp.join("optimizer.safetensors"))?;
     rlhf_model::model::write_atomic(
         &tmp.join("state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),

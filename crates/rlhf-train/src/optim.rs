@@ -107,6 +107,23 @@ impl AdamW {
         out
     }
 
+    /// The moments as [`Self::state_tensors`] names them, borrowed (checkpoints stream them to
+    /// their file without a copy).
+    pub fn state_views(&self) -> Vec<(String, rlhf_model::model::TensorData<'_>)> {
+        let mut out = Vec::with_capacity(2 * self.params.len());
+        for (p, st) in self.params.iter().zip(&self.state) {
+            let shape = p.var().dims().to_vec();
+            for (suffix, v) in [("exp_avg", &st.m), ("exp_avg_sq", &st.v)] {
+                let data = rlhf_model::model::TensorData::Slice {
+                    shape: shape.clone(),
+                    data: &v[..],
+                };
+                out.push((format!("{}.{suffix}", p.name()), data));
+            }
+        }
+        out
+    }
+
     pub fn load_state(&mut self, t: u64, s: &BTreeMap<String, Tensor>) -> Result<()> {
         for (i, p) in self.params.iter().enumerate() {
             let st = &mut self.state[i];
@@ -297,8 +314,26 @@ mod tests {
                 rb = reference_step(&rb, &mut mb, &mut vb, gb, t, lr, 0.0);
             }
             if t == 4 {
-                // Checkpoint round trip mid-run.
-                let st = o.state_tensors();
+                // Checkpoint round trip mid-run, through a file written from the borrowed
+                // moments: the same names, shapes and values as the copied ones.
+                let path = std::env::temp_dir()
+                    .join(format!("rlhf-adamw-{}.safetensors", std::process::id()));
+                rlhf_model::model::save_tensor_data(o.state_views(), &path).unwrap();
+                let st = rlhf_model::model::load_safetensors(&path).unwrap();
+                std::fs::remove_file(&path).ok();
+                let copied = o.state_tensors();
+                assert_eq!(
+                    st.keys().collect::<Vec<_>>(),
+                    copied.keys().collect::<Vec<_>>()
+                );
+                for (k, v) in &copied {
+                    assert_eq!(st[k].dims(), v.dims(), "{k}");
+                    let (a, b): (Vec<f32>, Vec<f32>) = (
+                        st[k].flatten_all().unwrap().to_vec1().unwrap(),
+                        v.flatten_all().unwrap().to_vec1().unwrap(),
+                    );
+                    assert_eq!(a, b, "{k}");
+                }
                 let mut o2 = AdamW::new(vec![w.clone(), b.clone()], cfg.clone()).unwrap();
                 o2.load_state(o.t, &st).unwrap();
                 o = o2;

@@ -1406,13 +1406,13 @@ impl PpoTrainer {
 
     fn save(&self, st: &IterState, opts: &(AdamW, AdamW)) -> Result<PathBuf> {
         let mut w = BTreeMap::new();
-        let mut o = BTreeMap::new();
+        let mut o = Vec::new();
         for (pre, opt) in [("policy.", &opts.0), ("critic.", &opts.1)] {
             for p in opt.params() {
                 w.insert(format!("{pre}{}", p.name()), p.var().as_tensor().detach());
             }
-            for (k, v) in opt.state_tensors() {
-                o.insert(format!("{pre}{k}"), v);
+            for (k, v) in opt.state_views() {
+                o.push((format!("{pre}{k}"), v));
             }
         }
         let state = LoopState {
@@ -1429,7 +1429,7 @@ impl PpoTrainer {
                 "prompt_position": st.prompt_pos,
             }),
         };
-        checkpoint::save(&self.cfg.out, &state, &w, &o, self.cfg.keep_last)
+        checkpoint::save(&self.cfg.out, &state, &w, o, self.cfg.keep_last)
     }
 
     fn restore(&self, ck: &checkpoint::Checkpoint, opts: &mut (AdamW, AdamW)) -> Result<IterState> {

@@ -435,7 +435,7 @@ impl Trainer {
                     &self.out,
                     &state,
                     &param_tensors(&params),
-                    &opt.state_tensors(),
+                    opt.state_views(),
                     cfg.keep_last,
                 )?;
             }
@@ -449,7 +449,7 @@ impl Trainer {
             &self.out,
             &state,
             &param_tensors(&params),
-            &opt.state_tensors(),
+            opt.state_views(),
             cfg.keep_last,
         )?;
         obj.save_final(&summary.final_dir)?;

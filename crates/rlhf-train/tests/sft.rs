@@ -481,7 +481,11 @@ fn checkpoint_writer_child() {
             seed: 0,
             extra: serde_json::Value::Null,
         };
-        checkpoint::save(std::path::Path::new(&dir), &st, &w, &w, 2).unwrap();
+        let moments = vec![(
+            "w.exp_avg".to_string(),
+            rlhf_model::model::TensorData::Tensor(w["w"].clone()),
+        )];
+        checkpoint::save(std::path::Path::new(&dir), &st, &w, moments, 2).unwrap();
     }
 }
 
