@@ -1698,6 +1698,9 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
         cfg.max_prompt_len + cfg.max_new_tokens,
         cfg.gradient_checkpointing,
     );
+    if cfg.gradient_checkpointing {
+        eprintln!("[ppo] gradient checkpointing: the update's blocks keep only their inputs and recompute their activations in the backward");
+    }
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
     let mut t = PpoTrainer::new(cfg.clone(), policy, reference, critic, tok, prompts)?;

@@ -287,6 +287,12 @@ impl Trainer {
                 );
             }
         }
+        if cfg.gradient_checkpointing {
+            eprintln!(
+                "[{}] gradient checkpointing: blocks keep only their inputs and recompute their activations in the backward",
+                obj.name()
+            );
+        }
         let mut plan = plan_for(state.epoch);
         let mut summary = RunSummary {
             final_dir: self.out.join("final"),
