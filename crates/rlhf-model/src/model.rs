@@ -519,17 +519,25 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Write bytes atomically: temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).with_context(|| format!("{}", tmp.display()))?;
+        f.write_all(bytes)?;
+        Ok(())
+    })
+}
+
+/// Write `path` atomically through `write`, which creates the temporary file it is given (in
+/// the same directory); that file is then synced and renamed over `path`, and the directory
+/// synced.
+fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    write(&tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -569,20 +577,10 @@ pub fn save_tensor_data(items: Vec<(String, TensorData<'_>)>, path: &Path) -> Re
         .collect::<Result<Vec<_>>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-        .with_context(|| format!("{}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    write_atomic_with(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, Some(meta), tmp)
+            .with_context(|| format!("{}", tmp.display()))
+    })
 }
 
 /// Read every tensor of a safetensors file into memory.
