@@ -364,7 +364,7 @@ pub fn warn_memory(model: &CausalLM, batch: usize, max_len: usize, recompute: bo
 /// A rough upper bound on a training step's memory, GiB: the weights twice (values and
 /// gradients), three `[tokens × vocab]` buffers' worth for the LM head, and ~16 activations of
 /// width d per layer and token — or, with recomputed activations, one per layer plus one
-/// layer's 16, and the head's 64 MiB chunk.
+/// layer's 16, and the head's chunk ([`rlhf_model::kernels::head::BWD_CHUNK_BYTES`]).
 pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, recompute: bool) -> f64 {
     let v = model.config.vocab_size() as f64;
     let d = model.hidden_size() as f64;
@@ -372,7 +372,7 @@ pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, recompute
     let tokens = (batch * max_len) as f64;
     let (head, activations) = match recompute {
         true => (
-            (tokens * v * 4.0).min((64u64 << 20) as f64),
+            (tokens * v * 4.0).min(rlhf_model::kernels::head::BWD_CHUNK_BYTES as f64),
             tokens * (l + 16.0) * d * 4.0,
         ),
         false => (tokens * v * 4.0 * 3.0, tokens * l * d * 16.0 * 4.0),

@@ -34,7 +34,7 @@ const BLOCK: usize = 64;
 /// The most logits a backward without the kept buffer holds at once (it takes at least
 /// [`BLOCK`] rows a pass): 64 MiB, 341 rows of SmolLM2's 49152-token vocabulary, 110 of
 /// Qwen2's 151936.
-const BWD_CHUNK_BYTES: usize = 64 << 20;
+pub const BWD_CHUNK_BYTES: usize = 64 << 20;
 
 /// What the forward keeps for the backward: e^(logit − row max) for every logit, and each
 /// row's 1 / Σ of those; with `entropy`, the shifted logits and each row's ln Σ instead.
@@ -144,27 +144,17 @@ impl HeadLogprobs {
             });
     }
 
-    /// d logits of rows `r0..r0+rows` for upstream `g` (and each row's entropy `ent`, from the
-    /// output) as a `rows × v` buffer: the kept one (all rows) turned in place, or one computed
-    /// afresh for these rows.
-    fn dlogits(
+    /// Rows `r0..r0+rows` of the buffer the forward keeps (see [`Self::rows`]), with each
+    /// row's `per_row` value, turned in place into d logits for upstream `g` (and each row's
+    /// entropy `ent`, from the output).
+    fn to_dlogits(
         &self,
-        x: Operands,
+        logits: &mut [f32],
+        per_row: &[f32],
         r0: usize,
-        rows: usize,
+        v: usize,
         (g, ent): (&[f32], &[f32]),
-        kept: Option<Kept>,
-    ) -> Vec<f32> {
-        let v = x.v;
-        let (mut logits, per_row) = match kept {
-            Some(k) => k,
-            None => {
-                let (mut e, mut per_row) = (uninit(rows * v), uninit(rows));
-                let mut o = vec![0.0; rows * self.width()];
-                self.rows(x, r0, rows, &mut e, &mut o, Some(&mut per_row));
-                (e, per_row)
-            }
-        };
+    ) {
         let scale = self.scale;
         if self.entropy {
             // Row holds s = z − max; log p = s − ln Σ, p = e^(log p):
@@ -187,7 +177,6 @@ impl HeadLogprobs {
                 row[ti] += gs;
             });
         }
-        logits
     }
 
     fn forward(&self, x: Operands, n: usize) -> (Vec<f32>, Option<Kept>) {
@@ -276,17 +265,28 @@ impl CustomOp2 for HeadLogprobs {
         let (dh, dw) = with_f32(&[h, w], |t| {
             let (hs, ws) = (t[0], t[1]);
             let x = Operands { h: hs, w: ws, d, v };
-            let mut kept = kept;
             let mut dh = want_h.then(|| uninit(n * d));
-            let mut run = |mut dw: Option<(&mut [f32], bool)>| {
+            let run = |mut dw: Option<(&mut [f32], bool)>| {
                 if let (true, Some((dw, false))) = (chunks.is_empty(), dw.as_mut()) {
                     dw.fill(0.0);
                 }
+                // The kept buffer, or one chunk's worth reused by every chunk.
+                let fresh = kept.is_none();
+                let most = chunks.first().map_or(0, |c| c.1);
+                let (mut buf, mut per_row) =
+                    kept.unwrap_or_else(|| (uninit(most * v), uninit(most)));
+                let mut o = vec![0.0; if fresh { most * self.width() } else { 0 }];
                 for &(r0, rows) in &chunks {
-                    let dl = self.dlogits(x, r0, rows, (&g, &ent), kept.take());
+                    let (dl, pr) = (&mut buf[..rows * v], &mut per_row[..rows]);
+                    if fresh {
+                        let o = &mut o[..rows * self.width()];
+                        self.rows(x, r0, rows, dl, o, Some(&mut *pr));
+                    }
+                    self.to_dlogits(dl, pr, r0, v, (&g, &ent));
+                    let dl = &*dl;
                     if let Some(dh) = dh.as_mut() {
                         let gm = Mat {
-                            data: &dl,
+                            data: dl,
                             rs: v,
                             cs: 1,
                         };
@@ -299,7 +299,7 @@ impl CustomOp2 for HeadLogprobs {
                     }
                     if let Some((dw, acc)) = dw.as_mut() {
                         let gt = Mat {
-                            data: &dl,
+                            data: dl,
                             rs: 1,
                             cs: v,
                         };
