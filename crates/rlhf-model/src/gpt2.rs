@@ -8,6 +8,7 @@ use candle_core::{Tensor, D};
 use crate::backbone::{Backbone, Ctx, KvCache};
 use crate::config::Gpt2Config;
 use crate::fused::Heads;
+use crate::kernels::block::recomputes;
 use crate::linear::Linear;
 use crate::params::Param;
 use crate::weights::{Builder, Init};
@@ -56,7 +57,14 @@ impl Block {
     /// every trained tensor's gradient goes to this thread's gradient sink, every product is a
     /// biased Conv1D on the fused path (adapters on any, their dropout masks drawn here as the
     /// composed block draws them) and the norms share one epsilon; `None` otherwise.
-    fn fused_train(&self, x: &Tensor, n_head: usize, bias: &Tensor) -> Result<Option<Tensor>> {
+    /// `recompute`: it keeps its input, not its activations (gradient checkpointing).
+    fn fused_train(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        bias: &Tensor,
+        recompute: bool,
+    ) -> Result<Option<Tensor>> {
         use crate::kernels::block::{Gpt2BlockWeights, Projection};
         let linears = [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj];
         let mut convs: [Option<(Tensor, Tensor)>; 4] = Default::default();
@@ -103,6 +111,7 @@ impl Block {
             n_head,
             self.ln_1.eps,
             bias,
+            recompute,
         )?)
     }
 }
@@ -173,7 +182,7 @@ impl Backbone for Gpt2 {
         let mut x = crate::fused::embedding_with_positions(&self.wte.t(), ids, &self.wpe.t(), pos)?;
         for (li, blk) in self.blocks.iter().enumerate() {
             if cache.is_none() {
-                if let Some(y) = blk.fused_train(&x, nh, &ctx.bias)? {
+                if let Some(y) = blk.fused_train(&x, nh, &ctx.bias, recomputes(li))? {
                     x = y;
                     continue;
                 }

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use crate::backbone::{Backbone, Ctx, KvCache};
 use crate::config::{Family, LlamaConfig};
 use crate::fused::Heads;
+use crate::kernels::block::recomputes;
 use crate::linear::Linear;
 use crate::ops;
 use crate::params::Param;
@@ -40,6 +41,7 @@ impl Layer {
     /// every trained tensor's gradient goes to this thread's gradient sink and every
     /// projection is an HF linear on the fused path (biases only on q/k/v; adapters on any,
     /// their dropout masks drawn here as the composed layer draws them); `None` otherwise.
+    /// `recompute`: it keeps its input, not its activations (gradient checkpointing).
     fn fused_train(
         &self,
         x: &Tensor,
@@ -47,6 +49,7 @@ impl Layer {
         eps: f64,
         rope: (&Tensor, &Tensor),
         bias: &Tensor,
+        recompute: bool,
     ) -> Result<Option<Tensor>> {
         use crate::kernels::block::LlamaBlockWeights;
         let linears = [
@@ -78,7 +81,7 @@ impl Layer {
             }
         }
         Ok(crate::kernels::block::llama_block(
-            x, w, heads, eps, rope, bias,
+            x, w, heads, eps, rope, bias, recompute,
         )?)
     }
 }
@@ -159,7 +162,9 @@ impl Backbone for Llama {
         let mut x = crate::fused::embedding(&self.embed.t(), ids)?;
         for (li, l) in self.layers.iter().enumerate() {
             if cache.is_none() {
-                if let Some(y) = l.fused_train(&x, (nh, nkv), eps, (&cos, &sin), &ctx.bias)? {
+                if let Some(y) =
+                    l.fused_train(&x, (nh, nkv), eps, (&cos, &sin), &ctx.bias, recomputes(li))?
+                {
                     x = y;
                     continue;
                 }

@@ -1557,7 +1557,7 @@ fn gpt2_block_case(lora: bool, frozen_input: bool) {
             adapters: [adapter(0), adapter(1), adapter(2), adapter(3)],
         }
     };
-    let block = |x: &Tensor| gpt2_block(x, weights(), nh, 1e-5, &bias);
+    let block = |x: &Tensor| gpt2_block(x, weights(), nh, 1e-5, &bias, false);
     // As `Linear::forward` runs a Conv1D with an active adapter: the biased product, then
     // (scale · x' Aᵀ) Bᵀ onto it, x' = x ⊙ mask under dropout.
     let conv = |x: &Tensor, j: usize| {
@@ -1769,7 +1769,7 @@ fn llama_block_case(c: LlamaCase) {
             down: proj(6),
         }
     };
-    let block = |x: &Tensor| llama_block(x, weights(), (nh, nkv), eps, (&cos, &sin), &bias);
+    let block = |x: &Tensor| llama_block(x, weights(), (nh, nkv), eps, (&cos, &sin), &bias, false);
     // As `Linear::forward` composes an adapter: y + (scale · x' Aᵀ) Bᵀ, B's product onto y,
     // x' = x ⊙ mask under dropout.
     let with_adapter = |y: Tensor, x: &Tensor, j: usize| match c.adapters[j] {

@@ -33,7 +33,7 @@
 //! are out (part of why a step's peak memory fell by a tenth): one backward per forward, as
 //! every trainer here runs. A second backward over the same graph is an error that says so.
 //!
-//! Under gradient checkpointing ([`recompute_activations`], `train.gradient_checkpointing`) a
+//! Under gradient checkpointing ([`recompute_layers`], `train.gradient_checkpointing`) a
 //! block keeps its input and tensors instead of its tape, and its backward first runs the same
 //! forward again ([`gpt2_run`], [`llama_run`]) to rebuild the tape it would have kept.
 
@@ -165,7 +165,8 @@ enum Tape {
 }
 
 thread_local! {
-    static RECOMPUTE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many layers, from the first, recompute ([`recompute_layers`]).
+    static RECOMPUTE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static REBUILT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
@@ -181,24 +182,52 @@ fn rebuilt<T>(run: Result<(Vec<f32>, T)>) -> Result<T> {
     Ok(run?.1)
 }
 
-/// Gradient checkpointing for the block nodes built on this thread while the guard lives
+/// Gradient checkpointing for every block node built on this thread while the guard lives
 /// (`on`; the previous setting comes back when it drops): a block keeps only its input and
 /// its tensors for the backward, not its activations, and its backward first runs its forward
 /// again to rebuild them. The same tape, so the same gradients bit for bit, for one more
 /// forward of every block per step; a step then holds one `[tokens × d]` input per layer
 /// instead of the dozen activations of each (a Llama layer keeps about `6·d + 3·ffn` floats
-/// per token, GPT-2's `9·d + 8·d`).
+/// per token, GPT-2's `9·d + 8·d`). The fused LM head keeps no logits either
+/// ([`head_recomputes`]). [`recompute_layers`] with `usize::MAX` or 0.
 pub fn recompute_activations(on: bool) -> RecomputeGuard {
-    RecomputeGuard(RECOMPUTE.with(|r| r.replace(on)))
+    recompute_layers(if on { usize::MAX } else { 0 })
 }
 
-/// Whether block nodes built on this thread now recompute their activations in the backward.
+/// Gradient checkpointing for the first `layers` layers of the models run on this thread while
+/// the guard lives (the previous setting comes back when it drops): their block nodes keep
+/// their inputs only, as [`recompute_activations`] describes, the others their tapes.
+/// `usize::MAX` means every layer and the fused LM head too ([`head_recomputes`]), which is
+/// otherwise left keeping its logits: rebuilding them costs a head forward (on SmolLM2 as much
+/// as 8 layers') for the memory of about 4 layers, so it comes last.
+///
+/// The first layers, because the backward reaches them last: the kept tapes of the later
+/// layers are freed before the first rebuild, so a step's peak holds the kept tapes or one
+/// rebuilt one, never both. Memory and the extra forward both scale with `layers`.
+pub fn recompute_layers(layers: usize) -> RecomputeGuard {
+    RecomputeGuard(RECOMPUTE.with(|r| r.replace(layers)))
+}
+
+/// Whether any block node built on this thread now recomputes its activations in the
+/// backward.
 pub fn recomputing() -> bool {
-    RECOMPUTE.with(|r| r.get())
+    RECOMPUTE.with(|r| r.get()) > 0
 }
 
-/// Restores the previous [`recompute_activations`] setting when dropped.
-pub struct RecomputeGuard(bool);
+/// Whether the block node of layer `layer` (0-based) recomputes its activations in the
+/// backward ([`recompute_layers`]).
+pub fn recomputes(layer: usize) -> bool {
+    layer < RECOMPUTE.with(|r| r.get())
+}
+
+/// Whether the fused LM head rebuilds its logits in the backward instead of keeping them:
+/// under [`recompute_activations`]`(true)` (`recompute_layers(usize::MAX)`) only.
+pub fn head_recomputes() -> bool {
+    RECOMPUTE.with(|r| r.get()) == usize::MAX
+}
+
+/// Restores the previous [`recompute_layers`] setting when dropped.
+pub struct RecomputeGuard(usize);
 
 impl Drop for RecomputeGuard {
     fn drop(&mut self) {
@@ -260,9 +289,9 @@ impl LlamaTape {
 }
 
 impl Tape {
-    /// The tape to keep: itself, or its recipe when activations are recomputed.
-    fn kept(self) -> Self {
-        match (recomputing(), self) {
+    /// The tape to keep: itself, or its recipe when its activations are recomputed.
+    fn kept(self, recompute: bool) -> Self {
+        match (recompute, self) {
             (true, Tape::Gpt2(t)) => Tape::Gpt2Recipe(Box::new(t.into_recipe())),
             (true, Tape::Llama(t)) => Tape::LlamaRecipe(Box::new(t.into_recipe())),
             (_, t) => t,
@@ -451,13 +480,15 @@ fn conv_bwd(
 /// GPT-2's block `[b, t, d] → [b, t, d]` in training as one graph node (see the module's
 /// documentation), or `None` where it does not apply ([`Gpt2BlockWeights::applies`]). Frozen
 /// tensors (tracking no gradient) get none, and neither does a frozen input; LoRA adapters
-/// (with their dropout masks) run inside the block.
+/// (with their dropout masks) run inside the block. With `recompute` it keeps its input
+/// instead of its activations ([`recompute_layers`]).
 pub fn gpt2_block(
     x: &Tensor,
     w: Gpt2BlockWeights,
     n_head: usize,
     eps: f64,
     mask_bias: &Tensor,
+    recompute: bool,
 ) -> Result<Option<Tensor>> {
     if !w.applies(x) || !fusable(&[mask_bias]) {
         return Ok(None);
@@ -480,7 +511,7 @@ pub fn gpt2_block(
     let block = Block {
         name: "gpt2-block",
         out: Mutex::new(Some(o)),
-        tape: Mutex::new(Some(Tape::Gpt2(Box::new(tape)).kept())),
+        tape: Mutex::new(Some(Tape::Gpt2(Box::new(tape)).kept(recompute))),
     };
     Ok(Some(apply_node(x, all.iter().collect(), block)?))
 }
@@ -952,7 +983,8 @@ fn product_vec(
 /// (tracking no gradient) get none; LoRA adapters (with their dropout masks) run inside the
 /// block. An input that tracks no gradient gets none either (the first layer of a model with a
 /// frozen embedding), as long as something in the block trains. `None` where it does not
-/// apply ([`LlamaBlockWeights::applies`]).
+/// apply ([`LlamaBlockWeights::applies`]). With `recompute` it keeps its input instead of its
+/// activations ([`recompute_layers`]).
 pub fn llama_block(
     x: &Tensor,
     w: LlamaBlockWeights,
@@ -960,6 +992,7 @@ pub fn llama_block(
     eps: f64,
     (cos, sin): (&Tensor, &Tensor),
     mask_bias: &Tensor,
+    recompute: bool,
 ) -> Result<Option<Tensor>> {
     if !w.applies(x) || !fusable(&[cos, sin, mask_bias]) {
         return Ok(None);
@@ -1008,7 +1041,7 @@ pub fn llama_block(
     let block = Block {
         name: "llama-block",
         out: Mutex::new(Some(o)),
-        tape: Mutex::new(Some(Tape::Llama(Box::new(tape)).kept())),
+        tape: Mutex::new(Some(Tape::Llama(Box::new(tape)).kept(recompute))),
     };
     Ok(Some(apply_node(x, all.iter().collect(), block)?))
 }

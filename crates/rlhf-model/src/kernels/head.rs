@@ -6,8 +6,8 @@
 //! it *in place* into d logits with one multiply per entry, then runs the two GEMMs; so a
 //! training step holds a single [n × V] buffer, takes one exponential per logit, and candle
 //! never zero-fills and accumulates a logits gradient. Without gradients the logits are computed
-//! a block of rows at a time and never materialised; so they are under gradient checkpointing
-//! ([`super::block::recompute_activations`]), and the backward then computes them again a chunk
+//! a block of rows at a time and never materialised; so they are under full gradient
+//! checkpointing ([`super::block::recompute_activations`]), and the backward then computes them again a chunk
 //! of rows at a time (64 MiB of logits: 341 rows of SmolLM2's vocabulary), turning each chunk
 //! into its rows' d logits and running the two GEMMs on it, the weight's gradient accumulated
 //! over chunks. A step then never holds `[tokens × vocab]`, which with Qwen2's 151936-token
@@ -363,8 +363,8 @@ fn apply(
     entropy: bool,
 ) -> Result<Tensor> {
     let targets = targets.flatten_all()?.to_vec1::<u32>()?;
-    // Under gradient checkpointing the backward computes the buffer again instead.
-    let keep = (hidden.track_op() || weight.track_op()) && !super::block::recomputing();
+    // Under full gradient checkpointing the backward computes the buffer again instead.
+    let keep = (hidden.track_op() || weight.track_op()) && !super::block::head_recomputes();
     let op = HeadLogprobs {
         targets,
         scale: scale as f32,
