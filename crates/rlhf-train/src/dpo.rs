@@ -51,7 +51,7 @@ use crate::reward::{
     accuracy_report, batch_tensors, log_sigmoid, pair_batch_tokens, softplus_f64,
     tokenize_pairs_warn, train_eval_pairs, train_last_layers, AccuracyReport,
 };
-use crate::sft::{load_policy, save_policy, warn_memory};
+use crate::sft::{load_policy, save_policy};
 use crate::trainer::{Objective, RunSummary, StepOut, TrainConfig, Trainer};
 
 /// The preference loss.
@@ -794,7 +794,9 @@ pub fn train_dpo_on(
     } else {
         t0.elapsed().as_secs_f64()
     };
-    warn_memory(
+    let mut train_cfg = cfg.train.clone();
+    train_cfg.gradient_checkpointing = crate::memory::plan(
+        "dpo",
         &model,
         bs * 2,
         cfg.max_len,
@@ -822,7 +824,7 @@ pub fn train_dpo_on(
         }
         false => Some(obj.eval_rewards()?.2),
     };
-    let summary = Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)?;
+    let summary = Trainer::new(train_cfg, &cfg.out).run(&mut obj, resume)?;
     let (eval_after, eval_accuracy) = if obj.eval.is_empty() {
         (None, None)
     } else {

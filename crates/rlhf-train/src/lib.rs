@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod dpo;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod ppo;

@@ -113,12 +113,14 @@ pub struct PpoConfig {
     /// the prompt left-padded and the response right-padded. The same log-probs, values and
     /// gradients, up to float rounding, with little padding left to compute.
     pub pack_sequences: bool,
-    /// Gradient checkpointing in the update (`train.gradient_checkpointing` of the other
-    /// trainers): the policy's and the critic's blocks keep only their inputs and recompute
-    /// their activations in the backward (the LM head its logits, in chunks of rows). The same
-    /// gradients (the head's up to float rounding), far less memory per minibatch, one more
-    /// forward per minibatch.
-    pub gradient_checkpointing: bool,
+    /// Gradient checkpointing in the update, as `train.gradient_checkpointing` of the other
+    /// trainers ([`crate::memory::Checkpointing`]: `"auto"`, `true`, `false` or a number of
+    /// layers): the policy's and the critic's first layers keep only their inputs and
+    /// recompute their activations in the backward (the LM head its logits, in chunks of
+    /// rows). The same gradients (the head's up to float rounding), less memory per
+    /// minibatch, one more forward of those layers per minibatch. `"auto"` is resolved when
+    /// the run starts ([`run_ppo`]); a [`PpoTrainer`] built directly takes it as off.
+    pub gradient_checkpointing: crate::memory::Checkpointing,
 
     pub max_new_tokens: usize,
     /// Sampling temperature (> 0); log-probs are always computed with logits / T.
@@ -207,7 +209,7 @@ impl Default for PpoConfig {
             ppo_epochs: 4,
             group_by_length: false,
             pack_sequences: true,
-            gradient_checkpointing: false,
+            gradient_checkpointing: crate::memory::Checkpointing::Auto,
             max_new_tokens: 48,
             temperature: 0.7,
             top_k: 0,
@@ -1253,8 +1255,9 @@ impl PpoTrainer {
         let resp_tokens: usize = ro.responses.iter().map(|r| r.len()).sum();
         let n_minibatches = ro.responses.len().div_ceil(cfg.minibatch_size.max(1));
         let avg_mb_tokens = resp_tokens as f64 / n_minibatches.max(1) as f64;
-        let _recompute =
-            rlhf_model::kernels::block::recompute_activations(cfg.gradient_checkpointing);
+        let _recompute = rlhf_model::kernels::block::recompute_layers(
+            cfg.gradient_checkpointing.layers().unwrap_or(0),
+        );
         for epoch in 0..cfg.ppo_epochs {
             epochs_run += 1;
             let mut epoch_kl = 0f64;
@@ -1692,17 +1695,16 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
     // An update minibatch: the policy's (and a separate critic's) activations over prompt and
     // response slots.
     let models = if critic.is_shared() { 1 } else { 2 };
-    crate::sft::warn_memory(
+    let mut planned = cfg.clone();
+    planned.gradient_checkpointing = crate::memory::plan(
+        "ppo",
         &policy,
         cfg.minibatch_size * models,
         cfg.max_prompt_len + cfg.max_new_tokens,
         cfg.gradient_checkpointing,
     );
-    if cfg.gradient_checkpointing {
-        eprintln!("[ppo] gradient checkpointing: the update's blocks keep only their inputs and recompute their activations in the backward");
-    }
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
-    let mut t = PpoTrainer::new(cfg.clone(), policy, reference, critic, tok, prompts)?;
+    let mut t = PpoTrainer::new(planned, policy, reference, critic, tok, prompts)?;
     t.run(reward, resume)
 }

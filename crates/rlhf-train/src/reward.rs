@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::Scalars;
 use crate::reward_model::RewardModel;
-use crate::sft::{load_policy, warn_memory};
+use crate::sft::load_policy;
 use crate::trainer::{Objective, RunSummary, StepOut, TrainConfig, Trainer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -649,7 +649,9 @@ pub fn train_reward_on(
             .map(|i| norm_seqs[i].clone())
             .collect();
     }
-    warn_memory(
+    let mut train_cfg = cfg.train.clone();
+    train_cfg.gradient_checkpointing = crate::memory::plan(
+        "reward",
         &rm.model,
         cfg.train.batch_size * 2,
         cfg.max_len,
@@ -662,7 +664,7 @@ pub fn train_reward_on(
     obj.norm_seqs = norm_seqs;
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
-    let summary = Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)?;
+    let summary = Trainer::new(train_cfg, &cfg.out).run(&mut obj, resume)?;
     let offset = obj.computed_offset().unwrap_or(0.0);
     obj.rm.offset = offset;
     let eval = if obj.eval.is_empty() {

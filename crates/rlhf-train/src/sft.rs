@@ -324,7 +324,9 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
             .map(TokenizedSft::from)
             .collect();
     }
-    warn_memory(
+    let mut train_cfg = cfg.train.clone();
+    train_cfg.gradient_checkpointing = crate::memory::plan(
+        "sft",
         &model,
         cfg.train.batch_size,
         cfg.max_len,
@@ -341,77 +343,5 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
     };
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
-    Trainer::new(cfg.train.clone(), &cfg.out).run(&mut obj, resume)
-}
-
-/// Estimate peak activation memory and say so before starting when it is large.
-pub fn warn_memory(model: &CausalLM, batch: usize, max_len: usize, recompute: bool) {
-    let gib = step_memory_gib(model, batch, max_len, recompute);
-    let v = model.config.vocab_size();
-    if let Some(a) = available_memory_gib() {
-        if gib > 0.8 * a {
-            let advice = match recompute {
-                true => "lower the batch size or the lengths, or accumulate gradients",
-                false => "turn on gradient checkpointing (train.gradient_checkpointing = true; PPO: gradient_checkpointing = true), lower the batch size or the lengths, or accumulate gradients",
-            };
-            eprintln!(
-                "WARNING: this run may need ~{gib:.1} GiB (batch {batch} × {max_len} tokens, vocab {v}) but only {a:.1} GiB is available: {advice}"
-            );
-        }
-    }
-}
-
-/// A rough upper bound on a training step's memory, GiB: the weights twice (values and
-/// gradients), three `[tokens × vocab]` buffers' worth for the LM head, and ~16 activations of
-/// width d per layer and token — or, with recomputed activations, one per layer plus one
-/// layer's 16, and the head's chunk ([`rlhf_model::kernels::head::BWD_CHUNK_BYTES`]).
-pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, recompute: bool) -> f64 {
-    let v = model.config.vocab_size() as f64;
-    let d = model.hidden_size() as f64;
-    let l = model.num_layers() as f64;
-    let tokens = (batch * max_len) as f64;
-    let (head, activations) = match recompute {
-        true => (
-            (tokens * v * 4.0).min(rlhf_model::kernels::head::BWD_CHUNK_BYTES as f64),
-            tokens * (l + 16.0) * d * 4.0,
-        ),
-        false => (tokens * v * 4.0 * 3.0, tokens * l * d * 16.0 * 4.0),
-    };
-    let bytes = head + activations + model.params.num_elements(false) as f64 * 4.0 * 2.0;
-    bytes / (1u64 << 30) as f64
-}
-
-fn available_memory_gib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / (1u64 << 20) as f64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::step_memory_gib;
-    use rlhf_model::CausalLM;
-
-    #[test]
-    fn checkpointing_shrinks_the_memory_estimate_by_the_activations() {
-        // SmolLM2-135M's shape: 30 layers of width 576, vocabulary 49152.
-        let m = CausalLM::random(
-            serde_json::json!({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "max_position_embeddings": 2048}),
-            1,
-        )
-        .unwrap();
-        let weights = m.params.num_elements(false) as f64 * 8.0 / (1u64 << 30) as f64;
-        let (full, ckpt) = (
-            step_memory_gib(&m, 8, 512, false) - weights,
-            step_memory_gib(&m, 8, 512, true) - weights,
-        );
-        // 4096 tokens: 4.22 GiB of activations (16 of width 576 in each of 30 layers) and
-        // 2.25 GiB of vocabulary rows (three per token) without it; with it, 0.40 (one per
-        // layer, and one layer's 16) and the head's 64 MiB chunk.
-        assert!((full - 6.47).abs() < 0.01, "{full}");
-        assert!((ckpt - 0.46).abs() < 0.01, "{ckpt}");
-    }
+    Trainer::new(train_cfg, &cfg.out).run(&mut obj, resume)
 }

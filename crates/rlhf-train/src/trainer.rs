@@ -55,15 +55,13 @@ pub struct TrainConfig {
     /// real either way. Losses that average over tokens adapt their weighting
     /// ([`Objective::set_length_grouped`]).
     pub group_by_length: bool,
-    /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): every transformer
-    /// block keeps only its input for the backward and runs its forward again there to get
-    /// its activations back ([`rlhf_model::kernels::block::recompute_activations`]), and the
-    /// fused LM head rebuilds its logits in chunks of rows instead of keeping them. The blocks'
-    /// gradients are the same bit for bit, the head's up to float rounding; a step's
-    /// activations shrink to one `[tokens × hidden]` tensor per layer (SmolLM2-135M: from about
-    /// 34 KB per token and layer to 2.3 KB), for one more forward per step (SmolLM2 with LoRA:
-    /// +24–42% training time, peak memory 40–75% lower).
-    pub gradient_checkpointing: bool,
+    /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): `"auto"` (the
+    /// default: only when the step would not fit otherwise, and then as few layers as make it
+    /// fit), `true`, `false`, or a number of layers; see [`crate::memory::Checkpointing`]. The
+    /// run functions (`run_sft`, …) resolve `"auto"` from the model's shape and the memory
+    /// available when they start ([`crate::memory::plan`]); a [`Trainer`] given `"auto"`
+    /// directly takes it as off.
+    pub gradient_checkpointing: crate::memory::Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -89,7 +87,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_nonfinite_in_row: 5,
             group_by_length: false,
-            gradient_checkpointing: false,
+            gradient_checkpointing: crate::memory::Checkpointing::Auto,
         }
     }
 }
@@ -287,12 +285,6 @@ impl Trainer {
                 );
             }
         }
-        if cfg.gradient_checkpointing {
-            eprintln!(
-                "[{}] gradient checkpointing: blocks keep only their inputs and recompute their activations in the backward",
-                obj.name()
-            );
-        }
         let mut plan = plan_for(state.epoch);
         let mut summary = RunSummary {
             final_dir: self.out.join("final"),
@@ -312,8 +304,9 @@ impl Trainer {
             }
         }
         // Blocks built on this thread from here on keep their inputs only (if asked).
-        let _recompute =
-            rlhf_model::kernels::block::recompute_activations(cfg.gradient_checkpointing);
+        let _recompute = rlhf_model::kernels::block::recompute_layers(
+            cfg.gradient_checkpointing.layers().unwrap_or(0),
+        );
         while state.step < total {
             if let Some(n) = self.stop_after {
                 if steps_this_process >= n {

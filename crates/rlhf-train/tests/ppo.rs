@@ -714,7 +714,7 @@ fn gradient_checkpointing_leaves_every_iteration_unchanged() {
             let out = tmp(&format!("recompute-{lora}-{recompute}"));
             let cfg = PpoConfig {
                 iterations: 2,
-                gradient_checkpointing: recompute,
+                gradient_checkpointing: recompute.into(),
                 ..base_cfg(&out)
             };
             let mut t = trainer(cfg, 13, lora);

@@ -263,13 +263,14 @@ fn resume_with_lora_dropout_reproduces_the_uninterrupted_run_exactly() {
 }
 
 /// `train.gradient_checkpointing`: the same run, step for step, to the bit (full fine-tuning
-/// and LoRA with dropout, two micro-batches per step), with the blocks rebuilding their
-/// activations in every backward.
+/// and LoRA with dropout, two micro-batches per step), with every block, or the first only,
+/// rebuilding its activations in every backward.
 #[test]
 fn gradient_checkpointing_trains_exactly_as_without() {
     use rlhf_model::kernels::block::blocks_recomputed;
+    use rlhf_train::memory::Checkpointing;
     for lora in [false, true] {
-        let run = |recompute: bool| {
+        let run = |recompute: Checkpointing| {
             let mut o = objective(5);
             if lora {
                 o.model
@@ -293,23 +294,29 @@ fn gradient_checkpointing_trains_exactly_as_without() {
                 gradient_checkpointing: recompute,
                 ..Default::default()
             };
-            let d = tmp(&format!("recompute-{lora}-{recompute}"));
+            let d = tmp(&format!("recompute-{lora}-{recompute:?}"));
             let before = blocks_recomputed();
             let s = Trainer::new(cfg, &d).run(&mut o, false).unwrap();
             let rebuilt = blocks_recomputed() - before;
             std::fs::remove_dir_all(&d).ok();
             (s.losses, weights(&o), rebuilt, o.model.num_layers())
         };
-        let (l0, w0, r0, _) = run(false);
-        let (l1, w1, r1, layers) = run(true);
+        let (l0, w0, r0, layers) = run(Checkpointing::Off);
         assert_eq!(r0, 0);
-        assert_eq!(
-            r1,
-            3 * 2 * layers,
-            "lora {lora}: a rebuild per block and micro-batch"
-        );
-        assert_eq!(l0, l1, "lora {lora}: losses");
-        assert!(w0 == w1, "lora {lora}: weights after 3 steps differ");
+        assert!(layers >= 2);
+        for (setting, rebuilt) in [(Checkpointing::All, layers), (Checkpointing::Layers(1), 1)] {
+            let (l1, w1, r1, _) = run(setting);
+            assert_eq!(
+                r1,
+                3 * 2 * rebuilt,
+                "lora {lora}, {setting:?}: a rebuild per recomputed block and micro-batch"
+            );
+            assert_eq!(l0, l1, "lora {lora}, {setting:?}: losses");
+            assert!(
+                w0 == w1,
+                "lora {lora}, {setting:?}: weights after 3 steps differ"
+            );
+        }
     }
 }
 
