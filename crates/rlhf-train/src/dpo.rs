@@ -798,8 +798,11 @@ pub fn train_dpo_on(
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "dpo",
         &model,
-        bs * 2,
-        cfg.max_len,
+        crate::memory::StepShape {
+            rows: bs * 2,
+            len: cfg.max_len,
+            lm_head_rows: bs * 2,
+        },
         cfg.train.gradient_checkpointing,
     );
     let mut obj = DpoObjective {

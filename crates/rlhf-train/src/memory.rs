@@ -115,6 +115,17 @@ impl<'de> Deserialize<'de> for Checkpointing {
     }
 }
 
+/// The shape of a training step: `rows` sequences of up to `len` tokens through the blocks,
+/// `lm_head_rows` of them scored by the causal LM head (SFT's and DPO's all, PPO's policy's but
+/// not a separate critic's, a reward model's none: a scalar head holds no `[tokens × vocab]`
+/// logits).
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    pub rows: usize,
+    pub len: usize,
+    pub lm_head_rows: usize,
+}
+
 /// Floats a block keeps per token for its backward (its tape, [`rlhf_model::kernels::block`]):
 /// a Llama's five `[d]` tensors (input, both norms' outputs, attention's output, the residual),
 /// the packed q/k/v and the MLP's gate, up and product (SmolLM2-135M: 8448, 14.7·d); GPT-2's
@@ -141,16 +152,16 @@ fn backward_floats(model: &CausalLM) -> f64 {
 }
 
 /// An estimate of a training step's memory, GiB, with the first `layers` layers recomputing
-/// their activations (`usize::MAX`: all, and the LM head), every row `max_len` tokens long:
+/// their activations (`usize::MAX`: all, and the LM head), every row `step.len` tokens long:
 /// the weights, and for the trained ones their gradients and AdamW's two moments; each layer's
 /// tape ([`layer_floats`] a token) or, for a layer that recomputes, its input (or, if more,
 /// those inputs and one rebuilt tape, the other layers' freed by then); one layer's backward
-/// ([`backward_floats`]); and the LM head's `[tokens × vocab]` logits, or, when it
+/// ([`backward_floats`]); and, if it has one, the LM head's `[tokens × vocab]` logits, or, when it
 /// recomputes, one chunk of them ([`rlhf_model::kernels::head::BWD_CHUNK_BYTES`]). For SmolLM2
 /// LoRA SFT (8 × 256 tokens) it came within 2% of the measured peak RSS with none, 10 or 20
 /// layers recomputed, and 16–22% under it with all 30 (the process's own few hundred MB are
 /// not in it; BENCHMARKS.md, session 22).
-pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, layers: usize) -> f64 {
+pub fn step_memory_gib(model: &CausalLM, step: StepShape, layers: usize) -> f64 {
     let v = model.config.vocab_size() as f64;
     let d = model.hidden_size() as f64;
     let n = model.num_layers();
@@ -159,10 +170,11 @@ pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, layers: u
     // The backward reaches the recomputed (first) layers last: the peak is at its start,
     // with the others' tapes, or during a rebuild, when theirs are gone.
     let kept = ((n as f64 - k) * tape + k * d).max(if k > 0.0 { k * d + tape } else { 0.0 });
-    let tokens = (batch * max_len) as f64;
+    let tokens = (step.rows * step.len) as f64;
+    let logits = (step.lm_head_rows.min(step.rows) * step.len) as f64 * v * 4.0;
     let head = match layers == usize::MAX {
-        true => (tokens * v * 4.0).min(rlhf_model::kernels::head::BWD_CHUNK_BYTES as f64),
-        false => tokens * v * 4.0,
+        true => logits.min(rlhf_model::kernels::head::BWD_CHUNK_BYTES as f64),
+        false => logits,
     };
     let weights = model.params.num_elements(false) as f64 * 4.0;
     let trained = model.params.num_elements(true) as f64 * 4.0 * 3.0;
@@ -173,19 +185,17 @@ pub fn step_memory_gib(model: &CausalLM, batch: usize, max_len: usize, layers: u
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// What a step needs on top of the weights already loaded, GiB ([`step_memory_gib`] less them).
-fn step_need_gib(model: &CausalLM, batch: usize, max_len: usize, layers: usize) -> f64 {
-    step_memory_gib(model, batch, max_len, layers)
-        - model.params.num_elements(false) as f64 * 4.0 / GIB
+fn step_need_gib(model: &CausalLM, step: StepShape, layers: usize) -> f64 {
+    step_memory_gib(model, step, layers) - model.params.num_elements(false) as f64 * 4.0 / GIB
 }
 
-/// The layers to recompute for `setting` in a step of `batch` × `max_len` tokens, when
+/// The layers to recompute for `setting` in a step of shape `step`, when
 /// `available` GiB is free (a [`Checkpointing::layers`] value): the setting's own, or for
 /// `Auto` the fewest layers whose step needs at most 80% of `available`, then all of them and
 /// the head (`usize::MAX`) when none does; none when `available` is unknown.
 pub fn plan_layers(
     model: &CausalLM,
-    batch: usize,
-    max_len: usize,
+    step: StepShape,
     setting: Checkpointing,
     available: Option<f64>,
 ) -> usize {
@@ -194,7 +204,7 @@ pub fn plan_layers(
     }
     let Some(a) = available else { return 0 };
     (0..=model.num_layers())
-        .find(|&k| step_need_gib(model, batch, max_len, k) <= 0.8 * a)
+        .find(|&k| step_need_gib(model, step, k) <= 0.8 * a)
         .unwrap_or(usize::MAX)
 }
 
@@ -202,30 +212,32 @@ pub fn plan_layers(
 /// setting: `"auto"` becomes the layers [`plan_layers`] picks from what is available now. Says
 /// at the start how many layers recompute, and warns when the step may still not fit, with
 /// what would help.
-pub fn plan(
-    who: &str,
-    model: &CausalLM,
-    batch: usize,
-    max_len: usize,
-    setting: Checkpointing,
-) -> Checkpointing {
+pub fn plan(who: &str, model: &CausalLM, step: StepShape, setting: Checkpointing) -> Checkpointing {
     let n = model.num_layers();
     let available = available_memory_gib();
-    let k = plan_layers(model, batch, max_len, setting, available);
-    let need = step_need_gib(model, batch, max_len, k);
-    let shape = format!(
-        "batch {batch} × {max_len} tokens, vocab {}",
-        model.config.vocab_size()
-    );
+    let k = plan_layers(model, step, setting, available);
+    let need = step_need_gib(model, step, k);
+    let shape = match step.lm_head_rows > 0 {
+        true => format!(
+            "batch {} × {} tokens, vocab {}",
+            step.rows,
+            step.len,
+            model.config.vocab_size()
+        ),
+        false => format!("batch {} × {} tokens", step.rows, step.len),
+    };
     if k > 0 {
         let what = match k {
-            usize::MAX => format!("all {n} layers and the LM head keep only their inputs"),
+            usize::MAX if step.lm_head_rows > 0 => {
+                format!("all {n} layers and the LM head keep only their inputs")
+            }
+            usize::MAX => format!("all {n} layers keep only their inputs"),
             k => format!("{} of {n} layers keep only their inputs", k.min(n)),
         };
         let how = match setting {
             Checkpointing::Auto => format!(
                 " (auto: the step needs ~{:.1} GiB without, ~{need:.1} GiB with, {:.1} GiB available)",
-                step_need_gib(model, batch, max_len, 0),
+                step_need_gib(model, step, 0),
                 available.unwrap_or(0.0)
             ),
             _ => String::new(),
@@ -238,7 +250,8 @@ pub fn plan(
         if need > 0.8 * a {
             let advice = match k {
                 usize::MAX => "lower the batch size or the lengths, or accumulate gradients",
-                _ => "turn on gradient checkpointing (gradient_checkpointing = \"auto\" or true), lower the batch size or the lengths, or accumulate gradients",
+                0 => "turn on gradient checkpointing (gradient_checkpointing = \"auto\" or true), lower the batch size or the lengths, or accumulate gradients",
+                _ => "recompute more layers (gradient_checkpointing = \"auto\" or true), lower the batch size or the lengths, or accumulate gradients",
             };
             eprintln!(
                 "WARNING: [{who}] this run may need ~{need:.1} GiB more ({shape}) but only {a:.1} GiB is available: {advice}"
@@ -364,7 +377,12 @@ mod tests {
         assert_eq!(layer_floats(&m), 8448.0);
         let p = m.params.num_elements(false) as f64;
         let trained = p * 16.0 / GIB; // weights, gradients and two moments
-        let at = |k| step_memory_gib(&m, 8, 512, k) - trained;
+        let step = StepShape {
+            rows: 8,
+            len: 512,
+            lm_head_rows: 8,
+        };
+        let at = |k| step_memory_gib(&m, step, k) - trained;
         let gib = |floats: f64| 4096.0 * floats * 4.0 / GIB; // 4096 tokens' worth
         let backward = 2.0 * 1536.0 + 4.0 * 576.0;
         // Without: 30 tapes, a backward and the logits: 3.87 + 0.08 + 0.75 GiB.
@@ -386,13 +404,30 @@ mod tests {
         for k in 0..29 {
             assert!((at(k) - at(k + 1) - gib(8448.0 - 576.0)).abs() < 1e-9);
         }
+        // A reward model's scalar head holds no logits.
+        let scalar = StepShape {
+            lm_head_rows: 0,
+            ..step
+        };
+        for k in [0, 15, 30] {
+            let d = at(k) - (step_memory_gib(&m, scalar, k) - trained);
+            assert!((d - gib(49152.0)).abs() < 1e-9, "{k}: {d}");
+        }
+        assert!(
+            (step_memory_gib(&m, scalar, usize::MAX) - trained - all + 1.0 / 16.0).abs() < 1e-9
+        );
     }
 
     #[test]
     fn auto_recomputes_the_fewest_layers_that_fit() {
         let m = smollm2();
-        let plan = |s, a| plan_layers(&m, 8, 512, s, Some(a));
-        let need = |k| step_need_gib(&m, 8, 512, k);
+        let step = StepShape {
+            rows: 8,
+            len: 512,
+            lm_head_rows: 8,
+        };
+        let plan = |s, a| plan_layers(&m, step, s, Some(a));
+        let need = |k| step_need_gib(&m, step, k);
         // Plenty of room: nothing recomputed; none at all: every layer and the head.
         assert_eq!(plan(Checkpointing::Auto, 100.0), 0);
         assert_eq!(plan(Checkpointing::Auto, 0.1), usize::MAX);
@@ -410,7 +445,7 @@ mod tests {
         assert_eq!(plan(Checkpointing::All, 100.0), usize::MAX);
         assert_eq!(plan(Checkpointing::Layers(12), 100.0), 12);
         // Nothing known about the machine: auto recomputes nothing.
-        assert_eq!(plan_layers(&m, 8, 512, Checkpointing::Auto, None), 0);
+        assert_eq!(plan_layers(&m, step, Checkpointing::Auto, None), 0);
         for k in [0, 12, usize::MAX] {
             assert_eq!(Checkpointing::of(k).layers(), Some(k));
         }

@@ -1699,8 +1699,11 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
     planned.gradient_checkpointing = crate::memory::plan(
         "ppo",
         &policy,
-        cfg.minibatch_size * models,
-        cfg.max_prompt_len + cfg.max_new_tokens,
+        crate::memory::StepShape {
+            rows: cfg.minibatch_size * models,
+            len: cfg.max_prompt_len + cfg.max_new_tokens,
+            lm_head_rows: cfg.minibatch_size,
+        },
         cfg.gradient_checkpointing,
     );
     std::fs::create_dir_all(&cfg.out)?;

@@ -653,8 +653,11 @@ pub fn train_reward_on(
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "reward",
         &rm.model,
-        cfg.train.batch_size * 2,
-        cfg.max_len,
+        crate::memory::StepShape {
+            rows: cfg.train.batch_size * 2,
+            len: cfg.max_len,
+            lm_head_rows: 0,
+        },
         cfg.train.gradient_checkpointing,
     );
     let mut obj = RewardObjective::new(rm, tok, train_t, eval_t);

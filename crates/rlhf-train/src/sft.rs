@@ -328,8 +328,11 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "sft",
         &model,
-        cfg.train.batch_size,
-        cfg.max_len,
+        crate::memory::StepShape {
+            rows: cfg.train.batch_size,
+            len: cfg.max_len,
+            lm_head_rows: cfg.train.batch_size,
+        },
         cfg.train.gradient_checkpointing,
     );
     let mut obj = SftObjective {
