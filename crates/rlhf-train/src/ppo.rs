@@ -116,9 +116,9 @@ pub struct PpoConfig {
     /// Gradient checkpointing in the update, as `train.gradient_checkpointing` of the other
     /// trainers ([`crate::memory::Checkpointing`]: `"auto"`, `true`, `false` or a number of
     /// layers): the policy's and the critic's first layers keep only their inputs and
-    /// recompute their activations in the backward (the LM head its logits, in chunks of
-    /// rows). The same gradients (the head's up to float rounding), less memory per
-    /// minibatch, one more forward of those layers per minibatch. `"auto"` is resolved when
+    /// recompute their activations in the backward (with `true` every layer, and the LM head
+    /// its logits, in chunks of rows). The same gradients (the head's up to float rounding),
+    /// less memory per minibatch, one more forward of those layers per minibatch. `"auto"` is resolved when
     /// the run starts ([`run_ppo`]); a [`PpoTrainer`] built directly takes it as off.
     pub gradient_checkpointing: crate::memory::Checkpointing,
 
