@@ -800,7 +800,10 @@ pub fn train_dpo_on(
         &model,
         crate::memory::StepShape {
             rows: bs * 2,
-            len: cfg.max_len,
+            len: crate::memory::StepShape::width(
+                train_t.iter().map(TokenizedPair::len).max(),
+                cfg.max_len,
+            ),
             lm_head_rows: bs * 2,
         },
         cfg.train.gradient_checkpointing,

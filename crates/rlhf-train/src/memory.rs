@@ -126,6 +126,15 @@ pub struct StepShape {
     pub lm_head_rows: usize,
 }
 
+impl StepShape {
+    /// The row width for data whose longest row is `longest` (`None`: no data) under a
+    /// `max_len` cap: a batch pads to its longest row, never past the cap, so data shorter
+    /// than the cap needs less than the cap says.
+    pub fn width(longest: Option<usize>, max_len: usize) -> usize {
+        longest.unwrap_or(max_len).clamp(1, max_len.max(1))
+    }
+}
+
 /// Floats a block keeps per token for its backward (its tape, [`rlhf_model::kernels::block`]):
 /// a Llama's five `[d]` tensors (input, both norms' outputs, attention's output, the residual),
 /// the packed q/k/v and the MLP's gate, up and product (SmolLM2-135M: 8448, 14.7·d); GPT-2's
@@ -449,6 +458,11 @@ mod tests {
         for k in [0, 12, usize::MAX] {
             assert_eq!(Checkpointing::of(k).layers(), Some(k));
         }
+        // Rows as wide as the data's longest, never past the cap.
+        assert_eq!(StepShape::width(Some(90), 512), 90);
+        assert_eq!(StepShape::width(Some(900), 512), 512);
+        assert_eq!(StepShape::width(None, 512), 512);
+        assert_eq!(StepShape::width(Some(0), 512), 1);
     }
 
     #[test]

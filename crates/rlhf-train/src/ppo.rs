@@ -1701,7 +1701,12 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
         &policy,
         crate::memory::StepShape {
             rows: cfg.minibatch_size * models,
-            len: cfg.max_prompt_len + cfg.max_new_tokens,
+            len: prompts
+                .iter()
+                .map(Vec::len)
+                .max()
+                .unwrap_or(cfg.max_prompt_len)
+                + cfg.max_new_tokens,
             lm_head_rows: cfg.minibatch_size,
         },
         cfg.gradient_checkpointing,

@@ -655,7 +655,10 @@ pub fn train_reward_on(
         &rm.model,
         crate::memory::StepShape {
             rows: cfg.train.batch_size * 2,
-            len: cfg.max_len,
+            len: crate::memory::StepShape::width(
+                train_t.iter().map(TokenizedPair::len).max(),
+                cfg.max_len,
+            ),
             lm_head_rows: 0,
         },
         cfg.train.gradient_checkpointing,

@@ -330,7 +330,10 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
         &model,
         crate::memory::StepShape {
             rows: cfg.train.batch_size,
-            len: cfg.max_len,
+            len: crate::memory::StepShape::width(
+                train.iter().map(TokenizedSft::len).max(),
+                cfg.max_len,
+            ),
             lm_head_rows: cfg.train.batch_size,
         },
         cfg.train.gradient_checkpointing,
