@@ -34,6 +34,13 @@ pub struct GenerateArgs {
     /// Print JSONL (prompt, completion, tokens, logprobs) instead of plain text.
     #[arg(long)]
     pub json: bool,
+    /// Prompts generated at once. A batch's KV cache holds every row's prompt and new tokens
+    /// in every layer, so a large prompt file goes through in batches, each printed as it
+    /// finishes. Every row samples from its own random stream whatever the batch size: the
+    /// same text for batches of up to 64 rows (one decoding kernel); past that the products
+    /// round differently, which can change a sampled token from the far tail.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -65,6 +72,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .iter()
         .map(|t| tok.encode(t, true))
         .collect::<Result<Vec<_>>>()?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1")
+    }
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -74,20 +84,38 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         eos_ids: tok.eos_id().into_iter().collect(),
         pad_id: tok.pad_id(),
         use_cache: true,
+        first_row: 0,
     };
     let t0 = std::time::Instant::now();
-    let g = generate(&loaded.model, &ids, &cfg)?;
-    let n: usize = g.tokens.iter().map(|t| t.len()).sum();
-    for (i, toks) in g.tokens.iter().enumerate() {
-        let completion = tok.decode(toks, true)?;
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({"prompt": prompts[i], "completion": completion,
-                    "tokens": toks, "logprobs": g.logprobs[i], "finished": g.finished[i]})
+    let batches = ids.len().div_ceil(a.batch_size);
+    let mut n = 0usize;
+    for (c, batch) in ids.chunks(a.batch_size).enumerate() {
+        let first = c * a.batch_size;
+        // Row `first + r` of the job samples from its own stream, as in one batch.
+        let cfg = GenerationConfig {
+            first_row: first as u64,
+            ..cfg.clone()
+        };
+        let g = generate(&loaded.model, batch, &cfg)?;
+        n += g.tokens.iter().map(|t| t.len()).sum::<usize>();
+        for (r, toks) in g.tokens.iter().enumerate() {
+            let completion = tok.decode(toks, true)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": prompts[first + r], "completion": completion,
+                        "tokens": toks, "logprobs": g.logprobs[r], "finished": g.finished[r]})
+                );
+            } else {
+                println!("{completion}");
+            }
+        }
+        if batches > 1 {
+            eprintln!(
+                "[generate] batch {}/{batches}: {} prompts done",
+                c + 1,
+                first + batch.len()
             );
-        } else {
-            println!("{completion}");
         }
     }
     eprintln!(

@@ -26,6 +26,9 @@ pub struct GenerationConfig {
     pub pad_id: u32,
     /// Recompute the whole sequence each step instead of using the KV cache (for tests).
     pub use_cache: bool,
+    /// This batch's first row's index in a larger job: row `r` samples from the random stream
+    /// of row `first_row + r`, so a job generated batch by batch samples what it would in one.
+    pub first_row: u64,
 }
 
 impl Default for GenerationConfig {
@@ -39,6 +42,7 @@ impl Default for GenerationConfig {
             eos_ids: vec![],
             pad_id: 0,
             use_cache: true,
+            first_row: 0,
         }
     }
 }
@@ -290,7 +294,9 @@ pub fn generate(
     let rngs: Vec<rand::rngs::StdRng> = (0..b)
         .map(|r| {
             rand::rngs::StdRng::seed_from_u64(
-                cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(r as u64),
+                cfg.seed
+                    .wrapping_mul(0x9E37_79B9)
+                    .wrapping_add(cfg.first_row.wrapping_add(r as u64)),
             )
         })
         .collect();

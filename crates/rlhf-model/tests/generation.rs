@@ -55,6 +55,36 @@ fn padded_batch_equals_single_rows() {
 }
 
 #[test]
+fn a_job_in_batches_samples_what_it_samples_in_one() {
+    // `first_row`: each batch's rows draw from the streams of their rows in the whole job, so
+    // `rlhf generate --batch-size` does not change what is sampled.
+    let m = load("llama");
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        seed: 11,
+        ..Default::default()
+    };
+    let all: Vec<Vec<u32>> = prompts().into_iter().cycle().take(5).collect();
+    let whole = generate(&m, &all, &cfg).unwrap();
+    let mut tokens = vec![];
+    for (c, batch) in all.chunks(2).enumerate() {
+        let part = GenerationConfig {
+            first_row: 2 * c as u64,
+            ..cfg.clone()
+        };
+        tokens.extend(generate(&m, batch, &part).unwrap().tokens);
+    }
+    assert_eq!(tokens, whole.tokens);
+    // Rows 3 and 4 repeat rows 0 and 1's prompts. Without the offset a batch of them replays
+    // rows 0 and 1's streams and samples their continuations; in the job they sample their own.
+    let replayed = generate(&m, &all[3..5], &cfg).unwrap();
+    assert_eq!(replayed.tokens, whole.tokens[0..2]);
+    assert_ne!(whole.tokens[3], whole.tokens[0]);
+    assert_ne!(whole.tokens[4], whole.tokens[1]);
+}
+
+#[test]
 fn eos_stops_a_row_while_others_continue() {
     let m = load("gpt2");
     let cfg = GenerationConfig {

@@ -975,6 +975,7 @@ impl PpoTrainer {
                 eos_ids: vec![self.eos],
                 pad_id: self.pad,
                 use_cache: true,
+                first_row: 0,
             },
         )?;
         let gen_s = t0.elapsed().as_secs_f64();

@@ -225,6 +225,7 @@ impl Ctx {
             eos_ids: self.tok.eos_id().into_iter().collect(),
             pad_id: self.tok.pad_id(),
             use_cache: true,
+            first_row: 0,
         }
     }
 
