@@ -44,6 +44,9 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1")
+    }
     let prompts: Vec<serde_json::Value> = match (&a.prompt, &a.prompts) {
         (Some(p), None) => vec![serde_json::Value::String(p.clone())],
         (None, Some(f)) => crate::read_prompt_file(f)?,
@@ -72,9 +75,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .iter()
         .map(|t| tok.encode(t, true))
         .collect::<Result<Vec<_>>>()?;
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1")
-    }
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
