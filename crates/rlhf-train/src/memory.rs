@@ -48,6 +48,13 @@ impl Checkpointing {
         }
     }
 
+    /// Apply the setting to the blocks built on this thread while the guard lives
+    /// ([`rlhf_model::kernels::block::recompute_layers`]). An unresolved `Auto` (a trainer
+    /// given it directly, without [`plan`]) recomputes nothing.
+    pub fn apply(self) -> rlhf_model::kernels::block::RecomputeGuard {
+        rlhf_model::kernels::block::recompute_layers(self.layers().unwrap_or(0))
+    }
+
     /// The setting for a [`Checkpointing::layers`] value.
     pub fn of(layers: usize) -> Self {
         match layers {

@@ -1256,9 +1256,7 @@ impl PpoTrainer {
         let resp_tokens: usize = ro.responses.iter().map(|r| r.len()).sum();
         let n_minibatches = ro.responses.len().div_ceil(cfg.minibatch_size.max(1));
         let avg_mb_tokens = resp_tokens as f64 / n_minibatches.max(1) as f64;
-        let _recompute = rlhf_model::kernels::block::recompute_layers(
-            cfg.gradient_checkpointing.layers().unwrap_or(0),
-        );
+        let _recompute = cfg.gradient_checkpointing.apply();
         for epoch in 0..cfg.ppo_epochs {
             epochs_run += 1;
             let mut epoch_kl = 0f64;

@@ -304,9 +304,7 @@ impl Trainer {
             }
         }
         // Blocks built on this thread from here on keep their inputs only (if asked).
-        let _recompute = rlhf_model::kernels::block::recompute_layers(
-            cfg.gradient_checkpointing.layers().unwrap_or(0),
-        );
+        let _recompute = cfg.gradient_checkpointing.apply();
         while state.step < total {
             if let Some(n) = self.stop_after {
                 if steps_this_process >= n {
