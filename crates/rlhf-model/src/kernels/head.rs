@@ -10,8 +10,8 @@
 //! checkpointing ([`super::block::recompute_activations`]), and the backward then computes
 //! them again a chunk of rows at a time (64 MiB of logits: 341 rows of SmolLM2's vocabulary),
 //! turning each chunk into its rows' d logits and running the two GEMMs on it, the weight's
-//! gradient accumulated over chunks. A step then never holds `[tokens × vocab]`, which with Qwen2's 151936-token
-//! vocabulary is 0.6 MB a token.
+//! gradient accumulated over chunks. A step then never holds `[tokens × vocab]`, which with
+//! Qwen2's 151936-token vocabulary is 0.6 MB a token.
 //!
 //! With `entropy` the op also returns each row's entropy `H = −Σ p log p` (output [n, 2]:
 //! log p(target), H), which PPO logs and may add to its loss. The forward then keeps the
