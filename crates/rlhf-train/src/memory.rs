@@ -205,6 +205,16 @@ fn step_need_gib(model: &CausalLM, step: StepShape, layers: usize) -> f64 {
     step_memory_gib(model, step, layers) - model.params.num_elements(false) as f64 * 4.0 / GIB
 }
 
+/// What a step that trains several models at once (PPO's policy and a separate critic, with
+/// one backward through both) needs on top of their loaded weights, GiB: each model's
+/// [`step_need_gib`], the same first `layers` layers recomputing in each.
+fn need_gib(parts: &[(&CausalLM, StepShape)], layers: usize) -> f64 {
+    parts
+        .iter()
+        .map(|&(m, s)| step_need_gib(m, s, layers))
+        .sum()
+}
+
 /// The layers to recompute for `setting` in a step of shape `step`, when
 /// `available` GiB is free (a [`Checkpointing::layers`] value): the setting's own, or for
 /// `Auto` the fewest layers whose step needs at most 80% of `available`, then all of them and
@@ -215,12 +225,23 @@ pub fn plan_layers(
     setting: Checkpointing,
     available: Option<f64>,
 ) -> usize {
+    plan_layers_of(&[(model, step)], setting, available)
+}
+
+/// [`plan_layers`] for a step that trains several models together (each recomputing its
+/// first layers alike): the fewest layers that make their needs together fit.
+pub fn plan_layers_of(
+    parts: &[(&CausalLM, StepShape)],
+    setting: Checkpointing,
+    available: Option<f64>,
+) -> usize {
     if let Some(k) = setting.layers() {
         return k;
     }
     let Some(a) = available else { return 0 };
-    (0..=model.num_layers())
-        .find(|&k| step_need_gib(model, step, k) <= 0.8 * a)
+    let n = parts.iter().map(|(m, _)| m.num_layers()).max().unwrap_or(0);
+    (0..=n)
+        .find(|&k| need_gib(parts, k) <= 0.8 * a)
         .unwrap_or(usize::MAX)
 }
 
@@ -229,11 +250,24 @@ pub fn plan_layers(
 /// at the start how many layers recompute, and warns when the step may still not fit, with
 /// what would help.
 pub fn plan(who: &str, model: &CausalLM, step: StepShape, setting: Checkpointing) -> Checkpointing {
-    let n = model.num_layers();
+    plan_of(who, &[(model, step)], setting)
+}
+
+/// [`plan`] for a step that trains several models together, the first one named in what it
+/// prints (PPO: the policy, then a separate critic with its own shape and parameters).
+pub fn plan_of(
+    who: &str,
+    parts: &[(&CausalLM, StepShape)],
+    setting: Checkpointing,
+) -> Checkpointing {
+    let Some(&(model, step)) = parts.first() else {
+        return Checkpointing::of(setting.layers().unwrap_or(0));
+    };
+    let n = parts.iter().map(|(m, _)| m.num_layers()).max().unwrap_or(0);
     let available = available_memory_gib();
-    let k = plan_layers(model, step, setting, available);
-    let need = step_need_gib(model, step, k);
-    let shape = match step.lm_head_rows > 0 {
+    let k = plan_layers_of(parts, setting, available);
+    let need = need_gib(parts, k);
+    let mut shape = match step.lm_head_rows > 0 {
         true => format!(
             "batch {} × {} tokens, vocab {}",
             step.rows,
@@ -242,18 +276,32 @@ pub fn plan(who: &str, model: &CausalLM, step: StepShape, setting: Checkpointing
         ),
         false => format!("batch {} × {} tokens", step.rows, step.len),
     };
+    for (m, s) in &parts[1..] {
+        shape += &format!(
+            ", and a second model of {} layers, d = {}, on {} × {}",
+            m.num_layers(),
+            m.hidden_size(),
+            s.rows,
+            s.len
+        );
+    }
+    let with_head = parts.iter().any(|(_, s)| s.lm_head_rows > 0);
+    let models = match parts.len() {
+        1 => String::new(),
+        p => format!(" (in each of the {p} models)"),
+    };
     if k > 0 {
         let what = match k {
-            usize::MAX if step.lm_head_rows > 0 => {
-                format!("all {n} layers and the LM head keep only their inputs")
+            usize::MAX if with_head => {
+                format!("all {n} layers and the LM head keep only their inputs{models}")
             }
-            usize::MAX => format!("all {n} layers keep only their inputs"),
-            k => format!("{} of {n} layers keep only their inputs", k.min(n)),
+            usize::MAX => format!("all {n} layers keep only their inputs{models}"),
+            k => format!("{} of {n} layers keep only their inputs{models}", k.min(n)),
         };
         let how = match setting {
             Checkpointing::Auto => format!(
                 " (auto: the step needs ~{:.1} GiB without, ~{need:.1} GiB with, {:.1} GiB available)",
-                step_need_gib(model, step, 0),
+                need_gib(parts, 0),
                 available.unwrap_or(0.0)
             ),
             _ => String::new(),
@@ -470,6 +518,65 @@ mod tests {
         assert_eq!(StepShape::width(Some(900), 512), 512);
         assert_eq!(StepShape::width(None, 512), 512);
         assert_eq!(StepShape::width(Some(0), 512), 1);
+    }
+
+    #[test]
+    fn a_separate_critic_is_planned_with_its_own_shape_and_parameters() {
+        // PPO: one backward through a full-fine-tuned SmolLM2 policy and a smaller separate
+        // critic (a GPT-2 of 4 layers, a scalar head), each recomputing its first k layers.
+        let policy = smollm2();
+        let critic = CausalLM::random(
+            serde_json::json!({"model_type": "gpt2", "vocab_size": 1000, "n_embd": 128,
+                "n_layer": 4, "n_head": 4, "n_positions": 1024}),
+            2,
+        )
+        .unwrap();
+        let step = StepShape {
+            rows: 8,
+            len: 512,
+            lm_head_rows: 8,
+        };
+        let scalar = StepShape {
+            lm_head_rows: 0,
+            ..step
+        };
+        let parts = [(&policy, step), (&critic, scalar)];
+        let c = critic.params.num_elements(true) as f64;
+        for k in [0, 3, 4, 17, 30, usize::MAX] {
+            let both = need_gib(&parts, k);
+            assert_eq!(
+                both,
+                step_need_gib(&policy, step, k) + step_need_gib(&critic, scalar, k)
+            );
+            // The critic adds its own gradients and moments and activations, far less than a
+            // second policy-shaped model would.
+            let critic_alone = both - step_need_gib(&policy, step, k);
+            assert!(critic_alone > c * 12.0 / GIB, "{k}: {critic_alone}");
+            assert!(
+                critic_alone < step_need_gib(&policy, scalar, k) / 5.0,
+                "{k}"
+            );
+        }
+        // Auto: the fewest layers whose needs together fit.
+        for k in [2usize, 10, 25] {
+            let a = need_gib(&parts, k) / 0.8;
+            assert_eq!(plan_layers_of(&parts, Checkpointing::Auto, Some(a)), k);
+            assert_eq!(
+                plan_layers_of(&parts, Checkpointing::Auto, Some(a * (1.0 - 1e-9))),
+                k + 1
+            );
+            // Room for the policy alone at k layers is not room for both.
+            let a = step_need_gib(&policy, step, k) / 0.8 * (1.0 + 1e-9);
+            assert_eq!(plan_layers(&policy, step, Checkpointing::Auto, Some(a)), k);
+            assert!(plan_layers_of(&parts, Checkpointing::Auto, Some(a)) > k);
+        }
+        // The critic's 4 layers are all recomputed from k = 4 on.
+        assert_eq!(need_gib(&parts[1..], 4), need_gib(&parts[1..], 30));
+        assert_eq!(
+            plan_layers_of(&parts, Checkpointing::Layers(7), Some(0.1)),
+            7
+        );
+        assert_eq!(plan_layers_of(&parts, Checkpointing::Auto, None), 0);
     }
 
     #[test]

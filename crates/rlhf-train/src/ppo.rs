@@ -715,6 +715,14 @@ impl ValueFunction {
         matches!(self, ValueFunction::Shared { .. })
     }
 
+    /// A separate critic's backbone (`None` for a head on the policy's trunk).
+    pub fn model(&self) -> Option<&CausalLM> {
+        match self {
+            ValueFunction::Separate { model, .. } => Some(model),
+            ValueFunction::Shared { .. } => None,
+        }
+    }
+
     /// Values at response-predicting slots [n, tr]; `policy_hidden` (from [`policy_forward`]) is
     /// used by the shared head.
     pub fn values(&self, mb: &MbInput, policy_hidden: &Tensor) -> Result<Tensor> {
@@ -1691,25 +1699,30 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
     if cfg.max_prompts > 0 {
         prompts.truncate(cfg.max_prompts);
     }
-    // An update minibatch: the policy's (and a separate critic's) activations over prompt and
-    // response slots.
-    let models = if critic.is_shared() { 1 } else { 2 };
+    // An update minibatch: one backward through the policy (LM head on its responses) and a
+    // separate critic (scalar head), each with its own shape and trained parameters.
+    let len = prompts
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(cfg.max_prompt_len)
+        + cfg.max_new_tokens;
+    let policy_step = crate::memory::StepShape {
+        rows: cfg.minibatch_size,
+        len,
+        lm_head_rows: cfg.minibatch_size,
+    };
+    let critic_step = crate::memory::StepShape {
+        lm_head_rows: 0,
+        ..policy_step
+    };
+    let mut parts = vec![(&policy, policy_step)];
+    if let Some(m) = critic.model() {
+        parts.push((m, critic_step));
+    }
     let mut planned = cfg.clone();
-    planned.gradient_checkpointing = crate::memory::plan(
-        "ppo",
-        &policy,
-        crate::memory::StepShape {
-            rows: cfg.minibatch_size * models,
-            len: prompts
-                .iter()
-                .map(Vec::len)
-                .max()
-                .unwrap_or(cfg.max_prompt_len)
-                + cfg.max_new_tokens,
-            lm_head_rows: cfg.minibatch_size,
-        },
-        cfg.gradient_checkpointing,
-    );
+    planned.gradient_checkpointing =
+        crate::memory::plan_of("ppo", &parts, cfg.gradient_checkpointing);
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
     let mut t = PpoTrainer::new(planned, policy, reference, critic, tok, prompts)?;
