@@ -797,15 +797,17 @@ pub fn train_dpo_on(
     let mut train_cfg = cfg.train.clone();
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "dpo",
-        &model,
-        crate::memory::StepShape {
-            rows: bs * 2,
-            len: crate::memory::StepShape::width(
-                train_t.iter().map(TokenizedPair::len).max(),
-                cfg.max_len,
-            ),
-            lm_head_rows: bs * 2,
-        },
+        &[(
+            &model,
+            crate::memory::StepShape {
+                rows: bs * 2,
+                len: crate::memory::StepShape::width(
+                    train_t.iter().map(TokenizedPair::len).max(),
+                    cfg.max_len,
+                ),
+                lm_head_rows: bs * 2,
+            },
+        )],
         cfg.train.gradient_checkpointing,
     );
     let mut obj = DpoObjective {

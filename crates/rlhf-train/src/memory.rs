@@ -215,22 +215,13 @@ fn need_gib(parts: &[(&CausalLM, StepShape)], layers: usize) -> f64 {
         .sum()
 }
 
-/// The layers to recompute for `setting` in a step of shape `step`, when
-/// `available` GiB is free (a [`Checkpointing::layers`] value): the setting's own, or for
-/// `Auto` the fewest layers whose step needs at most 80% of `available`, then all of them and
-/// the head (`usize::MAX`) when none does; none when `available` is unknown.
+/// The layers to recompute for `setting` in a step that trains `parts` (each model with its
+/// step's shape; PPO's policy and a separate critic share one backward, each recomputing its
+/// first layers alike), when `available` GiB is free (a [`Checkpointing::layers`] value): the
+/// setting's own, or for `Auto` the fewest layers whose step needs at most 80% of `available`
+/// (the models' needs together), then all of them and the head (`usize::MAX`) when none does;
+/// none when `available` is unknown.
 pub fn plan_layers(
-    model: &CausalLM,
-    step: StepShape,
-    setting: Checkpointing,
-    available: Option<f64>,
-) -> usize {
-    plan_layers_of(&[(model, step)], setting, available)
-}
-
-/// [`plan_layers`] for a step that trains several models together (each recomputing its
-/// first layers alike): the fewest layers that make their needs together fit.
-pub fn plan_layers_of(
     parts: &[(&CausalLM, StepShape)],
     setting: Checkpointing,
     available: Option<f64>,
@@ -248,24 +239,15 @@ pub fn plan_layers_of(
 /// Plan gradient checkpointing for a run (`who` names it in what it prints) and resolve the
 /// setting: `"auto"` becomes the layers [`plan_layers`] picks from what is available now. Says
 /// at the start how many layers recompute, and warns when the step may still not fit, with
-/// what would help.
-pub fn plan(who: &str, model: &CausalLM, step: StepShape, setting: Checkpointing) -> Checkpointing {
-    plan_of(who, &[(model, step)], setting)
-}
-
-/// [`plan`] for a step that trains several models together, the first one named in what it
-/// prints (PPO: the policy, then a separate critic with its own shape and parameters).
-pub fn plan_of(
-    who: &str,
-    parts: &[(&CausalLM, StepShape)],
-    setting: Checkpointing,
-) -> Checkpointing {
+/// what would help. The first of `parts` is the model the messages describe (PPO: the policy,
+/// then a separate critic with its own shape and parameters).
+pub fn plan(who: &str, parts: &[(&CausalLM, StepShape)], setting: Checkpointing) -> Checkpointing {
     let Some(&(model, step)) = parts.first() else {
         return Checkpointing::of(setting.layers().unwrap_or(0));
     };
     let n = parts.iter().map(|(m, _)| m.num_layers()).max().unwrap_or(0);
     let available = available_memory_gib();
-    let k = plan_layers_of(parts, setting, available);
+    let k = plan_layers(parts, setting, available);
     let need = need_gib(parts, k);
     let mut shape = match step.lm_head_rows > 0 {
         true => format!(
@@ -490,7 +472,7 @@ mod tests {
             len: 512,
             lm_head_rows: 8,
         };
-        let plan = |s, a| plan_layers(&m, step, s, Some(a));
+        let plan = |s, a| plan_layers(&[(&m, step)], s, Some(a));
         let need = |k| step_need_gib(&m, step, k);
         // Plenty of room: nothing recomputed; none at all: every layer and the head.
         assert_eq!(plan(Checkpointing::Auto, 100.0), 0);
@@ -509,7 +491,7 @@ mod tests {
         assert_eq!(plan(Checkpointing::All, 100.0), usize::MAX);
         assert_eq!(plan(Checkpointing::Layers(12), 100.0), 12);
         // Nothing known about the machine: auto recomputes nothing.
-        assert_eq!(plan_layers(&m, step, Checkpointing::Auto, None), 0);
+        assert_eq!(plan_layers(&[(&m, step)], Checkpointing::Auto, None), 0);
         for k in [0, 12, usize::MAX] {
             assert_eq!(Checkpointing::of(k).layers(), Some(k));
         }
@@ -560,23 +542,23 @@ mod tests {
         // Auto: the fewest layers whose needs together fit.
         for k in [2usize, 10, 25] {
             let a = need_gib(&parts, k) / 0.8;
-            assert_eq!(plan_layers_of(&parts, Checkpointing::Auto, Some(a)), k);
+            assert_eq!(plan_layers(&parts, Checkpointing::Auto, Some(a)), k);
             assert_eq!(
-                plan_layers_of(&parts, Checkpointing::Auto, Some(a * (1.0 - 1e-9))),
+                plan_layers(&parts, Checkpointing::Auto, Some(a * (1.0 - 1e-9))),
                 k + 1
             );
             // Room for the policy alone at k layers is not room for both.
             let a = step_need_gib(&policy, step, k) / 0.8 * (1.0 + 1e-9);
-            assert_eq!(plan_layers(&policy, step, Checkpointing::Auto, Some(a)), k);
-            assert!(plan_layers_of(&parts, Checkpointing::Auto, Some(a)) > k);
+            assert_eq!(
+                plan_layers(&[(&policy, step)], Checkpointing::Auto, Some(a)),
+                k
+            );
+            assert!(plan_layers(&parts, Checkpointing::Auto, Some(a)) > k);
         }
         // The critic's 4 layers are all recomputed from k = 4 on.
         assert_eq!(need_gib(&parts[1..], 4), need_gib(&parts[1..], 30));
-        assert_eq!(
-            plan_layers_of(&parts, Checkpointing::Layers(7), Some(0.1)),
-            7
-        );
-        assert_eq!(plan_layers_of(&parts, Checkpointing::Auto, None), 0);
+        assert_eq!(plan_layers(&parts, Checkpointing::Layers(7), Some(0.1)), 7);
+        assert_eq!(plan_layers(&parts, Checkpointing::Auto, None), 0);
     }
 
     #[test]

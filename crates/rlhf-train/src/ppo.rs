@@ -1721,8 +1721,7 @@ pub fn run_ppo(cfg: &PpoConfig, reward: &dyn RewardFn, resume: bool) -> Result<P
         parts.push((m, critic_step));
     }
     let mut planned = cfg.clone();
-    planned.gradient_checkpointing =
-        crate::memory::plan_of("ppo", &parts, cfg.gradient_checkpointing);
+    planned.gradient_checkpointing = crate::memory::plan("ppo", &parts, cfg.gradient_checkpointing);
     std::fs::create_dir_all(&cfg.out)?;
     crate::trainer::write_run_config(&cfg.out, cfg)?;
     let mut t = PpoTrainer::new(planned, policy, reference, critic, tok, prompts)?;

@@ -652,15 +652,17 @@ pub fn train_reward_on(
     let mut train_cfg = cfg.train.clone();
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "reward",
-        &rm.model,
-        crate::memory::StepShape {
-            rows: cfg.train.batch_size * 2,
-            len: crate::memory::StepShape::width(
-                train_t.iter().map(TokenizedPair::len).max(),
-                cfg.max_len,
-            ),
-            lm_head_rows: 0,
-        },
+        &[(
+            &rm.model,
+            crate::memory::StepShape {
+                rows: cfg.train.batch_size * 2,
+                len: crate::memory::StepShape::width(
+                    train_t.iter().map(TokenizedPair::len).max(),
+                    cfg.max_len,
+                ),
+                lm_head_rows: 0,
+            },
+        )],
         cfg.train.gradient_checkpointing,
     );
     let mut obj = RewardObjective::new(rm, tok, train_t, eval_t);

@@ -327,15 +327,17 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
     let mut train_cfg = cfg.train.clone();
     train_cfg.gradient_checkpointing = crate::memory::plan(
         "sft",
-        &model,
-        crate::memory::StepShape {
-            rows: cfg.train.batch_size,
-            len: crate::memory::StepShape::width(
-                train.iter().map(TokenizedSft::len).max(),
-                cfg.max_len,
-            ),
-            lm_head_rows: cfg.train.batch_size,
-        },
+        &[(
+            &model,
+            crate::memory::StepShape {
+                rows: cfg.train.batch_size,
+                len: crate::memory::StepShape::width(
+                    train.iter().map(TokenizedSft::len).max(),
+                    cfg.max_len,
+                ),
+                lm_head_rows: cfg.train.batch_size,
+            },
+        )],
         cfg.train.gradient_checkpointing,
     );
     let mut obj = SftObjective {
