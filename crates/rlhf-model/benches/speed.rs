@@ -280,6 +280,7 @@ fn decode_rates() {
     use rayon::prelude::*;
     use rlhf_model::kernels::gemm::{sgemm, Mat};
     use rlhf_model::kernels::matmul::matmul_nt;
+    use rlhf_model::kernels::packed::PackedNt;
     // [n, k] of q, k, v, o, gate, up and down, from the `smollm2-135m` shape's configuration.
     let cfg = shapes("smollm2-135m").expect("a bench shape");
     let get = |key: &str| cfg[key].as_u64().expect("an integer field") as usize;
@@ -337,6 +338,22 @@ fn decode_rates() {
         (big.len() * 4) as f64 / t / 1e9
     );
     drop(big);
+    // The same weights packed once, as a generation does on its first step with enough rows.
+    let t0 = Instant::now();
+    let packed: Vec<Vec<PackedNt>> = weights
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .zip(&products)
+                .map(|(w, &(n, k))| PackedNt::pack(w, n, k))
+                .collect()
+        })
+        .collect();
+    println!(
+        "RESULT decode pack_ms={:.1}",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     for m in rows {
         let nt = best(&mut || {
             for layer in &weights {
@@ -362,12 +379,21 @@ fn decode_rates() {
                 }
             }
         });
+        let pk = best(&mut || {
+            for layer in &packed {
+                for (w, &(_, k)) in layer.iter().zip(&products) {
+                    w.matmul(&x[..m * k], m, &mut o);
+                }
+            }
+        });
         println!(
-            "RESULT decode m={m} nk_ms={:.2} nk_GB/s={:.1} kn_ms={:.2} kn_GB/s={:.1}",
+            "RESULT decode m={m} nk_ms={:.2} nk_GB/s={:.1} kn_ms={:.2} kn_GB/s={:.1} packed_ms={:.2} packed_GB/s={:.1}",
             nt * 1e3,
             bytes / nt / 1e9,
             kn * 1e3,
-            bytes / kn / 1e9
+            bytes / kn / 1e9,
+            pk * 1e3,
+            bytes / pk / 1e9
         );
     }
 }

@@ -270,6 +270,8 @@ pub fn generate(
 ) -> Result<Generation> {
     // No backward follows: build no graph.
     let _no_grad = crate::params::no_grad();
+    // The weights stay as they are until it returns: decoding products pack each once.
+    let _packed = crate::kernels::packed::pack_scope();
     if prompts.is_empty() {
         return Ok(Generation {
             tokens: vec![],

@@ -19,6 +19,7 @@ pub mod load;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod sysmem;
 pub mod tokenizer;
 pub mod weights;
 

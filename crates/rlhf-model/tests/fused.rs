@@ -853,6 +853,81 @@ fn matmul_nt_matches_matmul() {
     }
 }
 
+/// Decoding's packed weights: the tile (8 rows × 48 columns) and every tail, against candle's
+/// product; then the scope: what it packs, when, and that the result is the same.
+#[test]
+fn packed_matmul_matches_matmul() {
+    use rlhf_model::kernels::matmul::matmul_nt_op;
+    use rlhf_model::kernels::packed::{pack_scope, pack_scope_within, packed_in_scope, PackedNt};
+    for m in (1..=17).chain([31, 63, 64]) {
+        for (k, n) in [(1, 3), (5, 47), (16, 48), (37, 49), (64, 130), (100, 97)] {
+            let x = data(m * k, 63);
+            let w = data(n * k, 64);
+            let mut o = vec![f32::NAN; m * n];
+            PackedNt::pack(&w, n, k).matmul(&x, m, &mut o);
+            let xt = Tensor::from_vec(x, (m, k), &DEV).unwrap();
+            let wt = Tensor::from_vec(w, (n, k), &DEV).unwrap();
+            let e = max_err(&o, &vals(&xt.matmul(&wt.t().unwrap()).unwrap()));
+            assert!(e < 1e-5, "packed m={m} k={k} n={n}: {e}");
+        }
+    }
+    let (k, n) = (37, 130);
+    let w = Tensor::from_vec(data(n * k, 64), (n, k), &DEV).unwrap();
+    let x = |m: usize| Tensor::from_vec(data(m * k, 63), (m, 1, k), &DEV).unwrap();
+    let want = |m: usize| {
+        vals(
+            &x(m)
+                .reshape((m, k))
+                .unwrap()
+                .matmul(&w.t().unwrap())
+                .unwrap(),
+        )
+    };
+    assert_eq!(packed_in_scope(), (0, 0));
+    // Packing is on with AVX-512 (unless RLHF_DECODE_PACK=0); elsewhere the dot products.
+    let one = |bytes: usize| match rlhf_model::kernels::packed::enabled() {
+        true => (1, bytes),
+        false => (0, 0),
+    };
+    {
+        let _scope = pack_scope();
+        // Fewer rows than the packing threshold: the dot-product kernel, nothing packed.
+        let y = matmul_nt_op(&x(8), &w).unwrap();
+        assert!(max_err(&vals(&y), &want(8)) < 1e-5);
+        assert_eq!(packed_in_scope().0, 0);
+        // 16 to 64 rows pack the weight once ([b, 1, k] input, as decoding's), and reuse it.
+        for m in [16, 40, 64, 16] {
+            let y = matmul_nt_op(&x(m), &w).unwrap();
+            assert_eq!(y.dims(), [m, 1, n]);
+            assert!(max_err(&vals(&y), &want(m)) < 1e-5, "m={m}");
+            assert_eq!(packed_in_scope(), one(3 * 48 * k * 4), "m={m}");
+        }
+        // Nested scopes share the copies; a weight recording a graph is never packed.
+        {
+            let _inner = pack_scope();
+            let v = candle_core::Var::from_tensor(&w).unwrap();
+            let y = matmul_nt_op(&x(32), v.as_tensor()).unwrap();
+            assert!(y.track_op());
+            assert!(max_err(&vals(&y), &want(32)) < 1e-5);
+            assert_eq!(packed_in_scope().0, one(0).0);
+        }
+        assert_eq!(packed_in_scope().0, one(0).0);
+    }
+    assert_eq!(
+        packed_in_scope(),
+        (0, 0),
+        "dropped with the outermost scope"
+    );
+    // Outside a scope, or beyond the scope's budget, the same product without packing.
+    let y = matmul_nt_op(&x(32), &w).unwrap();
+    assert!(max_err(&vals(&y), &want(32)) < 1e-5);
+    assert_eq!(packed_in_scope().0, 0);
+    let _small = pack_scope_within(3 * 48 * k * 4 - 1);
+    let y = matmul_nt_op(&x(32), &w).unwrap();
+    assert!(max_err(&vals(&y), &want(32)) < 1e-5);
+    assert_eq!(packed_in_scope().0, 0, "over the budget");
+}
+
 #[test]
 fn adamw_matches_reference() {
     let n = 40_000; // several parallel chunks

@@ -2,38 +2,57 @@
 
 mod common;
 use common::*;
-use rlhf_model::{generate, GenerationConfig};
+use rlhf_model::{generate, Generation, GenerationConfig};
+
+/// `cfg`'s generation without the KV cache: every step recomputes the whole sequence.
+fn uncached(m: &rlhf_model::CausalLM, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Generation {
+    let cfg = GenerationConfig {
+        use_cache: false,
+        ..cfg.clone()
+    };
+    generate(m, prompts, &cfg).unwrap()
+}
 
 fn prompts() -> Vec<Vec<u32>> {
     vec![vec![3, 17, 42, 8, 11], vec![5, 9], vec![60, 61, 62]]
 }
 
+/// The cached decode equals the uncached recomputation (which runs every product as a GEMM),
+/// for 3 rows and for 20, which decode on weights packed for the generation (16 to 64 rows).
 #[test]
 fn kv_cache_equals_no_cache() {
+    use rlhf_model::kernels::packed::{enabled, weights_packed};
+    let twenty: Vec<Vec<u32>> = (0..20)
+        .map(|i| {
+            (0..1 + i % 4)
+                .map(|j| ((i * 5 + j * 7) % 50 + 3) as u32)
+                .collect()
+        })
+        .collect();
     for name in ["gpt2", "llama", "qwen2"] {
         let m = load(name);
-        for temperature in [0.0, 1.0] {
-            let cfg = GenerationConfig {
-                max_new_tokens: 12,
-                temperature,
-                seed: 7,
-                ..Default::default()
-            };
-            let a = generate(&m, &prompts(), &cfg).unwrap();
-            let b = generate(
-                &m,
-                &prompts(),
-                &GenerationConfig {
-                    use_cache: false,
-                    ..cfg.clone()
-                },
-            )
-            .unwrap();
-            assert_eq!(a.tokens, b.tokens, "{name} T={temperature}");
-            for (x, y) in a.logprobs.iter().flatten().zip(b.logprobs.iter().flatten()) {
-                assert!((x - y).abs() < 1e-4, "{name}: {x} vs {y}");
+        for (prompts, max_new_tokens) in [(prompts(), 12), (twenty.clone(), 10)] {
+            for temperature in [0.0, 1.0] {
+                let cfg = GenerationConfig {
+                    max_new_tokens,
+                    temperature,
+                    seed: 7,
+                    ..Default::default()
+                };
+                let before = weights_packed();
+                let a = generate(&m, &prompts, &cfg).unwrap();
+                // Packing is on with AVX-512 (unless RLHF_DECODE_PACK=0); elsewhere, and below
+                // 16 rows, the dot products.
+                let packed = weights_packed() > before;
+                assert_eq!(packed, enabled() && prompts.len() >= 16, "{name}");
+                let b = uncached(&m, &prompts, &cfg);
+                let rows = prompts.len();
+                assert_eq!(a.tokens, b.tokens, "{name} T={temperature} rows={rows}");
+                for (x, y) in a.logprobs.iter().flatten().zip(b.logprobs.iter().flatten()) {
+                    assert!((x - y).abs() < 1e-4, "{name} rows={rows}: {x} vs {y}");
+                }
+                assert!(a.tokens.iter().all(|t| t.len() == max_new_tokens));
             }
-            assert!(a.tokens.iter().all(|t| t.len() == 12));
         }
     }
 }
@@ -163,15 +182,7 @@ fn finished_rows_leave_the_batch_without_changing_the_others() {
             ..cfg
         };
         let cached = generate(&m, &prompts, &cfg).unwrap();
-        let uncached = generate(
-            &m,
-            &prompts,
-            &GenerationConfig {
-                use_cache: false,
-                ..cfg.clone()
-            },
-        )
-        .unwrap();
+        let uncached = uncached(&m, &prompts, &cfg);
         assert_eq!(cached.tokens, uncached.tokens, "{name}");
         assert_eq!(cached.finished, uncached.finished, "{name}");
         for (x, y) in cached

@@ -1,6 +1,8 @@
 //! `x · wᵀ` for a weight stored [out, in] (the HF layout), with backward. Few rows (decoding:
 //! one token per sequence) take a dot-product kernel that streams each weight row once instead
-//! of packing the whole weight for a GEMM every step; more rows take the GEMM.
+//! of packing the whole weight for a GEMM every step; more rows take the GEMM. Inside a
+//! generation, 16 to 64 rows take the weight packed once for the whole of it
+//! ([`super::packed`]).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -375,6 +377,10 @@ impl CustomOp2 for MatmulNt {
 
 /// `x [..., k] · w [n, k]ᵀ → [..., n]` (f32, CPU).
 pub fn matmul_nt_op(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // Decoding inside a generation: the weight packed once for the whole of it.
+    if let Some(y) = super::packed::matmul_nt(x, w)? {
+        return Ok(y);
+    }
     x.contiguous()?.apply_op2(&w.contiguous()?, MatmulNt)
 }
 

@@ -23,6 +23,7 @@ pub mod math;
 pub mod matmul;
 pub mod mlp;
 pub mod norm;
+pub mod packed;
 pub mod rope;
 pub mod sink;
 pub mod softmax;
@@ -127,6 +128,15 @@ impl SharedOut {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
         }
+    }
+    /// Elements in the buffer.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    /// The buffer's start, for kernels that store through masked vector writes; their callers
+    /// check bounds against [`Self::len`] and keep to the `write` contract.
+    pub(crate) fn ptr(&self) -> *mut f32 {
+        self.ptr
     }
     /// Copy `src` to elements `at..at + src.len()` (bounds-checked).
     ///

@@ -1,0 +1,381 @@
+//! Weights packed once for a whole generation, for decoding's few-row products.
+//!
+//! Decoding multiplies a few rows (one per sequence) by every weight, once per new token, and
+//! the weights do not change while a generation runs. An HF weight `[n, k]` is stored row by
+//! row along `k`, so [`super::matmul::matmul_nt`]'s few-row path takes dot products: 16
+//! accumulators per 4 weight rows × 4 sequences, a horizontal reduction per block, and a
+//! transpose of every block into the output's rows. The GEMM would instead pack the weight
+//! into panels on every call, that is on every token.
+//!
+//! Here each weight is packed once, the first time a generation multiplies it by at least
+//! [`PACK_MIN_ROWS`] rows, into panels of [`NR`] output columns stored `[k][NR]`, and every
+//! later step runs a register tile of up to 8 rows × 48 columns over the whole of `k`: per
+//! step of `k`, 3 weight loads and 8 broadcasts feed 24 FMAs, with no reduction and the
+//! results stored straight into the output's rows. The packed copies live while the
+//! [`pack_scope`] that [`crate::generate::generate`] opens does, and hold their weight's
+//! storage alive meanwhile, so no address is reused for another tensor inside the scope.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::SharedOut;
+
+/// Output columns per packed panel (three 16-float vectors).
+pub const NR: usize = 48;
+/// Rows per register tile (8 × 3 accumulators of the 32 registers).
+const MR: usize = 8;
+/// Products with fewer rows keep the dot-product kernel: they are bound by streaming the
+/// weight, which either layout does once per call, and packing would cost a pass over every
+/// weight for nothing.
+pub const PACK_MIN_ROWS: usize = 16;
+
+/// A weight `[n, k]` packed as `⌈n / NR⌉` panels of `[k][NR]` (columns past `n` are zero),
+/// the first panel aligned to 64 bytes.
+pub struct PackedNt {
+    n: usize,
+    k: usize,
+    buf: Vec<f32>,
+    start: usize,
+}
+
+impl PackedNt {
+    /// Pack `w [n, k]` (row-major), panels in parallel.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "packed: weight of {} floats for [{n}, {k}]",
+            w.len()
+        );
+        let panels = n.div_ceil(NR);
+        let len = panels * k * NR;
+        let mut buf = super::uninit(len + 16);
+        let start = buf.as_ptr().align_offset(64).min(16);
+        buf[start..start + len]
+            .par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                let (j0, j1) = (p * NR, ((p + 1) * NR).min(n));
+                let src = &w[j0 * k..j1 * k];
+                if j1 - j0 == NR {
+                    super::gemm::transpose(src, k, NR, k, dst, false);
+                } else {
+                    dst.fill(0.0);
+                    for (j, row) in src.chunks_exact(k).enumerate() {
+                        for (c, v) in row.iter().enumerate() {
+                            dst[c * NR + j] = *v;
+                        }
+                    }
+                }
+            });
+        Self { n, k, buf, start }
+    }
+
+    fn data(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.n.div_ceil(NR) * self.k * NR]
+    }
+
+    /// `x [m, k] · Wᵀ → o [m, n]` (`o` fully written).
+    pub fn matmul(&self, x: &[f32], m: usize, o: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert!(
+            x.len() >= m * k && o.len() >= m * n,
+            "packed: x or o too short"
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            o[..m * n].fill(0.0);
+            return;
+        }
+        // x as row tiles of [k][MR] (rows past m zero), so each step's broadcasts are adjacent.
+        let tiles = m.div_ceil(MR);
+        let mut xp = vec![0.0f32; tiles * k * MR];
+        for (r, row) in x[..m * k].chunks_exact(k).enumerate() {
+            let t = &mut xp[r / MR * k * MR..];
+            for (c, v) in row.iter().enumerate() {
+                t[c * MR + r % MR] = *v;
+            }
+        }
+        let data = self.data();
+        let panels = n.div_ceil(NR);
+        // Two tasks per thread, in whole panels.
+        let per = panels.div_ceil(2 * rayon::current_num_threads()).max(1);
+        let dst = SharedOut::new(&mut o[..m * n]);
+        (0..panels.div_ceil(per)).into_par_iter().for_each(|task| {
+            for p in task * per..((task + 1) * per).min(panels) {
+                let j0 = p * NR;
+                let cols = (n - j0).min(NR);
+                let panel = &data[p * k * NR..(p + 1) * k * NR];
+                let next = &data[((p + 1) * k * NR).min(data.len())..];
+                for t in 0..tiles {
+                    let rows = (m - t * MR).min(MR);
+                    let xt = &xp[t * k * MR..(t + 1) * k * MR];
+                    // The next panel's lines go to L2 while this one runs, a share per tile.
+                    let share = (k * NR / 16).div_ceil(tiles);
+                    let pf = &next[(t * share * 16).min(next.len())..];
+                    let pf = &pf[..(share * 16).min(pf.len())];
+                    // SAFETY: columns j0..j0 + cols of rows t·MR.. belong to this task only.
+                    unsafe { tile_any(xt, panel, k, rows, cols, &dst, t * MR * n + j0, n, pf) };
+                }
+            }
+        });
+    }
+}
+
+/// One tile: `rows` (≤ MR) rows of `xt [k][MR]` times `panel [k][NR]`, `cols` (≤ NR) columns
+/// stored at `at + r · on` of `dst`.
+///
+/// # Safety
+/// No other task may access those elements of `dst` concurrently.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_any(
+    xt: &[f32],
+    panel: &[f32],
+    k: usize,
+    rows: usize,
+    cols: usize,
+    dst: &SharedOut,
+    at: usize,
+    on: usize,
+    pf: &[f32],
+) {
+    assert!(xt.len() >= k * MR && panel.len() >= k * NR && rows <= MR && cols <= NR);
+    assert!(at + (rows - 1) * on + cols <= dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU has AVX-512F; bounds are checked above.
+        unsafe {
+            match rows {
+                8 => tile_avx512::<8>(xt, panel, k, cols, dst, at, on, pf),
+                7 => tile_avx512::<7>(xt, panel, k, cols, dst, at, on, pf),
+                6 => tile_avx512::<6>(xt, panel, k, cols, dst, at, on, pf),
+                5 => tile_avx512::<5>(xt, panel, k, cols, dst, at, on, pf),
+                4 => tile_avx512::<4>(xt, panel, k, cols, dst, at, on, pf),
+                3 => tile_avx512::<3>(xt, panel, k, cols, dst, at, on, pf),
+                2 => tile_avx512::<2>(xt, panel, k, cols, dst, at, on, pf),
+                _ => tile_avx512::<1>(xt, panel, k, cols, dst, at, on, pf),
+            }
+        }
+        return;
+    }
+    let _ = pf;
+    let mut acc = [[0.0f32; NR]; MR];
+    for c in 0..k {
+        let w = &panel[c * NR..(c + 1) * NR];
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            let x = xt[c * MR + r];
+            a.iter_mut().zip(w).for_each(|(a, w)| *a += x * w);
+        }
+    }
+    for (r, a) in acc.iter().enumerate().take(rows) {
+        // SAFETY: in bounds (asserted above); exclusive per the contract.
+        unsafe { dst.write(at + r * on, &a[..cols]) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512<const R: usize>(
+    xt: &[f32],
+    panel: &[f32],
+    k: usize,
+    cols: usize,
+    dst: &SharedOut,
+    at: usize,
+    on: usize,
+    pf: &[f32],
+) {
+    use std::arch::x86_64::*;
+    let (xp, wp) = (xt.as_ptr(), panel.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    // Prefetch lines spread evenly over the steps of k.
+    let lines = pf.len().div_ceil(16);
+    let per_step = lines.div_ceil(k);
+    let mut line = 0;
+    for c in 0..k {
+        for _ in 0..per_step {
+            if line < lines {
+                _mm_prefetch::<_MM_HINT_T1>(pf.as_ptr().wrapping_add(line * 16) as *const i8);
+                line += 1;
+            }
+        }
+        // SAFETY: c < k and the panel holds k · NR floats, xt k · MR (asserted by the caller).
+        unsafe {
+            let w = wp.add(c * NR);
+            let wv = [
+                _mm512_loadu_ps(w),
+                _mm512_loadu_ps(w.add(16)),
+                _mm512_loadu_ps(w.add(32)),
+            ];
+            let x = xp.add(c * MR);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(r));
+                for v in 0..3 {
+                    a[v] = _mm512_fmadd_ps(xv, wv[v], a[v]);
+                }
+            }
+        }
+    }
+    let out = dst.ptr();
+    for (r, a) in acc.iter().enumerate() {
+        for (v, acc) in a.iter().enumerate() {
+            let lanes = cols.saturating_sub(16 * v).min(16);
+            if lanes == 0 {
+                break;
+            }
+            let mask = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+            // SAFETY: lanes below `cols` of row r lie in bounds (asserted by the caller) and
+            // belong to this task; masked lanes are not written.
+            unsafe { _mm512_mask_storeu_ps(out.add(at + r * on + 16 * v), mask, *acc) };
+        }
+    }
+}
+
+/// Whether decoding packs at all: on an AVX-512 CPU, unless `RLHF_DECODE_PACK=0` (to save the
+/// copies' memory, or to compare).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        super::has_avx512() && std::env::var("RLHF_DECODE_PACK").map_or(true, |v| v != "0")
+    })
+}
+
+/// The packed copies of one thread's open [`pack_scope`]s.
+#[derive(Default)]
+struct Scope {
+    /// Open scopes (they nest).
+    depth: usize,
+    /// Bytes the scope may still pack: a quarter of the memory available when it opened.
+    budget: usize,
+    /// By the weight's data address and shape; the tensor is kept so that its storage
+    /// outlives the entry and no other tensor can take its address inside the scope.
+    packed: HashMap<(usize, usize, usize), (Tensor, Arc<PackedNt>)>,
+    /// Weights packed on this thread so far, over every scope.
+    total: usize,
+}
+
+thread_local! {
+    static SCOPE: RefCell<Scope> = RefCell::new(Scope::default());
+}
+
+/// Of the memory available when a scope opens, the share its packed copies may take.
+const BUDGET_SHARE: f64 = 0.25;
+
+/// While the returned guard lives, decoding products on this thread with at least
+/// [`PACK_MIN_ROWS`] rows pack each weight once and reuse it (see the module). The copies take
+/// as much memory again as the weights they pack (the LM head, and a Llama-family model's
+/// linear layers), at most a quarter of what is available when the scope opens; weights past
+/// that keep the dot-product kernel. Guards nest; the copies are dropped with the outermost.
+/// Weights must not change inside the scope (generation only reads them).
+#[must_use = "the scope ends when the guard is dropped"]
+pub fn pack_scope() -> PackScope {
+    let gib = crate::sysmem::available_memory_gib().unwrap_or(4.0);
+    pack_scope_within((gib * BUDGET_SHARE * (1u64 << 30) as f64) as usize)
+}
+
+/// [`pack_scope`] with its packed copies bounded by `bytes` (when it is the outermost).
+#[must_use = "the scope ends when the guard is dropped"]
+pub fn pack_scope_within(bytes: usize) -> PackScope {
+    SCOPE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.depth == 0 {
+            s.budget = bytes;
+        }
+        s.depth += 1;
+    });
+    PackScope(std::marker::PhantomData)
+}
+
+/// The scope of [`pack_scope`].
+pub struct PackScope(std::marker::PhantomData<*const ()>);
+
+impl Drop for PackScope {
+    fn drop(&mut self) {
+        SCOPE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.depth -= 1;
+            if s.depth == 0 {
+                s.packed.clear();
+            }
+        });
+    }
+}
+
+/// Weights packed on this thread so far, over all its scopes (for tests).
+pub fn weights_packed() -> usize {
+    SCOPE.with(|s| s.borrow().total)
+}
+
+/// Weights packed in this thread's open scope, and their bytes (for tests and reports).
+pub fn packed_in_scope() -> (usize, usize) {
+    SCOPE.with(|s| {
+        let s = s.borrow();
+        let bytes = s.packed.values().map(|(_, p)| p.data().len() * 4).sum();
+        (s.packed.len(), bytes)
+    })
+}
+
+/// `x [..., k] · w [n, k]ᵀ` on `w` packed in the open [`pack_scope`], or `None` where that
+/// path does not apply: no scope, fewer than [`PACK_MIN_ROWS`] or more than
+/// [`super::matmul::SMALL_M`] rows, a graph to record, not f32 on an AVX-512 CPU.
+pub(super) fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if SCOPE.with(|s| s.borrow().depth) == 0
+        || !enabled()
+        || x.track_op()
+        || w.track_op()
+        || !super::fusable(&[x, w])
+        || w.rank() != 2
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let (m, k) = super::matmul::rows_k(x.dims())?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 || !(PACK_MIN_ROWS..=super::matmul::SMALL_M).contains(&m) {
+        return Ok(None);
+    }
+    let key = {
+        let (s, l) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*s else {
+            return Ok(None);
+        };
+        (v.as_ptr() as usize + 4 * l.start_offset(), n, k)
+    };
+    let cached = SCOPE.with(|s| s.borrow().packed.get(&key).map(|(_, p)| p.clone()));
+    let packed = match cached {
+        Some(p) => p,
+        None => {
+            let bytes = n.div_ceil(NR) * NR * k * 4;
+            if SCOPE.with(|s| s.borrow().budget) < bytes {
+                return Ok(None);
+            }
+            let p = Arc::new(super::with_f32(&[w], |s| PackedNt::pack(s[0], n, k))?);
+            SCOPE.with(|s| {
+                let mut s = s.borrow_mut();
+                s.budget -= bytes;
+                s.total += 1;
+                s.packed.insert(key, (w.clone(), p.clone()))
+            });
+            p
+        }
+    };
+    let x = x.contiguous()?;
+    let mut o = super::uninit(m * n);
+    super::with_f32(&[&x], |s| packed.matmul(s[0], m, &mut o))?;
+    Ok(Some(Tensor::from_vec(
+        o,
+        super::matmul::with_last(x.dims(), n),
+        x.device(),
+    )?))
+}
