@@ -115,6 +115,9 @@ impl Linear {
         let w = self.weight.t();
         let bias = self.bias.as_ref().map(|b| b.t());
         let fast = self.fused_kernels(x);
+        // Inside a generation, 16 to 256 rows multiply the weight packed for the whole of it
+        // (`kernels::packed`); the bias, if any, is added after.
+        let packs = fast && crate::kernels::packed::takes(n);
         let x2 = if fast {
             x.clone()
         } else {
@@ -122,11 +125,14 @@ impl Linear {
         };
         let mut y = match &bias {
             // One fused op: bias written first, the GEMM accumulates onto it.
-            Some(b) if fast && n > crate::kernels::matmul::SMALL_M => {
+            Some(b) if fast && n > crate::kernels::matmul::SMALL_M && !packs => {
                 crate::kernels::matmul::linear_bias(&x2, &w, b, self.transposed)?
             }
             _ => {
-                let y = if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
+                let y = if packs {
+                    // Falls back to the GEMM where the weight cannot be packed.
+                    crate::kernels::matmul::linear(&x2, &w, self.transposed)?
+                } else if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
                     // HF [out, in] weight and few rows (decoding): stream the weight, no packing.
                     crate::kernels::matmul::matmul_nt_op(&x2, &w)?
                 } else if fast {
@@ -171,10 +177,15 @@ impl Linear {
     }
 
     /// Whether `forward` on `x` is a plain product on the fused CPU path: [`Self::fused_kernels`],
-    /// no active LoRA adapter, more rows than decoding's few (those stream the weight instead).
+    /// no active LoRA adapter, more rows than decoding's few (those stream the weight instead),
+    /// and not rows that take a packed weight inside a generation (`forward` runs those).
     pub(crate) fn plain_fused(&self, x: &Tensor) -> bool {
         let lora_on = self.lora.is_some() && self.adapters_on.load(Ordering::Relaxed);
-        self.fused_kernels(x) && !lora_on && rows(x) > crate::kernels::matmul::SMALL_M
+        let rows = rows(x);
+        self.fused_kernels(x)
+            && !lora_on
+            && rows > crate::kernels::matmul::SMALL_M
+            && !crate::kernels::packed::takes(rows)
     }
 
     /// This linear inside a fused block in training ([`crate::kernels::block`]) whose input is

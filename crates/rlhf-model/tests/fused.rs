@@ -865,10 +865,17 @@ fn packed_matmul_matches_matmul() {
             let w = data(n * k, 64);
             let mut o = vec![f32::NAN; m * n];
             PackedNt::pack(&w, n, k).matmul(&x, m, &mut o);
-            let xt = Tensor::from_vec(x, (m, k), &DEV).unwrap();
+            let xt = Tensor::from_vec(x.clone(), (m, k), &DEV).unwrap();
             let wt = Tensor::from_vec(w, (n, k), &DEV).unwrap();
-            let e = max_err(&o, &vals(&xt.matmul(&wt.t().unwrap()).unwrap()));
+            let want = vals(&xt.matmul(&wt.t().unwrap()).unwrap());
+            let e = max_err(&o, &want);
             assert!(e < 1e-5, "packed m={m} k={k} n={n}: {e}");
+            // The same weight stored [k, n] (GPT-2's Conv1D).
+            let kn = vals(&wt.t().unwrap().contiguous().unwrap());
+            let mut o = vec![f32::NAN; m * n];
+            PackedNt::pack_as(&kn, n, k, true).matmul(&x, m, &mut o);
+            let e = max_err(&o, &want);
+            assert!(e < 1e-5, "packed [k, n] m={m} k={k} n={n}: {e}");
         }
     }
     let (k, n) = (37, 130);
@@ -895,13 +902,23 @@ fn packed_matmul_matches_matmul() {
         let y = matmul_nt_op(&x(8), &w).unwrap();
         assert!(max_err(&vals(&y), &want(8)) < 1e-5);
         assert_eq!(packed_in_scope().0, 0);
-        // 16 to 64 rows pack the weight once ([b, 1, k] input, as decoding's), and reuse it.
-        for m in [16, 40, 64, 16] {
+        // 16 to 256 rows pack the weight once ([b, 1, k] input, as decoding's), and reuse it.
+        for m in [16, 40, 64, 200, 256, 16] {
             let y = matmul_nt_op(&x(m), &w).unwrap();
             assert_eq!(y.dims(), [m, 1, n]);
             assert!(max_err(&vals(&y), &want(m)) < 1e-5, "m={m}");
             assert_eq!(packed_in_scope(), one(3 * 48 * k * 4), "m={m}");
         }
+        // More rows take the GEMM.
+        let y = matmul_nt_op(&x(257), &w).unwrap();
+        assert!(max_err(&vals(&y), &want(257)) < 1e-5);
+        assert_eq!(packed_in_scope(), one(3 * 48 * k * 4));
+        // The weight stored [k, n] through the linear op: a second packed copy.
+        let wkn = w.t().unwrap().contiguous().unwrap();
+        let y = rlhf_model::kernels::matmul::linear(&x(100), &wkn, true).unwrap();
+        assert!(max_err(&vals(&y), &want(100)) < 1e-5);
+        let two = one(0).0 * 2;
+        assert_eq!(packed_in_scope(), (two, two * 3 * 48 * k * 4));
         // Nested scopes share the copies; a weight recording a graph is never packed.
         {
             let _inner = pack_scope();
@@ -909,9 +926,9 @@ fn packed_matmul_matches_matmul() {
             let y = matmul_nt_op(&x(32), v.as_tensor()).unwrap();
             assert!(y.track_op());
             assert!(max_err(&vals(&y), &want(32)) < 1e-5);
-            assert_eq!(packed_in_scope().0, one(0).0);
+            assert_eq!(packed_in_scope().0, two);
         }
-        assert_eq!(packed_in_scope().0, one(0).0);
+        assert_eq!(packed_in_scope().0, two);
     }
     assert_eq!(
         packed_in_scope(),

@@ -41,8 +41,8 @@ fn kv_cache_equals_no_cache() {
                 };
                 let before = weights_packed();
                 let a = generate(&m, &prompts, &cfg).unwrap();
-                // Packing is on with AVX-512 (unless RLHF_DECODE_PACK=0); elsewhere, and below
-                // 16 rows, the dot products.
+                // Packing is on with AVX-512 (unless RLHF_DECODE_PACK=0) for 16 to 256 rows:
+                // 3 rows decode and prefill (15 positions) below that.
                 let packed = weights_packed() > before;
                 assert_eq!(packed, enabled() && prompts.len() >= 16, "{name}");
                 let b = uncached(&m, &prompts, &cfg);

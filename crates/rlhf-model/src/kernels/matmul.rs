@@ -1,7 +1,7 @@
 //! `x · wᵀ` for a weight stored [out, in] (the HF layout), with backward. Few rows (decoding:
 //! one token per sequence) take a dot-product kernel that streams each weight row once instead
 //! of packing the whole weight for a GEMM every step; more rows take the GEMM. Inside a
-//! generation, 16 to 64 rows take the weight packed once for the whole of it
+//! generation, 16 to 256 rows take the weight packed once for the whole of it
 //! ([`super::packed`]).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
@@ -378,7 +378,7 @@ impl CustomOp2 for MatmulNt {
 /// `x [..., k] · w [n, k]ᵀ → [..., n]` (f32, CPU).
 pub fn matmul_nt_op(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // Decoding inside a generation: the weight packed once for the whole of it.
-    if let Some(y) = super::packed::matmul_nt(x, w)? {
+    if let Some(y) = super::packed::product(x, w, false)? {
         return Ok(y);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, MatmulNt)
@@ -806,6 +806,10 @@ impl candle_core::CustomOp2 for Linear {
 /// `x [..., k] · W → [..., n]` with W [k, n] (`transposed`) or [n, k] (f32, CPU),
 /// multi-threaded. Leading dimensions are rows: no reshape (and no graph node for one).
 pub fn linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    // Inside a generation: the weight packed once for the whole of it.
+    if let Some(y) = super::packed::product(x, w, transposed)? {
+        return Ok(y);
+    }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Linear { transposed })
 }

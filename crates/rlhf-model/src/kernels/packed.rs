@@ -1,19 +1,21 @@
-//! Weights packed once for a whole generation, for decoding's few-row products.
+//! Weights packed once for a whole generation, for its few-row products.
 //!
 //! Decoding multiplies a few rows (one per sequence) by every weight, once per new token, and
 //! the weights do not change while a generation runs. An HF weight `[n, k]` is stored row by
 //! row along `k`, so [`super::matmul::matmul_nt`]'s few-row path takes dot products: 16
 //! accumulators per 4 weight rows × 4 sequences, a horizontal reduction per block, and a
-//! transpose of every block into the output's rows. The GEMM would instead pack the weight
-//! into panels on every call, that is on every token.
+//! transpose of every block into the output's rows. GPT-2's Conv1D weights `[k, n]` take
+//! broadcast FMAs over rows of the weight read in place, 16 steps of `k` at a time. The GEMM
+//! would instead pack the weight into panels on every call, that is on every token.
 //!
-//! Here each weight is packed once, the first time a generation multiplies it by at least
-//! [`PACK_MIN_ROWS`] rows, into panels of [`NR`] output columns stored `[k][NR]`, and every
-//! later step runs a register tile of up to 8 rows × 48 columns over the whole of `k`: per
-//! step of `k`, 3 weight loads and 8 broadcasts feed 24 FMAs, with no reduction and the
-//! results stored straight into the output's rows. The packed copies live while the
-//! [`pack_scope`] that [`crate::generate::generate`] opens does, and hold their weight's
-//! storage alive meanwhile, so no address is reused for another tensor inside the scope.
+//! Here each weight is packed once, the first time a generation multiplies it by
+//! [`PACK_MIN_ROWS`] to [`PACK_MAX_ROWS`] rows (decoding 16 or more sequences, a prefill of a
+//! few short prompts), into panels of [`NR`] output columns stored `[k][NR]`, and every later
+//! product runs a register tile of up to 8 rows × 48 columns over the whole of `k`: per step of
+//! `k`, 3 weight loads and 8 broadcasts feed 24 FMAs, with no reduction and the results stored
+//! straight into the output's rows. The packed copies live while the [`pack_scope`] that
+//! [`crate::generate::generate`] opens does, and hold their weight's storage alive meanwhile,
+//! so no address is reused for another tensor inside the scope.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,6 +34,11 @@ const MR: usize = 8;
 /// weight, which either layout does once per call, and packing would cost a pass over every
 /// weight for nothing.
 pub const PACK_MIN_ROWS: usize = 16;
+/// Products with more rows take the GEMM (a generation's prefill of many prompt tokens): on
+/// SmolLM2's decoding products (`speed -- decode`, Zen 5) the packed tiles took 64 against the
+/// GEMM's 119 ms at 128 rows and 119 against 148 at 256, but 252 against 259 at 512 and 526
+/// against 516 at 1024.
+pub const PACK_MAX_ROWS: usize = 256;
 
 /// A weight `[n, k]` packed as `⌈n / NR⌉` panels of `[k][NR]` (columns past `n` are zero),
 /// the first panel aligned to 64 bytes.
@@ -43,8 +50,13 @@ pub struct PackedNt {
 }
 
 impl PackedNt {
-    /// Pack `w [n, k]` (row-major), panels in parallel.
+    /// Pack `w [n, k]` (row-major, HF's `[out, in]`), panels in parallel.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_as(w, n, k, false)
+    }
+
+    /// Pack `w`, stored `[k, n]` when `transposed` (GPT-2's Conv1D `[in, out]`), else `[n, k]`.
+    pub fn pack_as(w: &[f32], n: usize, k: usize, transposed: bool) -> Self {
         assert_eq!(
             w.len(),
             n * k,
@@ -60,6 +72,14 @@ impl PackedNt {
             .enumerate()
             .for_each(|(p, dst)| {
                 let (j0, j1) = (p * NR, ((p + 1) * NR).min(n));
+                if transposed {
+                    // Column block j0..j1 of each of the k rows, zero past n.
+                    for (c, d) in dst.chunks_exact_mut(NR).enumerate() {
+                        d[..j1 - j0].copy_from_slice(&w[c * n + j0..c * n + j1]);
+                        d[j1 - j0..].fill(0.0);
+                    }
+                    return;
+                }
                 let src = &w[j0 * k..j1 * k];
                 if j1 - j0 == NR {
                     super::gemm::transpose(src, k, NR, k, dst, false);
@@ -251,6 +271,9 @@ pub fn enabled() -> bool {
     })
 }
 
+/// A packed weight's data address, `n`, `k`, and whether it is stored `[k, n]`.
+type Key = (usize, usize, usize, bool);
+
 /// The packed copies of one thread's open [`pack_scope`]s.
 #[derive(Default)]
 struct Scope {
@@ -260,7 +283,7 @@ struct Scope {
     budget: usize,
     /// By the weight's data address and shape; the tensor is kept so that its storage
     /// outlives the entry and no other tensor can take its address inside the scope.
-    packed: HashMap<(usize, usize, usize), (Tensor, Arc<PackedNt>)>,
+    packed: HashMap<Key, (Tensor, Arc<PackedNt>)>,
     /// Weights packed on this thread so far, over every scope.
     total: usize,
 }
@@ -326,12 +349,21 @@ pub fn packed_in_scope() -> (usize, usize) {
     })
 }
 
-/// `x [..., k] · w [n, k]ᵀ` on `w` packed in the open [`pack_scope`], or `None` where that
-/// path does not apply: no scope, fewer than [`PACK_MIN_ROWS`] or more than
-/// [`super::matmul::SMALL_M`] rows, a graph to record, not f32 on an AVX-512 CPU.
-pub(super) fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if SCOPE.with(|s| s.borrow().depth) == 0
-        || !enabled()
+/// Whether a product of `rows` rows takes a packed weight on this thread now: a scope is open,
+/// packing is [`enabled`], and `rows` lies in [`PACK_MIN_ROWS`]`..=`[`PACK_MAX_ROWS`]. The
+/// linear layers ask before choosing an op ([`crate::linear::Linear`]).
+pub fn takes(rows: usize) -> bool {
+    (PACK_MIN_ROWS..=PACK_MAX_ROWS).contains(&rows)
+        && SCOPE.with(|s| s.borrow().depth) > 0
+        && enabled()
+}
+
+/// `x [..., k] · W → [..., n]` on `W` packed in the open [`pack_scope`], W stored `[k, n]`
+/// (`transposed`) or `[n, k]`; `None` where that path does not apply: not [`takes`] for the
+/// rows, a graph to record, not contiguous f32 on the CPU, or the scope's budget spent.
+pub fn product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
+    let (m, k) = super::matmul::rows_k(x.dims())?;
+    if !takes(m)
         || x.track_op()
         || w.track_op()
         || !super::fusable(&[x, w])
@@ -340,9 +372,11 @@ pub(super) fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     {
         return Ok(None);
     }
-    let (m, k) = super::matmul::rows_k(x.dims())?;
-    let (n, k2) = w.dims2()?;
-    if k != k2 || !(PACK_MIN_ROWS..=super::matmul::SMALL_M).contains(&m) {
+    let (n, k2) = match w.dims2()? {
+        (a, b) if transposed => (b, a),
+        (a, b) => (a, b),
+    };
+    if k != k2 {
         return Ok(None);
     }
     let key = {
@@ -350,7 +384,7 @@ pub(super) fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*s else {
             return Ok(None);
         };
-        (v.as_ptr() as usize + 4 * l.start_offset(), n, k)
+        (v.as_ptr() as usize + 4 * l.start_offset(), n, k, transposed)
     };
     let cached = SCOPE.with(|s| s.borrow().packed.get(&key).map(|(_, p)| p.clone()));
     let packed = match cached {
@@ -360,7 +394,8 @@ pub(super) fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             if SCOPE.with(|s| s.borrow().budget) < bytes {
                 return Ok(None);
             }
-            let p = Arc::new(super::with_f32(&[w], |s| PackedNt::pack(s[0], n, k))?);
+            let p = super::with_f32(&[w], |s| PackedNt::pack_as(s[0], n, k, transposed))?;
+            let p = Arc::new(p);
             SCOPE.with(|s| {
                 let mut s = s.borrow_mut();
                 s.budget -= bytes;
