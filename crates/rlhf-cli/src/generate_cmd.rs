@@ -36,9 +36,10 @@ pub struct GenerateArgs {
     pub json: bool,
     /// Prompts generated at once. A batch's KV cache holds every row's prompt and new tokens
     /// in every layer, so a large prompt file goes through in batches, each printed as it
-    /// finishes. Every row samples from its own random stream whatever the batch size: the
-    /// same text for batches of up to 64 rows (one decoding kernel); past that the products
-    /// round differently, which can change a sampled token from the far tail.
+    /// finishes. Every row samples from its own random stream whatever the batch size, so the
+    /// text is the same up to rounding: decoding fewer than 16 rows, 16 to 256 (on weights
+    /// packed for the batch) and more run different product kernels, whose last bits can
+    /// change a sampled token from the far tail.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
 }
