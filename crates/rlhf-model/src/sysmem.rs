@@ -9,9 +9,22 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Memory this process can still get, GiB: the kernel's `MemAvailable`, or less where a
 /// cgroup above the process (a container's, a job scheduler's) sets a lower limit (its limit
-/// less its usage, the leaf's inactive page cache counted as free). `None` where neither can
-/// be read.
+/// less its usage, the leaf's inactive page cache counted as free), or less where
+/// `RLHF_MEMORY_GIB` says so (a machine shared with jobs that will grow: plan as if at most
+/// that much were free). `None` where none of them can be read.
 pub fn available_memory_gib() -> Option<f64> {
+    let cap = std::env::var("RLHF_MEMORY_GIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|g| *g > 0.0);
+    match (measured_gib(), cap) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+}
+
+/// [`available_memory_gib`] without the `RLHF_MEMORY_GIB` cap.
+fn measured_gib() -> Option<f64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
         let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

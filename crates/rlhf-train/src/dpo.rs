@@ -611,6 +611,17 @@ impl Objective for DpoObjective {
     fn name(&self) -> &str {
         "dpo"
     }
+    fn step_shapes(
+        &self,
+        batch_size: usize,
+    ) -> Vec<(&rlhf_model::CausalLM, crate::memory::StepShape)> {
+        // A chosen and a rejected row per pair, the head on both.
+        let lens = self.train.iter().map(TokenizedPair::len);
+        crate::memory::StepShape::widest(lens, batch_size * 2, batch_size * 2)
+            .map(|shape| (&self.model, shape))
+            .into_iter()
+            .collect()
+    }
     fn len(&self) -> usize {
         self.train.len()
     }
@@ -794,22 +805,7 @@ pub fn train_dpo_on(
     } else {
         t0.elapsed().as_secs_f64()
     };
-    let mut train_cfg = cfg.train.clone();
-    train_cfg.gradient_checkpointing = crate::memory::plan(
-        "dpo",
-        &[(
-            &model,
-            crate::memory::StepShape {
-                rows: bs * 2,
-                len: crate::memory::StepShape::width(
-                    train_t.iter().map(TokenizedPair::len).max(),
-                    cfg.max_len,
-                ),
-                lm_head_rows: bs * 2,
-            },
-        )],
-        cfg.train.gradient_checkpointing,
-    );
+    let train_cfg = cfg.train.clone();
     let mut obj = DpoObjective {
         model,
         tokenizer: tok,

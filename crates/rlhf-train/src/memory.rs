@@ -126,7 +126,7 @@ impl<'de> Deserialize<'de> for Checkpointing {
 /// `lm_head_rows` of them scored by the causal LM head (SFT's and DPO's all, PPO's policy's but
 /// not a separate critic's, a reward model's none: a scalar head holds no `[tokens × vocab]`
 /// logits).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepShape {
     pub rows: usize,
     pub len: usize,
@@ -134,6 +134,20 @@ pub struct StepShape {
 }
 
 impl StepShape {
+    /// `rows` rows as wide as the widest of `lens` (the data's items), `lm_head_rows` of them
+    /// scored by the LM head; `None` for no data.
+    pub fn widest(
+        lens: impl Iterator<Item = usize>,
+        rows: usize,
+        lm_head_rows: usize,
+    ) -> Option<Self> {
+        lens.max().map(|len| Self {
+            rows,
+            len,
+            lm_head_rows,
+        })
+    }
+
     /// The row width for data whose longest row is `longest` (`None`: no data) under a
     /// `max_len` cap: a batch pads to its longest row, never past the cap, so data shorter
     /// than the cap needs less than the cap says.

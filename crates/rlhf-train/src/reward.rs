@@ -430,6 +430,17 @@ impl Objective for RewardObjective {
     fn name(&self) -> &str {
         "reward"
     }
+    fn step_shapes(
+        &self,
+        batch_size: usize,
+    ) -> Vec<(&rlhf_model::CausalLM, crate::memory::StepShape)> {
+        // A chosen and a rejected row per pair; a scalar head, no LM head.
+        let lens = self.train.iter().map(TokenizedPair::len);
+        crate::memory::StepShape::widest(lens, batch_size * 2, 0)
+            .map(|shape| (&self.rm.model, shape))
+            .into_iter()
+            .collect()
+    }
     fn len(&self) -> usize {
         self.train.len()
     }
@@ -649,22 +660,7 @@ pub fn train_reward_on(
             .map(|i| norm_seqs[i].clone())
             .collect();
     }
-    let mut train_cfg = cfg.train.clone();
-    train_cfg.gradient_checkpointing = crate::memory::plan(
-        "reward",
-        &[(
-            &rm.model,
-            crate::memory::StepShape {
-                rows: cfg.train.batch_size * 2,
-                len: crate::memory::StepShape::width(
-                    train_t.iter().map(TokenizedPair::len).max(),
-                    cfg.max_len,
-                ),
-                lm_head_rows: 0,
-            },
-        )],
-        cfg.train.gradient_checkpointing,
-    );
+    let train_cfg = cfg.train.clone();
     let mut obj = RewardObjective::new(rm, tok, train_t, eval_t);
     obj.share_prompts = cfg.share_prompts;
     obj.eval_batch = cfg.train.batch_size.max(1);

@@ -148,6 +148,17 @@ impl Objective for SftObjective {
     fn name(&self) -> &str {
         "sft"
     }
+    fn step_shapes(
+        &self,
+        batch_size: usize,
+    ) -> Vec<(&rlhf_model::CausalLM, crate::memory::StepShape)> {
+        // Rows as wide as the widest item (a packed row at most `max_len`), the head on each.
+        let lens = self.train.iter().map(TokenizedSft::len);
+        crate::memory::StepShape::widest(lens, batch_size, batch_size)
+            .map(|shape| (&self.model, shape))
+            .into_iter()
+            .collect()
+    }
     fn len(&self) -> usize {
         self.train.len()
     }
@@ -324,22 +335,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool) -> Result<RunSummary> {
             .map(TokenizedSft::from)
             .collect();
     }
-    let mut train_cfg = cfg.train.clone();
-    train_cfg.gradient_checkpointing = crate::memory::plan(
-        "sft",
-        &[(
-            &model,
-            crate::memory::StepShape {
-                rows: cfg.train.batch_size,
-                len: crate::memory::StepShape::width(
-                    train.iter().map(TokenizedSft::len).max(),
-                    cfg.max_len,
-                ),
-                lm_head_rows: cfg.train.batch_size,
-            },
-        )],
-        cfg.train.gradient_checkpointing,
-    );
+    let train_cfg = cfg.train.clone();
     let mut obj = SftObjective {
         model,
         tokenizer: tok,

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use rlhf_data::batch::DataOrder;
 use rlhf_model::kernels::sink::{sum_grads, GradSink};
 use rlhf_model::params::Param;
+use rlhf_model::CausalLM;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, LoopState};
@@ -57,10 +58,10 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): `"auto"` (the
     /// default: only when the step would not fit otherwise, and then as few layers as make it
-    /// fit), `true`, `false`, or a number of layers; see [`crate::memory::Checkpointing`]. The
-    /// run functions (`run_sft`, …) resolve `"auto"` from the model's shape and the memory
-    /// available when they start ([`crate::memory::plan`]); a [`Trainer`] given `"auto"`
-    /// directly takes it as off.
+    /// fit), `true`, `false`, or a number of layers; see [`crate::memory::Checkpointing`].
+    /// [`Trainer::run`] resolves `"auto"` when it starts, from the models and micro-batch shape
+    /// the objective names ([`Objective::step_shapes`]) and the memory then available
+    /// ([`crate::memory::plan`]); for an objective that names none it recomputes nothing.
     pub gradient_checkpointing: crate::memory::Checkpointing,
 }
 
@@ -132,6 +133,13 @@ pub trait Objective {
     /// micro-batch size: a loss that averages over tokens should then weigh a token alike in
     /// every batch (SFT); a loss that averages over items needs nothing.
     fn set_length_grouped(&mut self, _batch_size: usize) {}
+    /// The models one step's backward runs through, each with the shape of a micro-batch of
+    /// `batch_size` items (its widest), for planning `"auto"` gradient checkpointing
+    /// ([`crate::memory::plan`]) when the run starts. Empty by default: `"auto"` then
+    /// recomputes nothing. SFT, DPO and the reward model name theirs.
+    fn step_shapes(&self, _batch_size: usize) -> Vec<(&CausalLM, crate::memory::StepShape)> {
+        Vec::new()
+    }
     fn trainable(&self) -> Vec<Param>;
     /// Training mode with this noise seed (LoRA dropout), or `None` for evaluation mode. The
     /// loop sets a seed derived from (run seed, step, micro-batch) before every `loss`, so a
@@ -303,8 +311,19 @@ impl Trainer {
                 summary.first_eval = Some(ev);
             }
         }
-        // Blocks built on this thread from here on keep their inputs only (if asked).
-        let _recompute = cfg.gradient_checkpointing.apply();
+        // Blocks built on this thread from here on keep their inputs only (if asked, or if
+        // "auto" finds that the step would not fit otherwise).
+        let recompute = match cfg.gradient_checkpointing {
+            crate::memory::Checkpointing::Auto => {
+                let parts = obj.step_shapes(cfg.batch_size);
+                match parts.is_empty() {
+                    true => crate::memory::Checkpointing::Off,
+                    false => crate::memory::plan(obj.name(), &parts, cfg.gradient_checkpointing),
+                }
+            }
+            set => set,
+        };
+        let _recompute = recompute.apply();
         while state.step < total {
             if let Some(n) = self.stop_after {
                 if steps_this_process >= n {
