@@ -115,24 +115,26 @@ impl Linear {
         let w = self.weight.t();
         let bias = self.bias.as_ref().map(|b| b.t());
         let fast = self.fused_kernels(x);
-        // Inside a generation, 16 to 256 rows multiply the weight packed for the whole of it
-        // (`kernels::packed`); the bias, if any, is added after.
-        let packs = fast && crate::kernels::packed::takes(n);
         let x2 = if fast {
             x.clone()
         } else {
             x.reshape((n, din))?
         };
-        let mut y = match &bias {
+        // Inside a generation, 16 to 256 rows multiply the weight packed for the whole of it
+        // (`kernels::packed`; `None` where it does not apply or its budget is spent).
+        let packed = match fast && crate::kernels::packed::takes(n) {
+            true => crate::kernels::packed::product(&x2, &w, self.transposed)?,
+            false => None,
+        };
+        let mut y = match (&bias, packed) {
+            (Some(b), Some(y)) => y.broadcast_add(b)?,
+            (None, Some(y)) => y,
             // One fused op: bias written first, the GEMM accumulates onto it.
-            Some(b) if fast && n > crate::kernels::matmul::SMALL_M && !packs => {
+            (Some(b), None) if fast && n > crate::kernels::matmul::SMALL_M => {
                 crate::kernels::matmul::linear_bias(&x2, &w, b, self.transposed)?
             }
-            _ => {
-                let y = if packs {
-                    // Falls back to the GEMM where the weight cannot be packed.
-                    crate::kernels::matmul::linear(&x2, &w, self.transposed)?
-                } else if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
+            (_, None) => {
+                let y = if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
                     // HF [out, in] weight and few rows (decoding): stream the weight, no packing.
                     crate::kernels::matmul::matmul_nt_op(&x2, &w)?
                 } else if fast {
