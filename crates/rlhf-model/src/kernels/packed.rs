@@ -30,9 +30,9 @@ use super::SharedOut;
 pub const NR: usize = 48;
 /// Rows per register tile (8 × 3 accumulators of the 32 registers).
 const MR: usize = 8;
-/// Products with fewer rows keep the dot-product kernel: they are bound by streaming the
-/// weight, which either layout does once per call, and packing would cost a pass over every
-/// weight for nothing.
+/// Products with fewer rows keep their old kernels: they are bound by streaming the weight,
+/// which any layout does once per call, so packing (a pass over every weight, about eight
+/// 8-row steps of SmolLM2) did not pay: 1–4 rows within noise, 8 rows +1–7% over 64 tokens.
 pub const PACK_MIN_ROWS: usize = 16;
 /// Products with more rows take the GEMM (a generation's prefill of many prompt tokens): on
 /// SmolLM2's decoding products (`speed -- decode`, Zen 5) the packed tiles took 64 against the
@@ -262,8 +262,8 @@ unsafe fn tile_avx512<const R: usize>(
     }
 }
 
-/// Whether decoding packs at all: on an AVX-512 CPU, unless `RLHF_DECODE_PACK=0` (to save the
-/// copies' memory, or to compare).
+/// Whether generation packs at all: on an AVX-512 CPU, unless `RLHF_DECODE_PACK=0` (to save
+/// the copies' memory, or to compare).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
@@ -295,12 +295,12 @@ thread_local! {
 /// Of the memory available when a scope opens, the share its packed copies may take.
 const BUDGET_SHARE: f64 = 0.25;
 
-/// While the returned guard lives, decoding products on this thread with at least
-/// [`PACK_MIN_ROWS`] rows pack each weight once and reuse it (see the module). The copies take
-/// as much memory again as the weights they pack (the LM head, and a Llama-family model's
-/// linear layers), at most a quarter of what is available when the scope opens; weights past
-/// that keep the dot-product kernel. Guards nest; the copies are dropped with the outermost.
-/// Weights must not change inside the scope (generation only reads them).
+/// While the returned guard lives, products on this thread with [`PACK_MIN_ROWS`] to
+/// [`PACK_MAX_ROWS`] rows pack each weight once and reuse it (see the module). The copies take
+/// as much memory again as the weights they pack (the LM head and every linear layer), at most
+/// a quarter of what is available when the scope opens; weights past that keep their old
+/// kernels. Guards nest; the copies are dropped with the outermost. Weights must not change
+/// inside the scope (generation only reads them).
 #[must_use = "the scope ends when the guard is dropped"]
 pub fn pack_scope() -> PackScope {
     let gib = crate::sysmem::available_memory_gib().unwrap_or(4.0);
