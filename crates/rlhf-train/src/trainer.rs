@@ -59,9 +59,9 @@ pub struct TrainConfig {
     /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): `"auto"` (the
     /// default: only when the step would not fit otherwise, and then as few layers as make it
     /// fit), `true`, `false`, or a number of layers; see [`crate::memory::Checkpointing`].
-    /// [`Trainer::run`] resolves `"auto"` when it starts, from the models and micro-batch shape
-    /// the objective names ([`Objective::step_shapes`]) and the memory then available
-    /// ([`crate::memory::plan`]); for an objective that names none it recomputes nothing.
+    /// [`Trainer::run`] plans it when it starts, from the models and micro-batch shape the
+    /// objective names ([`Objective::step_shapes`]) and the memory then available
+    /// ([`crate::memory::plan`]); for an objective that names none, `"auto"` recomputes nothing.
     pub gradient_checkpointing: crate::memory::Checkpointing,
 }
 
@@ -311,18 +311,14 @@ impl Trainer {
                 summary.first_eval = Some(ev);
             }
         }
-        // Blocks built on this thread from here on keep their inputs only (if asked, or if
-        // "auto" finds that the step would not fit otherwise).
-        let recompute = match cfg.gradient_checkpointing {
-            crate::memory::Checkpointing::Auto => {
-                let parts = obj.step_shapes(cfg.batch_size);
-                match parts.is_empty() {
-                    true => crate::memory::Checkpointing::Off,
-                    false => crate::memory::plan(obj.name(), &parts, cfg.gradient_checkpointing),
-                }
-            }
-            set => set,
-        };
+        // Blocks built on this thread from here on keep their inputs only: as many layers as
+        // the setting asks, or for "auto" as few as make the step fit (none for an objective
+        // that names no models); the plan says what it chose, and warns if even that may not fit.
+        let recompute = crate::memory::plan(
+            obj.name(),
+            &obj.step_shapes(cfg.batch_size),
+            cfg.gradient_checkpointing,
+        );
         let _recompute = recompute.apply();
         while state.step < total {
             if let Some(n) = self.stop_after {
