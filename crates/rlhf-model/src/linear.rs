@@ -120,20 +120,14 @@ impl Linear {
         } else {
             x.reshape((n, din))?
         };
-        // Inside a generation, 16 to 256 rows multiply the weight packed for the whole of it
-        // (`kernels::packed`; `None` where it does not apply or its budget is spent).
-        let packed = match fast && crate::kernels::packed::takes(n) {
-            true => crate::kernels::packed::product(&x2, &w, self.transposed)?,
-            false => None,
-        };
-        let mut y = match (&bias, packed) {
-            (Some(b), Some(y)) => y.broadcast_add(b)?,
-            (None, Some(y)) => y,
+        // Inside a generation, each of these ops multiplies 16 to 256 rows by the weight
+        // packed for the whole of it (`kernels::packed`).
+        let mut y = match &bias {
             // One fused op: bias written first, the GEMM accumulates onto it.
-            (Some(b), None) if fast && n > crate::kernels::matmul::SMALL_M => {
+            Some(b) if fast && n > crate::kernels::matmul::SMALL_M => {
                 crate::kernels::matmul::linear_bias(&x2, &w, b, self.transposed)?
             }
-            (_, None) => {
+            _ => {
                 let y = if !self.transposed && n <= crate::kernels::matmul::SMALL_M && fast {
                     // HF [out, in] weight and few rows (decoding): stream the weight, no packing.
                     crate::kernels::matmul::matmul_nt_op(&x2, &w)?

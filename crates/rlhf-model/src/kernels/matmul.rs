@@ -538,6 +538,10 @@ impl candle_core::CustomOp3 for LinearBias {
 
 /// `x [..., k] · W + b → [..., n]` with W [k, n] (`transposed`) or [n, k], bias [n] (f32, CPU).
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
+    // Inside a generation: the weight packed once for the whole of it, the bias added after.
+    if let Some(y) = super::packed::product(x, w, transposed)? {
+        return y.broadcast_add(b);
+    }
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
