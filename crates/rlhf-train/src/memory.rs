@@ -147,13 +147,6 @@ impl StepShape {
             lm_head_rows,
         })
     }
-
-    /// The row width for data whose longest row is `longest` (`None`: no data) under a
-    /// `max_len` cap: a batch pads to its longest row, never past the cap, so data shorter
-    /// than the cap needs less than the cap says.
-    pub fn width(longest: Option<usize>, max_len: usize) -> usize {
-        longest.unwrap_or(max_len).clamp(1, max_len.max(1))
-    }
 }
 
 /// Floats a block keeps per token for its backward (its tape, [`rlhf_model::kernels::block`]):
@@ -414,11 +407,10 @@ mod tests {
         for k in [0, 12, usize::MAX] {
             assert_eq!(Checkpointing::of(k).layers(), Some(k));
         }
-        // Rows as wide as the data's longest, never past the cap.
-        assert_eq!(StepShape::width(Some(90), 512), 90);
-        assert_eq!(StepShape::width(Some(900), 512), 512);
-        assert_eq!(StepShape::width(None, 512), 512);
-        assert_eq!(StepShape::width(Some(0), 512), 1);
+        // Rows as wide as the data's longest item (tokenising capped it at max_len already).
+        let shape = StepShape::widest([90, 12, 40].into_iter(), 8, 4).unwrap();
+        assert_eq!((shape.rows, shape.len, shape.lm_head_rows), (8, 90, 4));
+        assert_eq!(StepShape::widest(std::iter::empty(), 8, 4), None);
     }
 
     #[test]

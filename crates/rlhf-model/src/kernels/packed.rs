@@ -85,11 +85,7 @@ impl PackedNt {
                     super::gemm::transpose(src, k, NR, k, dst, false);
                 } else {
                     dst.fill(0.0);
-                    for (j, row) in src.chunks_exact(k).enumerate() {
-                        for (c, v) in row.iter().enumerate() {
-                            dst[c * NR + j] = *v;
-                        }
-                    }
+                    interleave(src, k, NR, dst);
                 }
             });
         Self { n, k, buf, start }
@@ -116,11 +112,8 @@ impl PackedNt {
         // x as row tiles of [k][MR] (rows past m zero), so each step's broadcasts are adjacent.
         let tiles = m.div_ceil(MR);
         let mut xp = vec![0.0f32; tiles * k * MR];
-        for (r, row) in x[..m * k].chunks_exact(k).enumerate() {
-            let t = &mut xp[r / MR * k * MR..];
-            for (c, v) in row.iter().enumerate() {
-                t[c * MR + r % MR] = *v;
-            }
+        for (rows, t) in x[..m * k].chunks(MR * k).zip(xp.chunks_exact_mut(k * MR)) {
+            interleave(rows, k, MR, t);
         }
         let data = self.data();
         let panels = n.div_ceil(NR);
@@ -145,6 +138,16 @@ impl PackedNt {
                 }
             }
         });
+    }
+}
+
+/// Rows of `k` floats (at most `width` of them) into `dst [k][width]`, row j in lane j; lanes
+/// past the rows are left as they are.
+fn interleave(rows: &[f32], k: usize, width: usize, dst: &mut [f32]) {
+    for (j, row) in rows.chunks_exact(k).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            dst[c * width + j] = *v;
+        }
     }
 }
 
