@@ -353,8 +353,9 @@ pub fn packed_in_scope() -> (usize, usize) {
 }
 
 /// Whether a product of `rows` rows takes a packed weight on this thread now: a scope is open,
-/// packing is [`enabled`], and `rows` lies in [`PACK_MIN_ROWS`]`..=`[`PACK_MAX_ROWS`]. The
-/// linear layers ask before choosing an op ([`crate::linear::Linear`]).
+/// packing is [`enabled`], and `rows` lies in [`PACK_MIN_ROWS`]`..=`[`PACK_MAX_ROWS`]. A
+/// linear layer asks before fusing its product with the next op, which packed products skip
+/// ([`crate::linear::Linear`]'s `plain_fused`).
 pub fn takes(rows: usize) -> bool {
     (PACK_MIN_ROWS..=PACK_MAX_ROWS).contains(&rows)
         && SCOPE.with(|s| s.borrow().depth) > 0
