@@ -38,8 +38,9 @@ pub struct GenerateArgs {
     /// in every layer, so a large prompt file goes through in batches, each printed as it
     /// finishes. Every row samples from its own random stream whatever the batch size, so the
     /// text is the same up to rounding: decoding fewer than 16 rows, 16 to 256 (on weights
-    /// packed for the batch) and more run different product kernels, whose last bits can
-    /// change a sampled token from the far tail.
+    /// packed for the batch; with --matmul bf16, 1 to 256 on BF16 copies) and more run
+    /// different product kernels, whose last bits can change a sampled token from the far
+    /// tail.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
 }

@@ -21,10 +21,11 @@ mod train_cmds;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// Matrix-product precision for training and scoring: f32 (default), or bf16 — inputs
-    /// rounded to BF16 and sums in f32, as torch.autocast(bfloat16) does, on Intel AMX
+    /// Matrix-product precision for training, scoring and generation: f32 (default), or bf16 —
+    /// inputs rounded to BF16 and sums in f32, as torch.autocast(bfloat16) does, on Intel AMX
     /// (Sapphire Rapids or later) or AVX512-BF16 (AMD Zen 4 or later, Intel Cooper Lake or
-    /// later); faster products. Also set by RLHF_MATMUL.
+    /// later); faster products, and decoding on BF16 copies of the weights where AVX512-BF16
+    /// runs them. Also set by RLHF_MATMUL.
     #[arg(long, global = true, value_parser = ["f32", "bf16"])]
     matmul: Option<String>,
 }

@@ -354,6 +354,27 @@ fn decode_rates() {
         "RESULT decode pack_ms={:.1}",
         t0.elapsed().as_secs_f64() * 1e3
     );
+    // And as BF16 pairs (`--matmul bf16`), where AVX512-BF16 runs them.
+    let bf16 =
+        rlhf_model::kernels::bf16::units().contains(&rlhf_model::kernels::bf16::Unit::AvxDot);
+    let t0 = Instant::now();
+    let packed_bf16: Vec<Vec<PackedNt>> = weights
+        .iter()
+        .filter(|_| bf16)
+        .map(|layer| {
+            layer
+                .iter()
+                .zip(&products)
+                .map(|(w, &(n, k))| PackedNt::pack_bf16(w, n, k, false))
+                .collect()
+        })
+        .collect();
+    if bf16 {
+        println!(
+            "RESULT decode pack_bf16_ms={:.1}",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     for m in rows {
         let nt = best(&mut || {
             for layer in &weights {
@@ -386,14 +407,26 @@ fn decode_rates() {
                 }
             }
         });
+        let pb = best(&mut || {
+            for layer in &packed_bf16 {
+                for (w, &(_, k)) in layer.iter().zip(&products) {
+                    w.matmul(&x[..m * k], m, &mut o);
+                }
+            }
+        });
+        let flops = bytes / 4.0 * 2.0 * m as f64;
         println!(
-            "RESULT decode m={m} nk_ms={:.2} nk_GB/s={:.1} kn_ms={:.2} kn_GB/s={:.1} packed_ms={:.2} packed_GB/s={:.1}",
+            "RESULT decode m={m} nk_ms={:.2} nk_GB/s={:.1} kn_ms={:.2} kn_GB/s={:.1} packed_ms={:.2} packed_GFLOP/s={:.0}{}",
             nt * 1e3,
             bytes / nt / 1e9,
             kn * 1e3,
             bytes / kn / 1e9,
             pk * 1e3,
-            bytes / pk / 1e9
+            flops / pk / 1e9,
+            match bf16 {
+                true => format!(" packed_bf16_ms={:.2} packed_bf16_GFLOP/s={:.0}", pb * 1e3, flops / pb / 1e9),
+                false => String::new(),
+            }
         );
     }
 }

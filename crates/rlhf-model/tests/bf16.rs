@@ -436,3 +436,156 @@ fn attention_in_bf16_follows_f32_on(unit: bf16::Unit) {
         );
     }
 }
+
+/// Decoding's BF16 panels (`PackedNt::pack_bf16`, `--matmul bf16`): the tile (8 rows × 48
+/// columns) and every tail, odd `k` included, both weight layouts, against an f64 reference on
+/// the BF16-rounded inputs. Runs on any CPU (a portable loop stands in for `vdpbf16ps`).
+#[test]
+fn packed_bf16_matches_the_rounded_reference() {
+    use rlhf_model::kernels::packed::PackedNt;
+    for m in (1..=17).chain([31, 64]) {
+        for (k, n) in [(1, 3), (5, 47), (16, 48), (37, 49), (64, 130), (101, 97)] {
+            let x = data(m * k, 63);
+            let w = data(n * k, 64);
+            // The same weight stored [k, n] (GPT-2's Conv1D).
+            let kn: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            for (p, layout) in [
+                (PackedNt::pack_bf16(&w, n, k, false), "[n, k]"),
+                (PackedNt::pack_bf16(&kn, n, k, true), "[k, n]"),
+            ] {
+                assert!(p.is_bf16());
+                assert_eq!(p.bytes(), n.div_ceil(48) * 48 * k.div_ceil(2) * 4);
+                let mut o = vec![f32::NAN; m * n];
+                p.matmul(&x, m, &mut o);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut s, mut mag) = (0f64, 0f64);
+                        for l in 0..k {
+                            let v =
+                                round_bf16(x[i * k + l]) as f64 * round_bf16(w[j * k + l]) as f64;
+                            s += v;
+                            mag += v.abs();
+                        }
+                        let got = o[i * n + j] as f64;
+                        let tol = 1e-6 * (mag + 1.0) * (k as f64).sqrt();
+                        assert!(
+                            (got - s).abs() <= tol,
+                            "{layout} m{m} k{k} n{n}: o[{i},{j}] = {got}, want {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inside a generation's pack scope, `--matmul bf16` packs BF16 panels (half the bytes) from
+/// one row up where AVX512-BF16 runs them; f32 keeps its own panels from 16 rows. The results
+/// follow each precision's reference.
+#[test]
+fn decoding_packs_bf16_panels_with_the_bf16_precision() {
+    use candle_core::{Device, Tensor};
+    use rlhf_model::kernels::matmul::matmul_nt_op;
+    use rlhf_model::kernels::packed::{enabled, pack_scope, packed_in_scope};
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    let dot = bf16::units().contains(&bf16::Unit::AvxDot) && enabled();
+    let (k, n) = (37, 130);
+    let (xv, wv) = (data(64 * k, 81), data(n * k, 82));
+    let w = Tensor::from_vec(wv.clone(), (n, k), &Device::Cpu).unwrap();
+    let x = |m: usize| Tensor::from_vec(xv[..m * k].to_vec(), (m, 1, k), &Device::Cpu).unwrap();
+    let reference = |m: usize, round: fn(f32) -> f32| -> Vec<f64> {
+        (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k)
+                    .map(|l| round(xv[i * k + l]) as f64 * round(wv[j * k + l]) as f64)
+                    .sum()
+            })
+            .collect()
+    };
+    let close = |y: &Tensor, want: &[f64], what: &str| {
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let e = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0f64, f64::max);
+        assert!(e < 1e-4, "{what}: off by {e}");
+    };
+    for m in [1, 4, 16, 64] {
+        gemm::set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+        {
+            let _scope = pack_scope();
+            let y = matmul_nt_op(&x(m), &w).unwrap();
+            let bytes = 3 * 48 * k.div_ceil(2) * 4;
+            assert_eq!(
+                packed_in_scope(),
+                if dot { (1, bytes) } else { (0, 0) },
+                "bf16 m={m}"
+            );
+            if dot {
+                close(&y, &reference(m, round_bf16), &format!("bf16 m={m}"));
+            }
+        }
+        gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+        {
+            let _scope = pack_scope();
+            let y = matmul_nt_op(&x(m), &w).unwrap();
+            let packed = enabled() && m >= 16;
+            let want = if packed { (1, 3 * 48 * k * 4) } else { (0, 0) };
+            assert_eq!(packed_in_scope(), want, "f32 m={m}");
+            close(&y, &reference(m, |v| v), &format!("f32 m={m}"));
+        }
+    }
+}
+
+/// A generation in BF16 decodes on BF16 panels, and every greedy choice is one the f32 model
+/// rates within BF16's rounding of its best (teacher-forced f32 logits of the same sequence).
+#[test]
+fn bf16_decoding_chooses_what_f32_rates_best() {
+    use rlhf_model::kernels::packed::{enabled, weights_packed};
+    use rlhf_model::{generate, GenerationConfig};
+    let _g = LOCK.lock().unwrap();
+    if skip() {
+        return;
+    }
+    for name in ["gpt2", "llama"] {
+        let m = common::load(name);
+        let prompts: Vec<Vec<u32>> = vec![vec![3, 17, 42, 8, 11], vec![5, 9], vec![60, 61, 62]];
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        gemm::set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+        let before = weights_packed();
+        let g = generate(&m, &prompts, &cfg).unwrap();
+        let packed = weights_packed() > before;
+        gemm::set_matmul_precision(MatmulPrecision::F32).unwrap();
+        let dot = bf16::units().contains(&bf16::Unit::AvxDot) && enabled();
+        assert_eq!(
+            packed, dot,
+            "{name}: 3 rows pack BF16 panels where AVX512-BF16 runs"
+        );
+        for (p, toks) in prompts.iter().zip(&g.tokens) {
+            let ids: Vec<u32> = p.iter().chain(toks).copied().collect();
+            let t = ids.len();
+            let x = candle_core::Tensor::from_vec(ids.clone(), (1, t), &candle_core::Device::Cpu)
+                .unwrap();
+            let logits = m.logits(&x, &[vec![1u8; t]]).unwrap();
+            let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            for (s, &tok) in toks.iter().enumerate() {
+                let row = &rows[p.len() - 1 + s];
+                let best = row.iter().copied().fold(f32::MIN, f32::max);
+                let gap = best - row[tok as usize];
+                assert!(
+                    gap < 0.05,
+                    "{name}: step {s} chose {tok}, {gap} below the f32 best"
+                );
+            }
+        }
+    }
+}

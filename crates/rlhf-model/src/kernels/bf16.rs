@@ -120,13 +120,14 @@ pub fn available() -> bool {
     unit().is_some()
 }
 
+/// Whether AVX512-BF16's `vdpbf16ps` runs here (decoding's packed BF16 tiles need it).
 #[cfg(target_arch = "x86_64")]
-fn dot_available() -> bool {
+pub(crate) fn dot_available() -> bool {
     super::has_avx512() && is_x86_feature_detected!("avx512bf16")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_available() -> bool {
+pub(crate) fn dot_available() -> bool {
     false
 }
 
