@@ -102,6 +102,10 @@ fn bf16_products_match_the_rounded_reference() {
         (100, 70, 300),
         (33, 1000, 65),
         (129, 257, 1031),
+        // Strides of 2048 floats and more: a column-major `a` and a row-major `b` packed
+        // across groups of strips.
+        (2050, 33, 70),
+        (37, 2100, 45),
     ];
     for (&unit, &(m, n, k)) in bf16::units()
         .iter()

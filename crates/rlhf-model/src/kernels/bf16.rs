@@ -768,9 +768,25 @@ unsafe fn blocks(
 /// Strips packed by one task, at most.
 const GROUP: usize = 8;
 
+/// Operand rows at least this many floats apart (8 KiB) are packed across a group of strips
+/// ([`pack_group`]). Closer rows share pages, and there grouping measured no better (Llama's
+/// 512-wide layers; session 10 on Zen 4, every layout).
+const ACROSS: usize = 2048;
+
+/// Whether `a` reads across a group: column-major, its columns `ACROSS` or more apart.
+fn across_a(a: &Mat) -> bool {
+    a.cs != 1 && a.cs >= ACROSS
+}
+
+/// Whether `b` reads across a group: row-major, its rows `ACROSS` or more apart.
+fn across_b(b: &Mat) -> bool {
+    b.cs == 1 && b.rs >= ACROSS
+}
+
 /// Pack the strips of `outs` (each `kt` tiles) with `pack(strip, k tiles, out)`: strip by strip,
 /// or, where a strip reads one 64-byte piece of each of many rows far apart (`across`: the rows
-/// of a row-major `b`, the columns of a column-major `a`), k tile by k tile over all the strips,
+/// of a row-major `b`, the columns of a column-major `a`; [`ACROSS`]), k tile by k tile over all
+/// the strips,
 /// so that each row's neighbouring pieces are read together (and each page's translation
 /// serves the whole group). That took the packing of gpt2-d512's BF16 step from 635–653 to
 /// 512–520 ms over 13 steps, and the LM head's weight gradient (`-- gemm`, k 256, n 8192)
@@ -822,7 +838,7 @@ fn products(
         .for_each(|(g, outs)| {
             // SAFETY: every unit implies the features (AVX-512F/BW, AVX512-BF16); the views were
             // checked above.
-            pack_group(outs, kt, a.cs != 1, |s, ts, out| unsafe {
+            pack_group(outs, kt, across_a(&a), |s, ts, out| unsafe {
                 pack_a_tile(a, m, k, (g * ga + s) * 16, ts, out)
             })
         });
@@ -830,7 +846,7 @@ fn products(
         .enumerate()
         .for_each(|(g, outs)| {
             // SAFETY: as above.
-            pack_group(outs, kt, b.cs == 1, |s, ts, out| unsafe {
+            pack_group(outs, kt, across_b(&b), |s, ts, out| unsafe {
                 pack_b_tile(b, k, n, (g * gb + s) * 16, ts, out)
             })
         });
@@ -892,14 +908,14 @@ fn products_serial(
         pack_group(
             &mut pa[..2 * mb * per],
             kt,
-            a.cs != 1,
+            across_a(&a),
             |i, ts, out| unsafe { pack_a_tile(a, m, k, i * 16, ts, out) },
         );
         // SAFETY: as above.
         pack_group(
             &mut pb[..2 * nb * per],
             kt,
-            b.cs == 1,
+            across_b(&b),
             |j, ts, out| unsafe { pack_b_tile(b, k, n, j * 16, ts, out) },
         );
         // SAFETY: the unit is set up; every block packed; `c` is exclusively borrowed.
