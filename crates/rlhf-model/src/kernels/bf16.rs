@@ -600,6 +600,104 @@ unsafe fn block_32x32_dot(
     }
 }
 
+/// One panel of decoding's BF16 weights ([`super::packed::PackedNt::pack_bf16`]): columns
+/// `j0..j0 + cols` (≤ 48) of `w` — stored `[n, k]`, or `[k, n]` when `transposed` — into `dst`
+/// as `⌈k / 2⌉` lines of 48 words, word `j` of line `q` holding the pair (k = 2q, k = 2q + 1)
+/// of column `j0 + j` rounded to nearest even (`2q + 1` zero past `k`). Words past `cols` are
+/// left as they are. False, with nothing written, where the CPU lacks AVX512-BF16.
+pub(crate) fn pack_pairs_panel(
+    w: &[f32],
+    (n, k): (usize, usize),
+    transposed: bool,
+    (j0, cols): (usize, usize),
+    dst: &mut [u32],
+) -> bool {
+    const NR: usize = 48;
+    assert!(w.len() >= n * k && j0 + cols <= n && cols <= NR);
+    assert!(dst.len() >= k.div_ceil(2) * NR);
+    #[cfg(target_arch = "x86_64")]
+    if dot_available() {
+        // SAFETY: the CPU has AVX-512F/BW and AVX512-BF16; the bounds are asserted above.
+        unsafe { pairs_panel(w, (n, k), transposed, (j0, cols), dst) };
+        return true;
+    }
+    false
+}
+
+/// [`pack_pairs_panel`] on AVX-512: an `[n, k]` weight converts 32 values of each of 16 rows
+/// into 16 pairs at once and transposes the 16 × 16 words; a `[k, n]` one interleaves two rows
+/// of 16 columns, as [`pack_b_tile`] does.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512-BF16; the bounds are as [`pack_pairs_panel`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs_panel(
+    w: &[f32],
+    (n, k): (usize, usize),
+    transposed: bool,
+    (j0, cols): (usize, usize),
+    dst: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    const NR: usize = 48;
+    let steps = k.div_ceil(2);
+    let (wp, dp) = (w.as_ptr(), dst.as_mut_ptr());
+    if transposed {
+        let inter = interleave_halves();
+        for q in 0..steps {
+            for jb in (0..cols).step_by(16) {
+                let cn = 16.min(cols - jb);
+                let m = mask16(cn);
+                // SAFETY: rows 2q and 2q + 1 (< k) of `w`, columns j0 + jb.. + cn (< n); the
+                // store writes cn words of line q.
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(m, wp.add(2 * q * n + j0 + jb));
+                    let hi = match 2 * q + 1 < k {
+                        true => _mm512_maskz_loadu_ps(m, wp.add((2 * q + 1) * n + j0 + jb)),
+                        false => _mm512_setzero_ps(),
+                    };
+                    let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                    let v = _mm512_permutexvar_epi16(inter, v);
+                    _mm512_mask_storeu_epi32(dp.add(q * NR + jb).cast(), m, v);
+                }
+            }
+        }
+        return;
+    }
+    for jb in (0..cols).step_by(16) {
+        let rows = 16.min(cols - jb);
+        for t in 0..k.div_ceil(32) {
+            let c0 = 32 * t;
+            let cn = 32.min(k - c0);
+            let (m0, m1) = (mask16(cn), mask16(cn.saturating_sub(16)));
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (r, vr) in v[..rows].iter_mut().enumerate() {
+                // SAFETY: row j0 + jb + r (< n) of `w`, its values c0.. + cn (< k).
+                unsafe {
+                    let p = wp.add((j0 + jb + r) * k + c0);
+                    let lo = _mm512_maskz_loadu_ps(m0, p);
+                    let hi = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    *vr = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+            // Row r's word q is pair 16t + q of column j0 + jb + r; after the transpose v[q]
+            // holds pair 16t + q of all 16 columns.
+            transpose16(&mut v);
+            for (q, vq) in v.iter().enumerate().take(steps - 16 * t) {
+                // SAFETY: line 16t + q < steps, words jb.. + rows of it.
+                unsafe {
+                    _mm512_mask_storeu_epi32(
+                        dp.add((16 * t + q) * NR + jb).cast(),
+                        mask16(rows),
+                        *vq,
+                    )
+                };
+            }
+        }
+    }
+}
+
 /// A Vec of `n` lines whose contents the caller overwrites entirely.
 #[allow(clippy::uninit_vec)]
 fn lines_uninit(n: usize) -> Vec<Line> {

@@ -108,8 +108,13 @@ impl PackedNt {
         check_len(w, n, k);
         let steps = k.div_ceil(2);
         let len = n.div_ceil(NR) * steps * NR;
-        // Zeroed: columns past n stay zero.
-        let mut buf = vec![0u32; len + 16];
+        let mut buf = Vec::<u32>::with_capacity(len + 16);
+        // SAFETY: u32 has no invalid bit patterns; every word of the panels is written below
+        // (the words before `start` and after the panels are never read).
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            buf.set_len(len + 16)
+        };
         let start = buf.as_ptr().align_offset(64).min(16);
         let at = |j: usize, c: usize| match (c < k, transposed) {
             (false, _) => 0,
@@ -121,6 +126,13 @@ impl PackedNt {
             .enumerate()
             .for_each(|(p, dst)| {
                 let (j0, j1) = (p * NR, ((p + 1) * NR).min(n));
+                if j1 - j0 < NR {
+                    // The last panel: its columns past n are zero.
+                    dst.fill(0);
+                }
+                if super::bf16::pack_pairs_panel(w, (n, k), transposed, (j0, j1 - j0), dst) {
+                    return;
+                }
                 for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
                     for (j, d) in (j0..j1).zip(d.iter_mut()) {
                         *d = at(j, 2 * q) | at(j, 2 * q + 1) << 16;
