@@ -601,8 +601,8 @@ unsafe fn block_32x32_dot(
 }
 
 /// One panel of decoding's BF16 weights ([`super::packed::PackedNt::pack_bf16`]): columns
-/// `j0..j0 + cols` (≤ 48) of `w` — stored `[n, k]`, or `[k, n]` when `transposed` — into `dst`
-/// as `⌈k / 2⌉` lines of 48 words, word `j` of line `q` holding the pair (k = 2q, k = 2q + 1)
+/// `j0..j0 + cols` (≤ [`NR`](super::packed::NR)) of `w` — stored `[n, k]`, or `[k, n]` when `transposed` — into `dst`
+/// as `⌈k / 2⌉` lines of NR words, word `j` of line `q` holding the pair (k = 2q, k = 2q + 1)
 /// of column `j0 + j` rounded to nearest even (`2q + 1` zero past `k`). Words past `cols` are
 /// left as they are. False, with nothing written, where the CPU lacks AVX512-BF16.
 pub(crate) fn pack_pairs_panel(
@@ -612,7 +612,7 @@ pub(crate) fn pack_pairs_panel(
     (j0, cols): (usize, usize),
     dst: &mut [u32],
 ) -> bool {
-    const NR: usize = 48;
+    use super::packed::NR;
     assert!(w.len() >= n * k && j0 + cols <= n && cols <= NR);
     assert!(dst.len() >= k.div_ceil(2) * NR);
     #[cfg(target_arch = "x86_64")]
@@ -639,8 +639,8 @@ unsafe fn pairs_panel(
     (j0, cols): (usize, usize),
     dst: &mut [u32],
 ) {
+    use super::packed::NR;
     use std::arch::x86_64::*;
-    const NR: usize = 48;
     let steps = k.div_ceil(2);
     let (wp, dp) = (w.as_ptr(), dst.as_mut_ptr());
     if transposed {

@@ -592,7 +592,7 @@ pub fn packed_in_scope() -> (usize, usize) {
 /// products in BF16, `1..=`[`PACK_MAX_ROWS`]: BF16 panels are half the bytes of the weight, so
 /// even one row's decoding, bound by streaming the weights, runs about twice as fast on them
 /// (SmolLM2's decoding products, `speed -- decode`, Zen 5: 10.2 → 4.6 ms at 1 row, 11.2 → 5.6
-/// at 8), and the pass that packs them (124 ms) is paid back within about 25 tokens. A linear
+/// at 8), and the pass that packs them (64–77 ms) is paid back within about 15 tokens. A linear
 /// layer asks before fusing its product with the next op, which packed products skip
 /// ([`crate::linear::Linear`]'s `plain_fused`).
 pub fn takes(rows: usize) -> bool {
