@@ -6,7 +6,7 @@
 //!   `vdpbf16ps` multiplies 16 pairs of BF16 values per 512-bit register and adds each pair's
 //!   two products to an f32 lane — twice the multiply-adds of an f32 FMA per instruction.
 //!
-//! [`unit`] picks AMX where the CPU and kernel grant it, else the dot product; [`set_unit`] (or
+//! [`unit()`] picks AMX where the CPU and kernel grant it, else the dot product; [`set_unit`] (or
 //! `RLHF_BF16_UNIT`) chooses one.
 //!
 //! Operands stay f32 everywhere else (weights, activations, gradients, AdamW state); each product
@@ -709,7 +709,7 @@ fn lines_uninit(n: usize) -> Vec<Line> {
 }
 
 /// `c[m×n]` (row-major, contiguous) = `(accumulate ? c : 0) + a[m×k] · b[k×n]`, with `a` and
-/// `b` rounded to BF16 and the sums in f32, on [`unit`]. Parallel over rayon's threads.
+/// `b` rounded to BF16 and the sums in f32, on [`unit()`]. Parallel over rayon's threads.
 ///
 /// # Panics
 /// If no unit is [`available`] (callers check), or an operand is too short for its view.
