@@ -547,7 +547,8 @@ fn decoding_packs_bf16_panels_with_the_bf16_precision() {
 }
 
 /// A generation in BF16 decodes on BF16 panels, and every greedy choice is one the f32 model
-/// rates within BF16's rounding of its best (teacher-forced f32 logits of the same sequence).
+/// rates within BF16's rounding of its best (teacher-forced f32 logits of the same sequence);
+/// with LoRA adapters too.
 #[test]
 fn bf16_decoding_chooses_what_f32_rates_best() {
     use rlhf_model::kernels::packed::{enabled, weights_packed};
@@ -556,8 +557,25 @@ fn bf16_decoding_chooses_what_f32_rates_best() {
     if skip() {
         return;
     }
-    for name in ["gpt2", "llama"] {
-        let m = common::load(name);
+    for (name, lora) in [("gpt2", false), ("llama", false), ("llama", true)] {
+        let mut m = common::load(name);
+        if lora {
+            // Adapters on q and v with nonzero B, as a PPO policy decodes.
+            let cfg = rlhf_model::LoraConfig {
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                ..rlhf_model::LoraConfig::default()
+            };
+            m.add_lora(&cfg, 5).unwrap();
+            for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
+                let n = p.var().elem_count();
+                let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
+                let t =
+                    candle_core::Tensor::from_vec(v, p.var().shape(), &candle_core::Device::Cpu)
+                        .unwrap();
+                p.var().set(&t).unwrap();
+            }
+        }
+        let name = if lora { "llama with LoRA" } else { name };
         let prompts: Vec<Vec<u32>> = vec![vec![3, 17, 42, 8, 11], vec![5, 9], vec![60, 61, 62]];
         let cfg = GenerationConfig {
             max_new_tokens: 12,
