@@ -207,36 +207,110 @@ fn key_dots(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: &mut [f32]
     }
 }
 
-/// [`key_dots`] with AVX-512: four keys at a time, explicit FMAs and one horizontal sum per key.
+/// [`key_dots`] with AVX-512: explicit FMAs, sixteen keys at a time while they last (their
+/// horizontal sums sharing shuffles, [`reduce16`]), then four at a time with one horizontal sum
+/// per key. Both sum each key's lanes in one order: the same bits whichever group a key is in.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_avx512(q: &[f32], k: &[f32], ks: usize, lo: usize, hi: usize, s: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
     assert!(hi == lo || (hi - 1) * ks + d <= k.len());
-    let (qp, kp) = (q.as_ptr(), k.as_ptr());
     let mut j = lo;
+    while hi - j >= 16 {
+        // SAFETY: rows j..j + 16 lie in `k` (asserted above).
+        let acc = unsafe { lane_dots::<16>(q, k, ks, j, 16) };
+        // SAFETY: s[j..j + 16] lies in `s` (j + 16 ≤ hi ≤ s.len()).
+        unsafe { _mm512_storeu_ps(s[j..j + 16].as_mut_ptr(), reduce16(&acc)) };
+        j += 16;
+    }
     while j < hi {
         let n = (hi - j).min(4);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut c = 0;
-        while c < d {
-            let mask = tail_mask(c, d);
-            // SAFETY: masked loads touch lanes c..min(c + 16, d) of q and of rows j..j+n.
-            unsafe {
-                let qv = _mm512_maskz_loadu_ps(mask, qp.add(c));
-                for (i, a) in acc.iter_mut().enumerate().take(n) {
-                    let kv = _mm512_maskz_loadu_ps(mask, kp.add((j + i) * ks + c));
-                    *a = _mm512_fmadd_ps(qv, kv, *a);
-                }
-            }
-            c += 16;
-        }
+        // SAFETY: rows j..j + n lie in `k` (asserted above).
+        let acc = unsafe { lane_dots::<4>(q, k, ks, j, n) };
         for (i, a) in acc.iter().enumerate().take(n) {
             s[j + i] = _mm512_reduce_add_ps(*a);
         }
         j += n;
     }
+}
+
+/// The lane-wise products `q · k_{j+i}` summed over `q`'s 16-wide chunks, for the `n` (≤ N)
+/// key rows from `j` (`ks` apart); accumulators past `n` stay zero.
+///
+/// # Safety
+/// The CPU has AVX-512F; rows `j..j + n` of `k` (each `q.len()` long) lie in `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn lane_dots<const N: usize>(
+    q: &[f32],
+    k: &[f32],
+    ks: usize,
+    j: usize,
+    n: usize,
+) -> [std::arch::x86_64::__m512; N] {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut c = 0;
+    while c < d {
+        let mask = tail_mask(c, d);
+        // SAFETY: masked loads touch lanes c..min(c + 16, d) of q and of rows j..j + n (per the
+        // contract).
+        unsafe {
+            let qv = _mm512_maskz_loadu_ps(mask, qp.add(c));
+            for (i, a) in acc.iter_mut().enumerate().take(n) {
+                let kv = _mm512_maskz_loadu_ps(mask, kp.add((j + i) * ks + c));
+                *a = _mm512_fmadd_ps(qv, kv, *a);
+            }
+        }
+        c += 16;
+    }
+    acc
+}
+
+/// The 16 lane sums of `a`, sum `i` in lane `i`, each added in `_mm512_reduce_add_ps`'s order
+/// (lanes `l` and `l + 8`, then `+ 4`, `+ 2`, `+ 1`), so the same bits, but with the shuffles
+/// shared: 45 shuffles and adds and a permute for 16 sums, where 16 reductions take about 128.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn reduce16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Lanes l and l + 8 of keys 2m and 2m + 1: [key 2m's 8 partial sums, key 2m + 1's].
+    let v: [__m512; 8] = std::array::from_fn(|m| {
+        let (x, y) = (a[2 * m], a[2 * m + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        )
+    });
+    // Then l and l + 4: keys 4p.. 4p + 3, four partial sums each, one per 128-bit lane.
+    let u: [__m512; 4] = std::array::from_fn(|p| {
+        let (x, y) = (v[2 * p], v[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xDD>(x, y),
+        )
+    });
+    // Then l and l + 2: 128-bit lane ℓ of x[0] holds keys ℓ and 4 + ℓ, of x[1] keys 8 + ℓ and
+    // 12 + ℓ, two partial sums each.
+    let x: [__m512; 2] = std::array::from_fn(|h| {
+        let (p, q) = (u[2 * h], u[2 * h + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(p, q),
+            _mm512_shuffle_ps::<0xEE>(p, q),
+        )
+    });
+    // Then l and l + 1: element 4ℓ + t holds key 4t + ℓ.
+    let y = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(x[0], x[1]),
+        _mm512_shuffle_ps::<0xDD>(x[0], x[1]),
+    );
+    let idx: [i32; 16] = std::array::from_fn(|key| (4 * (key % 4) + key / 4) as i32);
+    // SAFETY: an unaligned load of a local array.
+    _mm512_permutexvar_ps(unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }, y)
 }
 
 crate::multiversion! {
@@ -887,4 +961,55 @@ pub fn attention_packed(qkv: &Tensor, h: usize, hk: usize, bias: &Tensor) -> Res
         qkv.contiguous()?
     };
     x.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    /// `reduce16` gives each key's sum with the bits of `_mm512_reduce_add_ps`, so decoding's
+    /// scores (and every sampled token) are what they were with one reduction per key. Values
+    /// spread over 40 binary orders of magnitude make any other order of additions show.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reduce16_adds_in_the_order_of_reduce_add() {
+        use std::arch::x86_64::*;
+        if !super::super::has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * 2f32.powi(((seed >> 8) % 40) as i32 - 20)
+        };
+        let mut differ = 0;
+        for _ in 0..2000 {
+            let vals: Vec<[f32; 16]> = (0..16).map(|_| std::array::from_fn(|_| next())).collect();
+            // SAFETY: AVX-512F is present (checked above); loads of local arrays.
+            let (got, want) = unsafe {
+                let a: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(vals[i].as_ptr()));
+                let mut got = [0f32; 16];
+                _mm512_storeu_ps(got.as_mut_ptr(), super::reduce16(&a));
+                let want: [f32; 16] = std::array::from_fn(|i| _mm512_reduce_add_ps(a[i]));
+                (got, want)
+            };
+            for i in 0..16 {
+                assert_eq!(
+                    got[i].to_bits(),
+                    want[i].to_bits(),
+                    "key {i}: {} vs {}",
+                    got[i],
+                    want[i]
+                );
+                // How often a plain left-to-right sum would have differed (the test's power).
+                differ += (vals[i].iter().sum::<f32>() != want[i]) as usize;
+            }
+        }
+        assert!(
+            differ > 1000,
+            "the data should separate orders of addition ({differ})"
+        );
+    }
 }
