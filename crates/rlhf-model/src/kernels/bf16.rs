@@ -600,6 +600,44 @@ unsafe fn block_32x32_dot(
     }
 }
 
+/// `row` rounded to BF16 (to nearest even) as pairs, `out[q]` holding `row[2q]` in its low half
+/// and `row[2q + 1]` (zero past the row) in its high half: `⌈row.len() / 2⌉` words.
+pub(crate) fn to_pairs(row: &[f32], out: &mut [u32]) {
+    let steps = row.len().div_ceil(2);
+    assert!(out.len() >= steps);
+    #[cfg(target_arch = "x86_64")]
+    if dot_available() {
+        // SAFETY: the CPU has AVX-512F/BW and AVX512-BF16; `out` holds the pairs (asserted).
+        unsafe { to_pairs_avx512(row, out) };
+        return;
+    }
+    for (o, pair) in out.iter_mut().zip(row.chunks(2)) {
+        let hi = pair.get(1).map_or(0, |&v| bf16_bits(v) as u32);
+        *o = bf16_bits(pair[0]) as u32 | hi << 16;
+    }
+}
+
+/// [`to_pairs`] 32 values at a time: consecutive BF16 values are already the pairs' halves.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512-BF16; `out` holds `⌈row.len() / 2⌉` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn to_pairs_avx512(row: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let (k, rp, op) = (row.len(), row.as_ptr(), out.as_mut_ptr());
+    for c0 in (0..k).step_by(32) {
+        let cn = 32.min(k - c0);
+        // SAFETY: the masked loads read row[c0..c0 + cn], the store writes its ⌈cn / 2⌉ pairs.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask16(cn), rp.add(c0));
+            let hi = _mm512_maskz_loadu_ps(mask16(cn.saturating_sub(16)), rp.add(c0 + 16));
+            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(op.add(c0 / 2).cast(), mask16(cn.div_ceil(2)), v);
+        }
+    }
+}
+
 /// One panel of decoding's BF16 weights ([`super::packed::PackedNt::pack_bf16`]): columns
 /// `j0..j0 + cols` (≤ [`NR`](super::packed::NR)) of `w` — stored `[n, k]`, or `[k, n]` when `transposed` — into `dst`
 /// as `⌈k / 2⌉` lines of NR words, word `j` of line `q` holding the pair (k = 2q, k = 2q + 1)

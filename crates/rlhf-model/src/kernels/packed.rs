@@ -190,11 +190,12 @@ impl PackedNt {
             Panels::Bf16 { buf, start } => {
                 let steps = k.div_ceil(2);
                 let mut xp = vec![0u32; tiles * steps * MR];
+                let mut pairs = vec![0u32; steps];
                 for (i, row) in x.chunks_exact(k).enumerate() {
+                    super::bf16::to_pairs(row, &mut pairs);
                     let t = &mut xp[(i / MR) * steps * MR..];
-                    for (q, pair) in row.chunks(2).enumerate() {
-                        let hi = pair.get(1).map_or(0, |&v| super::bf16::bf16_bits(v) as u32);
-                        t[q * MR + i % MR] = super::bf16::bf16_bits(pair[0]) as u32 | hi << 16;
+                    for (q, &w) in pairs.iter().enumerate() {
+                        t[q * MR + i % MR] = w;
                     }
                 }
                 let data = &buf[*start..*start + n.div_ceil(NR) * steps * NR];
