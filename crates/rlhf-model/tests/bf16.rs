@@ -566,14 +566,7 @@ fn bf16_decoding_chooses_what_f32_rates_best() {
                 ..rlhf_model::LoraConfig::default()
             };
             m.add_lora(&cfg, 5).unwrap();
-            for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
-                let n = p.var().elem_count();
-                let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
-                let t =
-                    candle_core::Tensor::from_vec(v, p.var().shape(), &candle_core::Device::Cpu)
-                        .unwrap();
-                p.var().set(&t).unwrap();
-            }
+            common::fill_lora_b(&m);
         }
         let name = if lora { "llama with LoRA" } else { name };
         let prompts: Vec<Vec<u32>> = vec![vec![3, 17, 42, 8, 11], vec![5, 9], vec![60, 61, 62]];

@@ -46,3 +46,14 @@ pub fn token_batch(b: usize, t: usize) -> (Tensor, Tensor) {
         Tensor::from_vec(y, b * t, &dev).unwrap(),
     )
 }
+
+/// Give every LoRA `B` of `m` a fixed nonzero pattern (they start at zero, so adapters would
+/// otherwise change nothing a test could see).
+pub fn fill_lora_b(m: &CausalLM) {
+    for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
+        let n = p.var().elem_count();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
+        let t = Tensor::from_vec(v, p.var().shape(), &rlhf_model::Device::Cpu).unwrap();
+        p.var().set(&t).unwrap();
+    }
+}

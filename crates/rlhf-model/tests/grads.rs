@@ -256,12 +256,7 @@ fn model_with_adapters(name: &str, targets: Option<&[&str]>) -> rlhf_model::Caus
             ..rlhf_model::LoraConfig::default()
         };
         m.add_lora(&cfg, 3).unwrap();
-        for p in m.params.iter().filter(|p| p.name().contains("lora_B")) {
-            let n = p.var().elem_count();
-            let v: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
-            let t = Tensor::from_vec(v, p.var().shape(), &Device::Cpu).unwrap();
-            p.var().set(&t).unwrap();
-        }
+        fill_lora_b(&m);
     }
     m
 }

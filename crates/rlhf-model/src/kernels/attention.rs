@@ -308,9 +308,10 @@ fn reduce16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
         _mm512_shuffle_ps::<0x88>(x[0], x[1]),
         _mm512_shuffle_ps::<0xDD>(x[0], x[1]),
     );
-    let idx: [i32; 16] = std::array::from_fn(|key| (4 * (key % 4) + key / 4) as i32);
-    // SAFETY: an unaligned load of a local array.
-    _mm512_permutexvar_ps(unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }, y)
+    // Key `key` from element 4 · (key % 4) + key / 4.
+    const IDX: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+    // SAFETY: an unaligned load of a constant array.
+    _mm512_permutexvar_ps(unsafe { _mm512_loadu_si512(IDX.as_ptr().cast()) }, y)
 }
 
 crate::multiversion! {
